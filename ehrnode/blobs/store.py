@@ -1,0 +1,225 @@
+"""Content-addressed ciphertext: the node stores bytes it cannot read, named by their SHA-256.
+
+Where the bytes live (documented beside the tables of the node's LevelDB):
+
+    b"O" + hash(32)   {"size", "inline": bool, "stored": ms}   one entry per blob held
+    b"P" + hash(32)   the bytes of a small blob (at most ``INLINE_MAX``), kept in LevelDB
+    <home>/blobs/<first 2 hex>/<64 hex>   the bytes of a larger blob, one file each
+
+Small blobs (a FHIR resource's ciphertext is a few KB) go in LevelDB, many to one synced
+batch. Large ones (imaging, PDFs, up to ``max_blob_bytes``) are streamed to a temporary
+file while being hashed, fsynced, then renamed into place and the directory fsynced: memory
+stays flat whatever the size and a crash leaves either the whole blob or none of it. The
+metadata entry is written last, so a blob is "held" only once its bytes are durable.
+
+Deleting a blob (erasure) removes the file and the entries and compacts that key range so
+LevelDB drops the bytes from its files too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import os
+import secrets
+import time
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from ehrnode.core import codec
+from ehrnode.core.errors import Conflict, InvalidEncoding, LimitExceeded, NotFound
+from ehrnode.store.db import KV
+
+T_META = b"O"
+T_INLINE = b"P"
+INLINE_MAX = 64 * 1024
+CHUNK = 1024 * 1024
+DEFAULT_MAX_BLOB_BYTES = 8 * 1024**3
+
+
+@dataclass(frozen=True)
+class BlobInfo:
+    hash: bytes
+    size: int
+    inline: bool
+    stored: int
+
+
+class BlobStore:
+    def __init__(self, root: Path, kv: KV, *, max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES) -> None:
+        self.root = root
+        self.kv = kv
+        self.max_blob_bytes = max_blob_bytes
+        self._tmp = root / "tmp"
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        for stale in self._tmp.iterdir():  # half-written uploads from before a crash
+            stale.unlink(missing_ok=True)
+
+    def _path(self, blob_hash: bytes) -> Path:
+        text = blob_hash.hex()
+        return self.root / text[:2] / text
+
+    def info(self, blob_hash: bytes) -> BlobInfo | None:
+        raw = self.kv.get(T_META + blob_hash)
+        if raw is None:
+            return None
+        meta = codec.decode(raw)
+        return BlobInfo(blob_hash, meta["size"], meta["inline"], meta["stored"])
+
+    def has(self, blob_hash: bytes) -> bool:
+        return self.kv.get(T_META + blob_hash) is not None
+
+    # --- writing --------------------------------------------------------------------------
+
+    def put_many(self, blobs: Iterable[bytes]) -> list[bytes]:
+        """Store small blobs in one synced batch; return their hashes."""
+        batch: dict[bytes, bytes | None] = {}
+        hashes = []
+        now = int(time.time() * 1000)
+        for data in blobs:
+            if len(data) > INLINE_MAX:
+                raise LimitExceeded(
+                    f"a blob of {len(data)} bytes is too large for a batch upload "
+                    f"(limit {INLINE_MAX}); upload it on its own"
+                )
+            blob_hash = hashlib.sha256(data).digest()
+            hashes.append(blob_hash)
+            if self.has(blob_hash):
+                continue
+            batch[T_INLINE + blob_hash] = data
+            batch[T_META + blob_hash] = codec.encode(
+                {"size": len(data), "inline": True, "stored": now}
+            )
+        if batch:
+            self.kv.write(batch, sync=True)
+        return hashes
+
+    async def put_stream(
+        self,
+        chunks: AsyncIterator[bytes],
+        expected: bytes | None = None,
+        declared_size: int | None = None,
+    ) -> BlobInfo:
+        """Stream a blob in; its hash must equal ``expected`` when given."""
+        if declared_size is not None and declared_size > self.max_blob_bytes:
+            raise LimitExceeded(
+                f"blob of {declared_size} bytes exceeds this node's limit of {self.max_blob_bytes}"
+            )
+        if expected is not None:
+            found = self.info(expected)
+            if found is not None:
+                async for _ in chunks:  # drain the body so the connection stays usable
+                    pass
+                return found
+        digest = hashlib.sha256()
+        size = 0
+        head = bytearray()
+        tmp_path = self._tmp / secrets.token_hex(16)
+        handle = None
+        try:
+            async for chunk in chunks:
+                size += len(chunk)
+                if size > self.max_blob_bytes:
+                    raise LimitExceeded(
+                        f"blob exceeds this node's limit of {self.max_blob_bytes} bytes"
+                    )
+                digest.update(chunk)
+                if handle is None and len(head) + len(chunk) <= INLINE_MAX:
+                    head.extend(chunk)
+                    continue
+                if handle is None:
+                    handle = open(tmp_path, "wb")  # noqa: SIM115 - closed in finally
+                    handle.write(head)
+                    head.clear()
+                handle.write(chunk)
+            blob_hash = digest.digest()
+            if expected is not None and blob_hash != expected:
+                raise Conflict(
+                    "uploaded bytes do not hash to the blob id in the URL", code="hash_mismatch"
+                )
+            if handle is None:
+                self.put_many([bytes(head)])
+            else:
+                await asyncio.to_thread(self._finish_file, handle, tmp_path, blob_hash, size)
+                handle = None
+        finally:
+            if handle is not None:
+                handle.close()
+            tmp_path.unlink(missing_ok=True)
+        info = self.info(blob_hash)
+        assert info is not None
+        return info
+
+    def _finish_file(
+        self, handle: io.BufferedWriter, tmp_path: Path, blob_hash: bytes, size: int
+    ) -> None:
+        handle.flush()
+        os.fsync(handle.fileno())
+        handle.close()
+        final = self._path(blob_hash)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp_path, final)
+        _fsync_dir(final.parent)
+        meta = {"size": size, "inline": False, "stored": int(time.time() * 1000)}
+        self.kv.write({T_META + blob_hash: codec.encode(meta)}, sync=True)
+
+    # --- reading --------------------------------------------------------------------------
+
+    def read_small(self, blob_hash: bytes) -> bytes:
+        info = self.info(blob_hash)
+        if info is None:
+            raise NotFound("this node does not hold that blob")
+        if info.inline:
+            data = self.kv.get(T_INLINE + blob_hash)
+            if data is None:
+                raise NotFound("this node does not hold that blob")
+            return data
+        return self._path(blob_hash).read_bytes()
+
+    async def read_stream(self, blob_hash: bytes, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
+        info = self.info(blob_hash)
+        if info is None:
+            raise NotFound("this node does not hold that blob")
+        if info.inline:
+            yield self.read_small(blob_hash)
+            return
+        with open(self._path(blob_hash), "rb") as handle:
+            while True:
+                chunk = await asyncio.to_thread(handle.read, chunk_size)
+                if not chunk:
+                    return
+                yield chunk
+
+    # --- erasure --------------------------------------------------------------------------
+
+    def delete(self, blob_hash: bytes) -> bool:
+        info = self.info(blob_hash)
+        if info is None:
+            return False
+        self.kv.write({T_META + blob_hash: None, T_INLINE + blob_hash: None}, sync=True)
+        if not info.inline:
+            self._path(blob_hash).unlink(missing_ok=True)
+        compact = getattr(self.kv, "compact", None)
+        if compact is not None:
+            compact(T_INLINE + blob_hash, T_INLINE + blob_hash + b"\xff")
+        return True
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def parse_hash(text: str) -> bytes:
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError as err:
+        raise InvalidEncoding("a blob id is 64 hex characters") from err
+    if len(raw) != 32:
+        raise InvalidEncoding("a blob id is 64 hex characters")
+    return raw

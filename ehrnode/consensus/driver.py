@@ -1,0 +1,404 @@
+"""The asyncio shell around the consensus engine: timers, signing, persistence, wiring.
+
+One task consumes an event queue (messages from peers, timeouts, "transactions waiting"),
+hands each event to the engine and carries out the actions it returns, one at a time, so
+the engine is never re-entered.
+
+Double-signing protection. The signing record, table ``b"V"`` in the node's LevelDB:
+
+    b"Vsign"  {"height", "round", "step" (0 proposal, 1 prevote, 2 precommit),
+               "block" (id or nil), "msg" (the signed proposal/vote bytes)}
+    b"Vlock"  {"height", "round", "block" (the locked block's bytes)}
+
+A message is signed only if its (height, round, step) is after the recorded one, or equal
+with the same block (then the recorded message is sent again and nothing new is signed).
+The record, and the lock a precommit sets, are written in one synced batch before the
+signature is computed, so after a crash at any instant the node never signs two different
+things for one (height, round, step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ehrnode.consensus import engine as eng
+from ehrnode.consensus.execution import Executor
+from ehrnode.core import codec
+from ehrnode.core.block import (
+    PRECOMMIT,
+    Block,
+    Certificate,
+    Proposal,
+    Vote,
+    sign_proposal,
+    sign_vote,
+)
+from ehrnode.core.crypto import Identity
+from ehrnode.core.tx import Tx
+from ehrnode.store.db import KV
+
+log = logging.getLogger(__name__)
+
+K_SIGN = b"Vsign"
+K_LOCK = b"Vlock"
+STEP_PROPOSAL = 0
+
+
+class Network(Protocol):
+    """Where the driver's signed messages go (the p2p layer, or nowhere for one node)."""
+
+    def broadcast_proposal(self, proposal: Proposal) -> None: ...
+
+    def broadcast_vote(self, vote: Vote) -> None: ...
+
+    def broadcast_evidence(self, first: Vote, second: Vote) -> None: ...
+
+
+class NullNetwork:
+    """A network of one: nothing to send to."""
+
+    def broadcast_proposal(self, proposal: Proposal) -> None:
+        pass
+
+    def broadcast_vote(self, vote: Vote) -> None:
+        pass
+
+    def broadcast_evidence(self, first: Vote, second: Vote) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Committed:
+    block: Block
+    txs: list[Tx]
+    certificate: Certificate
+
+
+class SigningRecord:
+    """The last thing this validator signed, kept durable in ``kv``."""
+
+    def __init__(self, kv: KV) -> None:
+        self.kv = kv
+        raw = kv.get(K_SIGN)
+        self.last: dict[str, Any] | None = (
+            None if raw is None else codec.decode(raw, max_bytes=1 << 30)
+        )
+
+    def check(
+        self, height: int, round_: int, step: int, block_id: bytes | None
+    ) -> bytes | bool | None:
+        """True: may sign. bytes: already signed exactly this, resend these. False: refuse."""
+        last = self.last
+        if last is None:
+            return True
+        new, old = (height, round_, step), (last["height"], last["round"], last["step"])
+        if new > old:
+            return True
+        if new == old and last["block"] == block_id:
+            msg: bytes = last["msg"]
+            return msg
+        return False
+
+    def save(
+        self,
+        height: int,
+        round_: int,
+        step: int,
+        block_id: bytes | None,
+        msg: bytes,
+        lock: Block | None,
+    ) -> None:
+        record = {"height": height, "round": round_, "step": step, "block": block_id, "msg": msg}
+        batch: dict[bytes, bytes | None] = {K_SIGN: codec.encode(record)}
+        if lock is not None:
+            batch[K_LOCK] = codec.encode({"height": height, "round": round_, "block": lock.raw})
+        self.kv.write(batch, sync=True)
+        self.last = record
+
+    def restored(self, height: int, max_block_bytes: int) -> eng.Restored | None:
+        last = self.last
+        if last is None or last["height"] != height:
+            return None
+        restored = eng.Restored(round=last["round"], step=last["step"])
+        raw_lock = self.kv.get(K_LOCK)
+        if raw_lock is not None:
+            lock = codec.decode(raw_lock, max_bytes=1 << 30)
+            if lock["height"] == height:
+                restored.locked_round = lock["round"]
+                restored.locked_block = Block.decode(lock["block"], max_bytes=max_block_bytes)
+        return restored
+
+
+class Driver:
+    def __init__(
+        self,
+        identity: Identity | None,
+        executor: Executor,
+        kv: KV,
+        network: Network,
+        timeouts: eng.Timeouts | None = None,
+    ) -> None:
+        self.identity = identity
+        self.executor = executor
+        self.chain = executor.chain
+        self.mempool = executor.mempool
+        self.network = network
+        self.me = None if identity is None else identity.public_key
+        self.engine = eng.Engine(self.me, executor.is_valid, timeouts)
+        self.signing = SigningRecord(kv)
+        self.listeners: list[Callable[[Committed], None]] = []
+        self.evidence: list[tuple[Vote, Vote]] = []
+        self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._timers: list[asyncio.TimerHandle] = []
+        self._sent: dict[tuple[int, int], list[Proposal | Vote]] = {}
+        self._last_certificate: Certificate | None = None
+        self._stopping = False
+        self.committed = asyncio.Event()
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        head = self.chain.head
+        if head.height > 0:
+            self._last_certificate = self.chain.certificate(head.height)
+        params = self.chain.genesis.params
+        restored = self.signing.restored(head.height + 1, params.max_block_bytes)
+        actions = self.engine.start_height(
+            head.height + 1,
+            self.executor.validators(),
+            has_txs=len(self.mempool) > 0,
+            restored=restored,
+        )
+        if restored is not None and isinstance(self.signing.last, dict):
+            self._resend_recorded()
+        self._task = asyncio.create_task(self._run(actions), name="consensus")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for timer in self._timers:
+            timer.cancel()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    # --- inputs (called by the p2p layer, the RPC and the mempool) ---------------------------
+
+    def submit_proposal(self, proposal: Proposal) -> None:
+        self._queue.put_nowait(("proposal", proposal))
+
+    def submit_vote(self, vote: Vote) -> None:
+        self._queue.put_nowait(("vote", vote))
+
+    def submit_certified(self, block: Block, certificate: Certificate) -> None:
+        self._queue.put_nowait(("certified", (block, certificate)))
+
+    def txs_available(self) -> None:
+        if not self.engine.has_txs:
+            self._queue.put_nowait(("txs", None))
+
+    # --- the loop -------------------------------------------------------------------------
+
+    async def _run(self, initial: list[eng.Action]) -> None:
+        await self._perform(initial)
+        while True:
+            kind, payload = await self._queue.get()
+            try:
+                actions = self._dispatch(kind, payload)
+                await self._perform(actions)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # a bug must not stop consensus silently: log it and go on
+                log.exception("consensus event %s failed", kind)
+
+    def _dispatch(self, kind: str, payload: Any) -> list[eng.Action]:
+        chain_id = self.chain.genesis.chain_id
+        if kind == "proposal":
+            if not payload.verify(chain_id):
+                log.warning("dropping a proposal with a bad signature")
+                return []
+            return self.engine.on_proposal(payload)
+        if kind == "vote":
+            if not payload.verify(chain_id):
+                log.warning("dropping a vote with a bad signature")
+                return []
+            return self.engine.on_vote(payload)
+        if kind == "timeout":
+            return self.engine.on_timeout(*payload)
+        if kind == "txs":
+            return self.engine.on_txs_available()
+        if kind == "certified":
+            return self.engine.on_certified_block(*payload)
+        raise ValueError(kind)
+
+    async def _perform(self, actions: list[eng.Action]) -> None:
+        pending = list(actions)
+        while pending:
+            action = pending.pop(0)
+            pending.extend(await self._do(action))
+
+    async def _do(self, action: eng.Action) -> list[eng.Action]:
+        if isinstance(action, eng.ScheduleTimeout):
+            loop = asyncio.get_running_loop()
+            event = ("timeout", (action.kind, action.height, action.round))
+            self._timers = [t for t in self._timers if not t.cancelled() and t.when() > loop.time()]
+            self._timers.append(loop.call_later(action.delay, self._queue.put_nowait, event))
+            return []
+        if isinstance(action, eng.RequestBlock):
+            assert self.me is not None
+            block = self.executor.build(self.me, self._last_certificate)
+            return self.engine.on_block(action.height, action.round, block)
+        if isinstance(action, eng.SignProposal):
+            proposal = await self._sign_proposal(action)
+            if proposal is None:
+                return []
+            self.network.broadcast_proposal(proposal)
+            return self.engine.on_proposal(proposal)
+        if isinstance(action, eng.SignVote):
+            vote = await self._sign_vote(action)
+            if vote is None:
+                return []
+            self.network.broadcast_vote(vote)
+            return self.engine.on_vote(vote)
+        if isinstance(action, eng.Decide):
+            await self._commit(action)
+            return self._next_height()
+        if isinstance(action, eng.Evidence):
+            log.warning(
+                "validator %s signed two different votes at height %d round %d",
+                action.first.validator.hex()[:16],
+                action.first.height,
+                action.first.round,
+            )
+            self.evidence.append((action.first, action.second))
+            self.network.broadcast_evidence(action.first, action.second)
+            return []
+        if isinstance(action, eng.Rebroadcast):
+            for message in self._sent.get((action.height, action.round), []):
+                self._send(message)
+            return []
+        raise TypeError(action)
+
+    def _send(self, message: Proposal | Vote) -> None:
+        if isinstance(message, Proposal):
+            self.network.broadcast_proposal(message)
+        else:
+            self.network.broadcast_vote(message)
+
+    # --- signing --------------------------------------------------------------------------
+
+    async def _sign_proposal(self, action: eng.SignProposal) -> Proposal | None:
+        assert self.identity is not None
+        verdict = self.signing.check(action.height, action.round, STEP_PROPOSAL, action.block.id)
+        if verdict is False:
+            log.warning(
+                "refusing to sign a second proposal for height %d round %d",
+                action.height,
+                action.round,
+            )
+            return None
+        if isinstance(verdict, bytes):
+            return Proposal.from_wire(
+                codec.decode(verdict, max_bytes=1 << 30), max_block_bytes=1 << 30
+            )
+        chain_id = self.chain.genesis.chain_id
+        proposal = sign_proposal(
+            self.identity, chain_id, action.round, action.pol_round, action.block
+        )
+        msg = codec.encode(proposal.to_wire())
+        # Persist before the signature leaves the process (it only leaves after this).
+        await asyncio.to_thread(
+            self.signing.save,
+            action.height,
+            action.round,
+            STEP_PROPOSAL,
+            action.block.id,
+            msg,
+            None,
+        )
+        self._sent.setdefault((action.height, action.round), []).append(proposal)
+        return proposal
+
+    async def _sign_vote(self, action: eng.SignVote) -> Vote | None:
+        assert self.identity is not None
+        verdict = self.signing.check(action.height, action.round, action.type, action.block_id)
+        if verdict is False:
+            log.warning(
+                "refusing to sign a conflicting vote at height %d round %d",
+                action.height,
+                action.round,
+            )
+            return None
+        if isinstance(verdict, bytes):
+            return Vote.from_wire(codec.decode(verdict))
+        chain_id = self.chain.genesis.chain_id
+        vote = sign_vote(
+            self.identity, chain_id, action.type, action.height, action.round, action.block_id
+        )
+        lock = action.lock if action.type == PRECOMMIT else None
+        await asyncio.to_thread(
+            self.signing.save,
+            action.height,
+            action.round,
+            action.type,
+            action.block_id,
+            codec.encode(vote.to_wire()),
+            lock,
+        )
+        self._sent.setdefault((action.height, action.round), []).append(vote)
+        return vote
+
+    def _resend_recorded(self) -> None:
+        last = self.signing.last
+        assert last is not None
+        message = codec.decode(last["msg"], max_bytes=1 << 30)
+        if last["step"] == STEP_PROPOSAL:
+            self._send(Proposal.from_wire(message, max_block_bytes=1 << 30))
+        else:
+            self._send(Vote.from_wire(message))
+
+    # --- committing -----------------------------------------------------------------------
+
+    async def _commit(self, decide: eng.Decide) -> None:
+        started = time.perf_counter()
+        block = decide.block
+        execution, txs = self.executor.execution(block)
+        await asyncio.to_thread(self.chain.commit, block, decide.certificate, execution)
+        self._last_certificate = decide.certificate
+        self.executor.forget()
+        dropped = self.mempool.update(block.tx_ids)
+        for tx, err in dropped:
+            log.info(
+                "dropped pending %s after block %d: %s", tx.id.hex()[:16], block.header.height, err
+            )
+        self._sent = {k: v for k, v in self._sent.items() if k[0] > block.header.height}
+        committed = Committed(block, txs, decide.certificate)
+        for listener in self.listeners:
+            try:
+                listener(committed)
+            except Exception:
+                log.exception("commit listener failed")
+        self.committed.set()
+        self.committed.clear()
+        log.debug(
+            "committed block %d with %d txs in %.1f ms",
+            block.header.height,
+            len(block.txs),
+            (time.perf_counter() - started) * 1000,
+        )
+
+    def _next_height(self) -> list[eng.Action]:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        head = self.chain.head
+        return self.engine.start_height(
+            head.height + 1, self.executor.validators(), has_txs=len(self.mempool) > 0
+        )

@@ -1,0 +1,183 @@
+"""Building, checking and executing blocks against the committed chain.
+
+- ``build`` (we propose): the pending transactions in arrival order, each applied on top of
+  the ones before it; one that no longer applies is left out.
+- ``validate`` (someone proposed): the header must follow our head, the certificate of the
+  previous block must verify, and every transaction must apply in order.
+- Executions are cached by block id, so a block we built or validated is not executed
+  again when it is decided; signatures already checked by the mempool are not re-checked.
+
+Reads the chain and the mempool; writes nothing (the driver commits).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+
+from ehrnode.consensus.validators import ValidatorSet
+from ehrnode.core import merkle, state
+from ehrnode.core import tx as txmod
+from ehrnode.core.block import ZERO_HASH, Block, Certificate, Header
+from ehrnode.core.crypto import sha256
+from ehrnode.core.errors import InvalidBlock, InvalidTransaction
+from ehrnode.core.tx import Tx
+from ehrnode.mempool import Mempool
+from ehrnode.store.chain import Chain
+
+log = logging.getLogger(__name__)
+
+MAX_CLOCK_DRIFT_MS = 10_000
+_CACHE_BLOCKS = 16
+
+
+class Executor:
+    def __init__(self, chain: Chain, mempool: Mempool, now_ms: Callable[[], int]) -> None:
+        self.chain = chain
+        self.mempool = mempool
+        self.now_ms = now_ms
+        self._executions: OrderedDict[bytes, tuple[state.Execution, list[Tx]]] = OrderedDict()
+        self._verdicts: OrderedDict[bytes, str | None] = OrderedDict()
+
+    def validators(self) -> ValidatorSet:
+        return ValidatorSet(state.validators(self.chain.state))
+
+    def context(self, height: int, time_ms: int) -> state.BlockContext:
+        return state.BlockContext(
+            self.chain.genesis.chain_id, height, time_ms, state.validators(self.chain.state)
+        )
+
+    def next_context(self) -> state.BlockContext:
+        """The context the mempool checks against: the next block, now."""
+        head = self.chain.head
+        return self.context(head.height + 1, max(self.now_ms(), head.time + 1))
+
+    # --- proposing ------------------------------------------------------------------------
+
+    def build(self, proposer: bytes, last_commit: Certificate | None) -> Block:
+        head = self.chain.head
+        height = head.height + 1
+        time_ms = max(self.now_ms(), head.time + 1)
+        ctx = self.context(height, time_ms)
+        params = self.chain.genesis.params
+        overlay = state.Overlay(self.chain.state)
+        chosen: list[Tx] = []
+        size = 0
+        skipped: set[bytes] = set()
+        for tx in self.mempool.reap(params.max_block_bytes, params.max_block_txs):
+            if tx.signer in skipped:
+                continue
+            if size + tx.size > params.max_block_bytes - 64 * 1024:
+                break
+            scratch = overlay.child()
+            try:
+                state.apply_tx(scratch, ctx, tx)
+            except InvalidTransaction as err:
+                log.info("leaving %s out of block %d: %s", tx.id.hex()[:16], height, err)
+                skipped.add(tx.signer)  # its later nonces cannot apply either
+                continue
+            overlay.merge(scratch)
+            chosen.append(tx)
+            size += tx.size
+        vals = ValidatorSet(ctx.validators)
+        raws = [tx.raw for tx in chosen]
+        header = Header(
+            chain=ctx.chain,
+            height=height,
+            time=time_ms,
+            proposer=proposer,
+            prev=head.id,
+            txs=merkle.root([tx.id for tx in chosen]),
+            ntx=len(chosen),
+            vals=vals.hash,
+            next_vals=vals.hash,
+            state=head.state_hash,
+            last_commit=ZERO_HASH if last_commit is None else last_commit.hash(),
+        )
+        block = Block.build(header, raws, last_commit)
+        digest = state.digest_after(self.chain.state, overlay.changes, head.digest)
+        self._remember(block.id, state.Execution(overlay.changes, digest), chosen)
+        self._verdicts[block.id] = None
+        return block
+
+    # --- checking -------------------------------------------------------------------------
+
+    def is_valid(self, block: Block) -> bool:
+        return self.check(block) is None
+
+    def check(self, block: Block) -> str | None:
+        """None if ``block`` may follow our head, else the reason it may not."""
+        if block.id in self._verdicts:
+            return self._verdicts[block.id]
+        try:
+            self._check(block)
+            verdict = None
+        except (InvalidBlock, InvalidTransaction) as err:
+            verdict = str(err)
+            log.warning(
+                "rejecting block %s at height %d: %s", block.id.hex()[:16], block.header.height, err
+            )
+        self._verdicts[block.id] = verdict
+        while len(self._verdicts) > _CACHE_BLOCKS * 4:
+            self._verdicts.popitem(last=False)
+        return verdict
+
+    def _check(self, block: Block) -> None:
+        head = self.chain.head
+        h = block.header
+        genesis = self.chain.genesis
+        vals = self.validators()
+        if h.chain != genesis.chain_id:
+            raise InvalidBlock(f"block is for chain '{h.chain}'")
+        if h.height != head.height + 1:
+            raise InvalidBlock(f"block height {h.height} does not follow our head {head.height}")
+        if h.prev != head.id:
+            raise InvalidBlock("block does not extend our head")
+        if h.time <= head.time:
+            raise InvalidBlock("block time is not after the previous block's")
+        if h.time > self.now_ms() + MAX_CLOCK_DRIFT_MS:
+            raise InvalidBlock("block time is too far in the future")
+        if h.proposer not in vals:
+            raise InvalidBlock("block proposer is not a validator")
+        if h.vals != vals.hash or h.next_vals != vals.hash:
+            raise InvalidBlock("block names the wrong validator set")
+        if h.state != head.state_hash:
+            raise InvalidBlock("block's state hash differs from ours: our rules diverge")
+        if len(block.raw) > genesis.params.max_block_bytes or h.ntx > genesis.params.max_block_txs:
+            raise InvalidBlock("block exceeds the size limits")
+        block.check_form()
+        if block.last_commit is not None:
+            # The previous block was final under the same set (no set changes yet).
+            block.last_commit.verify(genesis.chain_id, vals.powers)
+        txs = [self._decode(raw) for raw in block.txs]
+        ctx = self.context(h.height, h.time)
+        execution = state.execute_block(self.chain.state, ctx, txs, head.digest)
+        self._remember(block.id, execution, txs)
+
+    def _decode(self, raw: bytes) -> Tx:
+        known = self.mempool.get(sha256(raw))
+        if known is not None and known.raw == raw:
+            return known
+        return txmod.decode(raw, max_bytes=self.chain.genesis.params.max_tx_bytes)
+
+    def _remember(self, block_id: bytes, execution: state.Execution, txs: list[Tx]) -> None:
+        self._executions[block_id] = (execution, txs)
+        while len(self._executions) > _CACHE_BLOCKS:
+            self._executions.popitem(last=False)
+
+    def execution(self, block: Block) -> tuple[state.Execution, list[Tx]]:
+        """The execution of a block decided at our head's next height."""
+        found = self._executions.get(block.id)
+        if found is None:
+            # Decided by a quorum but not executed here (we missed the proposal, or block
+            # sync brought it): its certificate is the authority, so execute it now.
+            txs = [self._decode(raw) for raw in block.txs]
+            ctx = self.context(block.header.height, block.header.time)
+            found = (state.execute_block(self.chain.state, ctx, txs, self.chain.head.digest), txs)
+        return found
+
+    def forget(self) -> None:
+        """After a commit: cached verdicts were relative to the old head."""
+        self._executions.clear()
+        self._verdicts.clear()

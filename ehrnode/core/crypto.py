@@ -1,0 +1,138 @@
+"""Identities, signatures, hashing and envelope encryption, all through libsodium (PyNaCl).
+
+- An identity is an ed25519 key pair. Its public id is the 32-byte verify key, written as
+  64 lowercase hex characters wherever text is needed.
+- Encryption keys are X25519, derived from the ed25519 keys (libsodium's
+  ``crypto_sign_ed25519_*_to_curve25519``), so one key file serves both.
+- Every signature is over ``domain || message``; each domain is a fixed ASCII tag ending in
+  a NUL byte, so a signature made for one purpose never verifies for another.
+- Hashes are SHA-256.
+- A record's data key is a random 32-byte SecretBox key (XSalsa20-Poly1305); it is wrapped
+  for each reader with a SealedBox to the reader's X25519 key.
+
+Nothing here is hand-rolled: we only compose libsodium's primitives. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import nacl.bindings
+import nacl.exceptions
+import nacl.public
+import nacl.secret
+import nacl.signing
+import nacl.utils
+
+from ehrnode.core.errors import InvalidEncoding, NotAuthorised
+
+PUBLIC_KEY_BYTES = 32
+SIGNATURE_BYTES = 64
+HASH_BYTES = 32
+DATA_KEY_BYTES = nacl.secret.SecretBox.KEY_SIZE
+# A SealedBox adds an ephemeral public key and a MAC to the 32-byte data key.
+WRAPPED_KEY_BYTES = DATA_KEY_BYTES + nacl.bindings.crypto_box_SEALBYTES
+
+DOMAIN_TX = b"ehrnode/tx/v1\x00"
+DOMAIN_VOTE = b"ehrnode/vote/v1\x00"
+DOMAIN_PROPOSAL = b"ehrnode/proposal/v1\x00"
+DOMAIN_ENDORSE = b"ehrnode/endorse/v1\x00"
+DOMAIN_REQUEST = b"ehrnode/request/v1\x00"
+DOMAIN_ACCESS = b"ehrnode/access/v1\x00"
+DOMAIN_PEER = b"ehrnode/peer/v1\x00"
+
+
+def sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+def to_hex(key: bytes) -> str:
+    return key.hex()
+
+
+def from_hex(text: str, size: int = PUBLIC_KEY_BYTES, what: str = "public id") -> bytes:
+    """Parse ``size`` bytes written as hex, with an error that names ``what``."""
+    try:
+        raw = bytes.fromhex(text)
+    except (ValueError, TypeError) as err:
+        raise InvalidEncoding(f"{what} must be {size * 2} hex characters") from err
+    if len(raw) != size:
+        raise InvalidEncoding(f"{what} must be {size * 2} hex characters, got {len(text)}")
+    return raw
+
+
+def verify(public_key: bytes, domain: bytes, message: bytes, signature: bytes) -> bool:
+    """True when ``signature`` is ``public_key``'s ed25519 signature of domain||message."""
+    if len(public_key) != PUBLIC_KEY_BYTES or len(signature) != SIGNATURE_BYTES:
+        return False
+    try:
+        nacl.bindings.crypto_sign_open(signature + domain + message, public_key)
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class Identity:
+    """An ed25519 signing key and what derives from it. Holds the secret: never log it."""
+
+    seed: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.seed) != 32:
+            raise InvalidEncoding("an identity seed is 32 bytes")
+
+    @classmethod
+    def generate(cls) -> Identity:
+        return cls(nacl.utils.random(32))
+
+    @property
+    def _signing_key(self) -> nacl.signing.SigningKey:
+        return nacl.signing.SigningKey(self.seed)
+
+    @property
+    def public_key(self) -> bytes:
+        return bytes(self._signing_key.verify_key)
+
+    @property
+    def public_id(self) -> str:
+        return self.public_key.hex()
+
+    def sign(self, domain: bytes, message: bytes) -> bytes:
+        signed = self._signing_key.sign(domain + message)
+        return bytes(signed.signature)
+
+    def unwrap_key(self, wrapped: bytes) -> bytes:
+        """Open a data key wrapped for this identity; NotAuthorised if it was not."""
+        private = self._signing_key.to_curve25519_private_key()
+        try:
+            return bytes(nacl.public.SealedBox(private).decrypt(wrapped))
+        except nacl.exceptions.CryptoError as err:
+            raise NotAuthorised("this key cannot open the wrapped data key") from err
+
+    def __repr__(self) -> str:
+        return f"Identity({self.public_id[:16]}…)"
+
+
+def wrap_key(data_key: bytes, recipient_public_key: bytes) -> bytes:
+    """Seal ``data_key`` to the X25519 key derived from an ed25519 public key."""
+    verify_key = nacl.signing.VerifyKey(recipient_public_key)
+    box = nacl.public.SealedBox(verify_key.to_curve25519_public_key())
+    return bytes(box.encrypt(data_key))
+
+
+def new_data_key() -> bytes:
+    return nacl.utils.random(DATA_KEY_BYTES)
+
+
+def seal(data_key: bytes, plaintext: bytes) -> bytes:
+    """SecretBox(data_key) with a random nonce: nonce || ciphertext+MAC."""
+    return bytes(nacl.secret.SecretBox(data_key).encrypt(plaintext))
+
+
+def open_sealed(data_key: bytes, ciphertext: bytes) -> bytes:
+    try:
+        return bytes(nacl.secret.SecretBox(data_key).decrypt(ciphertext))
+    except nacl.exceptions.CryptoError as err:
+        raise NotAuthorised("ciphertext does not open with this data key") from err

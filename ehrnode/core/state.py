@@ -1,0 +1,456 @@
+"""The state machine: ``apply_tx(state, ctx, tx)`` and nothing else decides what is allowed.
+
+State is a key-value map; ``apply_tx`` reads it through ``StateReader`` and writes into an
+``Overlay``, so a rejected transaction leaves nothing behind and a block's changes can be
+committed in one batch. Every key and value layout is below (values are canonical msgpack).
+
+    key                                    value
+    b"vals"                                [[validator key, power], ...] the current set
+    b"acct" + key(32)                      {"role", "nonce", "since", "name"?, "by"?, "nrec"}
+    b"rec"  + record id(32)                {"patient", "author", "blob", "size", "type",
+                                            "height", "root", "ver", "erased", "amends"?,
+                                            and on a root only: "head", "nver"}
+    b"prec" + patient(32) + seq(8, BE)     root record id: the patient's records, in order
+    b"ver"  + root id(32) + seq(8, BE)     version id: the versions of one record, in order
+    b"key"  + record id(32) + reader(32)   the data key wrapped for that reader
+    b"grant"+ grant id(32)                 {"patient", "grantee", "scope", "height",
+                                            "types"?, "expires"?, "records"?, "revoked"?}
+    b"pgr"  + patient(32) + grant id(32)   b"" : the patient's grants
+    b"std"  + patient(32)                  [[grantee, grant id, types | nil, expires | nil]...]
+                                            the standing grants in force (not revoked)
+    b"lgr"  + record id(32) + grantee(32)  grant id: a listed grant in force for that record
+
+The state hash is an additive multiset hash (AdHash, Bellare & Micciancio 1997) of all
+entries: the sum, mod 2**2048, of SHAKE-256(len(key) || key || value) read as 256-byte
+integers, then hashed with SHA-256. Adding or removing an entry updates it in O(1), and
+anyone can recompute it from a full scan of the state.
+
+Pure: no I/O, no clock (time comes from the block header in ``BlockContext``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ehrnode.core import codec, crypto
+from ehrnode.core.errors import InvalidTransaction
+from ehrnode.core.genesis import Genesis
+from ehrnode.core.tx import Tx, endorsement_bytes
+
+K_VALS = b"vals"
+P_ACCT = b"acct"
+P_REC = b"rec"
+P_PREC = b"prec"
+P_VER = b"ver"
+P_KEY = b"key"
+P_GRANT = b"grant"
+P_PGR = b"pgr"
+P_STD = b"std"
+P_LGR = b"lgr"
+
+_DIGEST_BYTES = 256
+_MODULUS = 1 << (8 * _DIGEST_BYTES)
+
+
+class StateReader(Protocol):
+    def get(self, key: bytes) -> bytes | None: ...
+
+
+@dataclass(frozen=True)
+class BlockContext:
+    chain: str
+    height: int
+    time: int  # ms since the epoch, from the block header
+    validators: Mapping[bytes, int]
+
+
+class Overlay:
+    """Writes pending over a reader; ``changes`` maps key -> new value (None = deleted)."""
+
+    def __init__(self, base: StateReader) -> None:
+        self.base = base
+        self.changes: dict[bytes, bytes | None] = {}
+
+    def get(self, key: bytes) -> bytes | None:
+        if key in self.changes:
+            return self.changes[key]
+        return self.base.get(key)
+
+    def put(self, key: bytes, value: bytes | None) -> None:
+        self.changes[key] = value
+
+    def child(self) -> Overlay:
+        return Overlay(self)
+
+    def merge(self, child: Overlay) -> None:
+        self.changes.update(child.changes)
+
+
+def seq_key(prefix: bytes, owner: bytes, seq: int) -> bytes:
+    return prefix + owner + struct.pack(">Q", seq)
+
+
+def load(reader: StateReader, key: bytes) -> Any:
+    raw = reader.get(key)
+    return None if raw is None else codec.decode(raw, max_bytes=1 << 24)
+
+
+def _save(overlay: Overlay, key: bytes, value: Any) -> None:
+    overlay.put(key, codec.encode(value))
+
+
+# --- state hash ---------------------------------------------------------------------------
+
+
+def entry_digest(key: bytes, value: bytes) -> int:
+    h = hashlib.shake_256(struct.pack(">I", len(key)) + key + value).digest(_DIGEST_BYTES)
+    return int.from_bytes(h, "big")
+
+
+def update_digest(digest: int, key: bytes, old: bytes | None, new: bytes | None) -> int:
+    if old is not None:
+        digest -= entry_digest(key, old)
+    if new is not None:
+        digest += entry_digest(key, new)
+    return digest % _MODULUS
+
+
+def digest_of(entries: Iterable[tuple[bytes, bytes]]) -> int:
+    total = 0
+    for key, value in entries:
+        total += entry_digest(key, value)
+    return total % _MODULUS
+
+
+def state_hash(digest: int) -> bytes:
+    return crypto.sha256(b"ehrnode/state/v1\x00" + digest.to_bytes(_DIGEST_BYTES, "big"))
+
+
+# --- genesis ------------------------------------------------------------------------------
+
+
+def genesis_changes(genesis: Genesis) -> dict[bytes, bytes | None]:
+    """The state before block 1: the validator set, each validator an institution."""
+    overlay = Overlay(_Empty())
+    _save(
+        overlay, K_VALS, [[v.key, v.power] for v in sorted(genesis.validators, key=lambda v: v.key)]
+    )
+    for v in genesis.validators:
+        account: dict[str, Any] = {"role": "institution", "nonce": 0, "since": 0, "nrec": 0}
+        if v.name:
+            account["name"] = v.name
+        _save(overlay, P_ACCT + v.key, account)
+    return overlay.changes
+
+
+class _Empty:
+    def get(self, key: bytes) -> bytes | None:
+        return None
+
+
+def validators(reader: StateReader) -> dict[bytes, int]:
+    return {key: power for key, power in load(reader, K_VALS) or []}
+
+
+# --- apply ----------------------------------------------------------------------------------
+
+
+def _reject(code: str, message: str) -> InvalidTransaction:
+    return InvalidTransaction(message, code=code)
+
+
+def check_nonce(reader: StateReader, tx: Tx) -> None:
+    account = load(reader, P_ACCT + tx.signer)
+    expected = 1 if account is None else account["nonce"] + 1
+    if tx.nonce < expected:
+        raise _reject(
+            "stale_nonce",
+            f"nonce {tx.nonce} was already used by this signer; the next nonce is {expected}",
+        )
+    if tx.nonce > expected:
+        raise _reject("nonce_gap", f"nonce {tx.nonce} skips ahead; the next nonce is {expected}")
+
+
+def apply_tx(overlay: Overlay, ctx: BlockContext, tx: Tx) -> None:
+    """Apply ``tx`` into ``overlay`` or raise InvalidTransaction leaving it unchanged."""
+    if tx.chain != ctx.chain:
+        raise _reject(
+            "wrong_chain", f"transaction is for chain '{tx.chain}', this is '{ctx.chain}'"
+        )
+    check_nonce(overlay, tx)
+    scratch = overlay.child()
+    account = load(scratch, P_ACCT + tx.signer)
+    if tx.kind == "register":
+        account = _register(scratch, ctx, tx, account)
+    else:
+        if account is None:
+            raise _reject(
+                "unregistered_signer",
+                f"signer {tx.signer.hex()[:16]}… is not registered; "
+                "send a register transaction first",
+            )
+        _APPLY[tx.kind](scratch, ctx, tx, account)
+        account = load(scratch, P_ACCT + tx.signer)  # a record may have bumped "nrec"
+    account["nonce"] = tx.nonce
+    _save(scratch, P_ACCT + tx.signer, account)
+    overlay.merge(scratch)
+
+
+def _register(scratch: Overlay, ctx: BlockContext, tx: Tx, account: Any) -> dict[str, Any]:
+    if account is not None:
+        raise _reject("already_registered", f"this key is already registered as {account['role']}")
+    role = tx.body["role"]
+    endorsement = tx.body.get("endorsement")
+    new: dict[str, Any] = {"role": role, "nonce": 0, "since": ctx.height, "nrec": 0}
+    if "name" in tx.body:
+        new["name"] = tx.body["name"]
+    if role == "patient":
+        if endorsement is not None:
+            raise _reject("malformed_body", "a patient registers without an endorsement")
+        return new
+    if role == "institution" and tx.signer in ctx.validators and endorsement is None:
+        return new
+    if endorsement is None:
+        who = "a validator" if role == "institution" else "a registered institution"
+        raise _reject("not_endorsed", f"a {role} must carry an endorsement signed by {who}")
+    endorser = endorsement["by"]
+    if role == "institution":
+        if endorser not in ctx.validators:
+            raise _reject("not_endorsed", "an institution must be endorsed by a current validator")
+    else:
+        by = load(scratch, P_ACCT + endorser)
+        if by is None or by["role"] != "institution":
+            raise _reject("not_endorsed", "a provider must be endorsed by a registered institution")
+    if not crypto.verify(
+        endorser, b"", endorsement_bytes(ctx.chain, role, tx.signer), endorsement["sig"]
+    ):
+        raise _reject("bad_endorsement", "the endorsement signature does not verify")
+    new["by"] = endorser
+    return new
+
+
+def standing_grants(reader: StateReader, patient: bytes) -> list[list[Any]]:
+    return list(load(reader, P_STD + patient) or [])
+
+
+def grant_in_force(
+    types: list[str] | None, expires: int | None, resource_type: str, now: int
+) -> bool:
+    return (types is None or resource_type in types) and (expires is None or now < expires)
+
+
+def required_readers(
+    reader: StateReader, patient: bytes, resource_type: str, now: int
+) -> set[bytes]:
+    """Who a new record of this type must be wrapped to: the patient and standing grantees."""
+    required = {patient}
+    for grantee, _grant, types, expires in standing_grants(reader, patient):
+        if grant_in_force(types, expires, resource_type, now):
+            required.add(grantee)
+    return required
+
+
+def _record(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]) -> None:
+    body = tx.body
+    patient = body["patient"]
+    if account["role"] != "provider" and tx.signer != patient:
+        raise _reject("not_provider", "only a provider or the patient may write a record")
+    patient_account = load(scratch, P_ACCT + patient)
+    if patient_account is None or patient_account["role"] != "patient":
+        raise _reject("unknown_patient", f"{patient.hex()[:16]}… is not a registered patient")
+    holders = {key for key, _ in body["keys"]}
+    required = required_readers(scratch, patient, body["type"], ctx.time)
+    missing = required - holders
+    if missing:
+        raise _reject(
+            "missing_grantee_key",
+            f"the record must wrap its data key for every standing grantee; missing "
+            f"{', '.join(sorted(k.hex()[:16] + '…' for k in missing))}",
+        )
+    extra = holders - required - {tx.signer}
+    if extra:
+        raise _reject(
+            "unexpected_key_holder",
+            "a record may wrap its key only for the patient, its author and standing grantees",
+        )
+    entry: dict[str, Any] = {
+        "patient": patient,
+        "author": tx.signer,
+        "blob": body["blob"],
+        "size": body["size"],
+        "type": body["type"],
+        "height": ctx.height,
+        "erased": False,
+    }
+    amends = body.get("amends")
+    if amends is None:
+        entry.update(root=tx.id, ver=1, head=tx.id, nver=1)
+        seq = patient_account["nrec"]
+        patient_account["nrec"] = seq + 1
+        _save(scratch, P_ACCT + patient, patient_account)
+        scratch.put(seq_key(P_PREC, patient, seq), tx.id)
+        scratch.put(seq_key(P_VER, tx.id, 0), tx.id)
+    else:
+        previous = load(scratch, P_REC + amends)
+        if previous is None or previous["patient"] != patient:
+            raise _reject("unknown_record", "the amended record does not exist for this patient")
+        root = load(scratch, P_REC + previous["root"])
+        if root["head"] != amends:
+            raise _reject(
+                "not_head_version",
+                f"only the latest version {root['head'].hex()[:16]}… can be amended",
+            )
+        if previous["erased"]:
+            raise _reject("record_erased", "an erased record cannot be amended")
+        if previous["type"] != body["type"]:
+            raise _reject("type_mismatch", f"a new version must keep the type {previous['type']}")
+        version = root["nver"] + 1
+        entry.update(root=previous["root"], ver=version, amends=amends)
+        root.update(head=tx.id, nver=version)
+        if previous["root"] == tx.id:  # pragma: no cover - ids are unique
+            raise _reject("unknown_record", "a record cannot amend itself")
+        _save(scratch, P_REC + previous["root"], root)
+        scratch.put(seq_key(P_VER, previous["root"], version - 1), tx.id)
+    _save(scratch, P_REC + tx.id, entry)
+    for reader, wrapped in body["keys"]:
+        scratch.put(P_KEY + tx.id + reader, wrapped)
+
+
+def _grant(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]) -> None:
+    body = tx.body
+    if account["role"] != "patient":
+        raise _reject("not_patient", "only a patient can grant access to their records")
+    grantee = body["grantee"]
+    if grantee == tx.signer:
+        raise _reject("malformed_body", "a patient cannot grant access to themselves")
+    if load(scratch, P_ACCT + grantee) is None:
+        raise _reject("unknown_grantee", f"grantee {grantee.hex()[:16]}… is not registered")
+    expires = body.get("expires")
+    if expires is not None and expires <= ctx.time:
+        raise _reject("already_expired", "the grant's expiry time has already passed")
+    entry: dict[str, Any] = {
+        "patient": tx.signer,
+        "grantee": grantee,
+        "scope": body["scope"],
+        "height": ctx.height,
+    }
+    if expires is not None:
+        entry["expires"] = expires
+    listed = [record_id for record_id, _ in body.get("records", [])]
+    for record_id, wrapped in body.get("records", []):
+        record = load(scratch, P_REC + record_id)
+        if record is None or record["patient"] != tx.signer:
+            raise _reject("unknown_record", f"record {record_id.hex()[:16]}… is not this patient's")
+        if record["erased"]:
+            raise _reject("record_erased", f"record {record_id.hex()[:16]}… was erased")
+        scratch.put(P_KEY + record_id + grantee, wrapped)
+        if body["scope"] == "records":
+            scratch.put(P_LGR + record_id + grantee, tx.id)
+    if body["scope"] == "records":
+        entry["records"] = listed
+    else:
+        types = body.get("types")
+        if types is not None:
+            entry["types"] = sorted(types)
+        standing = standing_grants(scratch, tx.signer)
+        standing.append([grantee, tx.id, entry.get("types"), expires])
+        _save(scratch, P_STD + tx.signer, standing)
+    _save(scratch, P_GRANT + tx.id, entry)
+    scratch.put(P_PGR + tx.signer + tx.id, b"")
+
+
+def _revoke(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]) -> None:
+    grant_id = tx.body["grant"]
+    grant = load(scratch, P_GRANT + grant_id)
+    if grant is None or grant["patient"] != tx.signer:
+        raise _reject("unknown_grant", "no grant of this patient has that id")
+    if "revoked" in grant:
+        raise _reject(
+            "already_revoked", f"the grant was already revoked at height {grant['revoked']}"
+        )
+    grant["revoked"] = ctx.height
+    _save(scratch, P_GRANT + grant_id, grant)
+    if grant["scope"] == "standing":
+        standing = [s for s in standing_grants(scratch, tx.signer) if s[1] != grant_id]
+        if standing:
+            _save(scratch, P_STD + tx.signer, standing)
+        else:
+            scratch.put(P_STD + tx.signer, None)
+    else:
+        for record_id in grant["records"]:
+            if scratch.get(P_LGR + record_id + grant["grantee"]) == grant_id:
+                scratch.put(P_LGR + record_id + grant["grantee"], None)
+
+
+def _erase(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]) -> None:
+    for record_id in tx.body["records"]:
+        record = load(scratch, P_REC + record_id)
+        if record is None or record["patient"] != tx.signer:
+            raise _reject("unknown_record", f"record {record_id.hex()[:16]}… is not this patient's")
+        if record["erased"]:
+            raise _reject("record_erased", f"record {record_id.hex()[:16]}… was already erased")
+        record["erased"] = True
+        record["erased_at"] = ctx.height
+        _save(scratch, P_REC + record_id, record)
+
+
+_APPLY = {"record": _record, "grant": _grant, "revoke": _revoke, "erase": _erase}
+
+
+# --- reading rules (used by the node to serve ciphertext; not consensus) ---------------------
+
+
+def may_read(reader: StateReader, record_id: bytes, who: bytes, now: int) -> bool:
+    """Whether ``who`` may fetch this record's ciphertext at time ``now`` (ms)."""
+    record = load(reader, P_REC + record_id)
+    if record is None or record["erased"]:
+        return False
+    patient = record["patient"]
+    if who in (patient, record["author"]):
+        return True
+    listed = reader.get(P_LGR + record_id + who)
+    if listed is not None:
+        grant = load(reader, P_GRANT + listed)
+        if grant is not None and "revoked" not in grant:
+            expires = grant.get("expires")
+            if expires is None or now < expires:
+                return True
+    for grantee, _grant, types, expires in standing_grants(reader, patient):
+        if grantee == who and grant_in_force(types, expires, record["type"], now):
+            return True
+    return False
+
+
+# --- blocks -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Execution:
+    """What a block does to the state: the changed entries and the state digest after."""
+
+    changes: dict[bytes, bytes | None]
+    digest: int
+
+    @property
+    def state_hash(self) -> bytes:
+        return state_hash(self.digest)
+
+
+def execute_block(
+    reader: StateReader, ctx: BlockContext, txs: Iterable[Tx], digest: int
+) -> Execution:
+    """Apply every transaction in order; InvalidTransaction from the first one that fails."""
+    overlay = Overlay(reader)
+    for tx in txs:
+        apply_tx(overlay, ctx, tx)
+    return Execution(overlay.changes, digest_after(reader, overlay.changes, digest))
+
+
+def digest_after(reader: StateReader, changes: Mapping[bytes, bytes | None], digest: int) -> int:
+    for key, new in changes.items():
+        digest = update_digest(digest, key, reader.get(key), new)
+    return digest

@@ -1,0 +1,325 @@
+"""Transactions: kinds, byte form, signing bytes, ids and the stateless checks.
+
+Byte form (canonical msgpack, see ``core.codec``), a map with exactly these keys::
+
+    {"body": map, "chain": str, "kind": str, "nonce": uint, "sig": bin(64),
+     "signer": bin(32), "v": 1}
+
+- signing bytes = ``DOMAIN_TX || encode(the same map without "sig")``
+- id            = ``sha256(the transaction's bytes)``; it is the permanent identity of a
+  record, a grant, and so on.
+
+Each kind's body is described by ``BODY_SPECS`` below and in docs/protocol.md. A body may
+hold no key the spec does not name. What needs the chain's state (nonces, roles, grants)
+is checked in ``core.state``; everything here needs only the bytes. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ehrnode.core import codec, crypto
+from ehrnode.core.errors import InvalidEncoding, InvalidTransaction
+
+TX_VERSION = 1
+DEFAULT_MAX_TX_BYTES = 256 * 1024
+MAX_NAME_CHARS = 200
+MAX_KEYS_PER_RECORD = 64
+MAX_RECORDS_PER_GRANT = 2000
+MAX_RECORDS_PER_ERASE = 256
+MAX_TYPES_PER_GRANT = 64
+MAX_BLOB_BYTES = 1 << 40  # 1 TiB: far above any attachment, far below int overflow
+MAX_NONCE = (1 << 63) - 1
+
+ROLES = ("patient", "provider", "institution")
+KINDS = ("register", "record", "grant", "revoke", "erase")
+_RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}$")
+_CHAIN_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+def is_chain_id(text: str) -> bool:
+    return bool(_CHAIN_ID.match(text))
+
+
+# --- field checks -------------------------------------------------------------------------
+# A spec maps a body key to (required, check). A check raises InvalidTransaction naming
+# the field; ``_reason`` turns a bad field into the sentence a client sees.
+
+Check = Callable[[str, Any], None]
+
+
+def _fail(name: str, what: str) -> InvalidTransaction:
+    return InvalidTransaction(f"body field '{name}' {what}", code="malformed_body")
+
+
+def _bin(size: int) -> Check:
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, bytes) or len(value) != size:
+            raise _fail(name, f"must be {size} bytes")
+
+    return check
+
+
+def _text(max_chars: int, pattern: re.Pattern[str] | None = None) -> Check:
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, str) or not value or len(value) > max_chars:
+            raise _fail(name, f"must be a string of 1 to {max_chars} characters")
+        if pattern is not None and not pattern.match(value):
+            raise _fail(name, f"is not of the form {pattern.pattern}")
+
+    return check
+
+
+def _uint(maximum: int) -> Check:
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= maximum:
+            raise _fail(name, f"must be an integer from 0 to {maximum}")
+
+    return check
+
+
+def _one_of(*choices: str) -> Check:
+    def check(name: str, value: Any) -> None:
+        if value not in choices:
+            raise _fail(name, f"must be one of {', '.join(choices)}")
+
+    return check
+
+
+def _pairs(max_items: int, min_items: int = 1) -> Check:
+    """[[bin32 key, bin wrapped-key], ...] sorted by key, keys unique."""
+
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, list) or not min_items <= len(value) <= max_items:
+            raise _fail(name, f"must be a list of {min_items} to {max_items} pairs")
+        previous = b""
+        for item in value:
+            if (
+                not isinstance(item, list)
+                or len(item) != 2
+                or not isinstance(item[0], bytes)
+                or len(item[0]) != 32
+                or not isinstance(item[1], bytes)
+                or len(item[1]) != crypto.WRAPPED_KEY_BYTES
+            ):
+                raise _fail(
+                    name, f"must hold [32-byte id, {crypto.WRAPPED_KEY_BYTES}-byte key] pairs"
+                )
+            if item[0] <= previous:
+                raise _fail(name, "must be sorted by id with no id twice")
+            previous = item[0]
+
+    return check
+
+
+def _ids(max_items: int) -> Check:
+    def check(name: str, value: Any) -> None:
+        if not isinstance(value, list) or not 1 <= len(value) <= max_items:
+            raise _fail(name, f"must be a list of 1 to {max_items} ids")
+        for item in value:
+            if not isinstance(item, bytes) or len(item) != 32:
+                raise _fail(name, "must hold 32-byte ids")
+        if len(set(value)) != len(value):
+            raise _fail(name, "must not name an id twice")
+
+    return check
+
+
+def _types(name: str, value: Any) -> None:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_TYPES_PER_GRANT:
+        raise _fail(name, f"must be a list of 1 to {MAX_TYPES_PER_GRANT} resource types")
+    for item in value:
+        _text(64, _RESOURCE_TYPE)(name, item)
+    if len(set(value)) != len(value):
+        raise _fail(name, "must not name a type twice")
+
+
+def _endorsement(name: str, value: Any) -> None:
+    if not isinstance(value, dict) or set(value) != {"by", "sig"}:
+        raise _fail(name, "must be a map with exactly 'by' and 'sig'")
+    _bin(32)(name + ".by", value["by"])
+    _bin(64)(name + ".sig", value["sig"])
+
+
+Spec = Mapping[str, tuple[bool, Check]]
+
+BODY_SPECS: dict[str, Spec] = {
+    "register": {
+        "role": (True, _one_of(*ROLES)),
+        "name": (False, _text(MAX_NAME_CHARS)),
+        "endorsement": (False, _endorsement),
+    },
+    "record": {
+        "patient": (True, _bin(32)),
+        "blob": (True, _bin(32)),
+        "size": (True, _uint(MAX_BLOB_BYTES)),
+        "type": (True, _text(64, _RESOURCE_TYPE)),
+        "keys": (True, _pairs(MAX_KEYS_PER_RECORD)),
+        "amends": (False, _bin(32)),
+    },
+    "grant": {
+        "grantee": (True, _bin(32)),
+        "scope": (True, _one_of("records", "standing")),
+        "records": (False, _pairs(MAX_RECORDS_PER_GRANT)),
+        "types": (False, _types),
+        "expires": (False, _uint(MAX_NONCE)),
+    },
+    "revoke": {
+        "grant": (True, _bin(32)),
+    },
+    "erase": {
+        "records": (True, _ids(MAX_RECORDS_PER_ERASE)),
+    },
+}
+
+
+def check_body(kind: str, body: Any) -> None:
+    """Stateless checks of a body: known keys only, each well formed."""
+    spec = BODY_SPECS.get(kind)
+    if spec is None:
+        raise InvalidTransaction(
+            f"unknown transaction kind '{kind}' (known: {', '.join(KINDS)})", code="unknown_kind"
+        )
+    if not isinstance(body, dict):
+        raise InvalidTransaction("body must be a map", code="malformed_body")
+    unknown = set(body) - set(spec)
+    if unknown:
+        raise InvalidTransaction(
+            f"{kind} body has unknown field(s): {', '.join(sorted(unknown))}",
+            code="malformed_body",
+        )
+    for name, (required, check) in spec.items():
+        if name in body:
+            check(name, body[name])
+        elif required:
+            raise _fail(name, "is required")
+    if kind == "grant" and body["scope"] == "records":
+        if "records" not in body:
+            raise _fail("records", "is required when scope is 'records'")
+        if "types" in body:
+            raise _fail("types", "applies only to standing grants")
+    if kind == "record" and body["patient"] not in {k for k, _ in body["keys"]}:
+        raise InvalidTransaction(
+            "a record must wrap its data key for the patient", code="missing_patient_key"
+        )
+
+
+# --- the transaction ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Tx:
+    chain: str
+    kind: str
+    signer: bytes
+    nonce: int
+    body: dict[str, Any]
+    sig: bytes
+    raw: bytes = field(repr=False)
+    id: bytes = field(repr=False)
+
+    @property
+    def size(self) -> int:
+        return len(self.raw)
+
+    def signing_bytes(self) -> bytes:
+        return signing_bytes(self.chain, self.kind, self.signer, self.nonce, self.body)
+
+
+def signing_bytes(chain: str, kind: str, signer: bytes, nonce: int, body: dict[str, Any]) -> bytes:
+    unsigned = {
+        "v": TX_VERSION,
+        "chain": chain,
+        "kind": kind,
+        "signer": signer,
+        "nonce": nonce,
+        "body": body,
+    }
+    return crypto.DOMAIN_TX + codec.encode(unsigned)
+
+
+def make(identity: crypto.Identity, chain: str, kind: str, nonce: int, body: dict[str, Any]) -> Tx:
+    """Build and sign a transaction (what a client does)."""
+    check_body(kind, body)
+    message = signing_bytes(chain, kind, identity.public_key, nonce, body)
+    sig = identity.sign(b"", message)
+    wire = {
+        "v": TX_VERSION,
+        "chain": chain,
+        "kind": kind,
+        "signer": identity.public_key,
+        "nonce": nonce,
+        "body": body,
+        "sig": sig,
+    }
+    raw = codec.encode(wire)
+    body = codec.decode(raw)["body"]  # the canonical (sorted) body
+    return Tx(chain, kind, identity.public_key, nonce, body, sig, raw, crypto.sha256(raw))
+
+
+_TOP_KEYS = {"v", "chain", "kind", "signer", "nonce", "body", "sig"}
+
+
+def decode(raw: bytes, *, max_bytes: int = DEFAULT_MAX_TX_BYTES, verify_sig: bool = True) -> Tx:
+    """Parse and check a transaction's bytes: form, fields, body and signature.
+
+    The chain id is checked against the node's in ``core.state`` so that the error can
+    name the right one.
+    """
+    if len(raw) > max_bytes:
+        raise InvalidTransaction(
+            f"transaction of {len(raw)} bytes exceeds the limit of {max_bytes}",
+            code="tx_too_large",
+        )
+    try:
+        obj = codec.decode(raw, max_bytes=max_bytes)
+    except InvalidEncoding as err:
+        raise InvalidTransaction(
+            f"transaction is not canonical msgpack: {err}", code="malformed"
+        ) from err
+    if not isinstance(obj, dict) or set(obj) != _TOP_KEYS:
+        raise InvalidTransaction(
+            f"a transaction is a map with exactly the keys {', '.join(sorted(_TOP_KEYS))}",
+            code="malformed",
+        )
+    if obj["v"] != TX_VERSION:
+        raise InvalidTransaction(f"unsupported transaction version {obj['v']!r}", code="malformed")
+    chain, kind, signer, nonce, body, sig = (
+        obj["chain"],
+        obj["kind"],
+        obj["signer"],
+        obj["nonce"],
+        obj["body"],
+        obj["sig"],
+    )
+    if not isinstance(chain, str) or not isinstance(kind, str):
+        raise InvalidTransaction("'chain' and 'kind' must be strings", code="malformed")
+    if not isinstance(signer, bytes) or len(signer) != crypto.PUBLIC_KEY_BYTES:
+        raise InvalidTransaction("'signer' must be a 32-byte public key", code="malformed")
+    if not isinstance(nonce, int) or isinstance(nonce, bool) or not 1 <= nonce <= MAX_NONCE:
+        raise InvalidTransaction("'nonce' must be an integer from 1 to 2^63-1", code="malformed")
+    if not isinstance(sig, bytes) or len(sig) != crypto.SIGNATURE_BYTES:
+        raise InvalidTransaction("'sig' must be a 64-byte signature", code="malformed")
+    check_body(kind, body)
+    if verify_sig and not crypto.verify(
+        signer, b"", signing_bytes(chain, kind, signer, nonce, body), sig
+    ):
+        raise InvalidTransaction(
+            "signature does not verify for this signer and content", code="bad_signature"
+        )
+    return Tx(chain, kind, signer, nonce, body, sig, bytes(raw), crypto.sha256(raw))
+
+
+def endorsement_bytes(chain: str, role: str, subject: bytes) -> bytes:
+    """What an institution (or validator) signs to endorse ``subject`` in ``role``."""
+    return crypto.DOMAIN_ENDORSE + codec.encode({"chain": chain, "role": role, "subject": subject})
+
+
+def endorse(endorser: crypto.Identity, chain: str, role: str, subject: bytes) -> dict[str, bytes]:
+    return {
+        "by": endorser.public_key,
+        "sig": endorser.sign(b"", endorsement_bytes(chain, role, subject)),
+    }

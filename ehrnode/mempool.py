@@ -1,0 +1,175 @@
+"""Pending transactions: checked against the committed state plus everything pending before
+them, kept in arrival order, limited in count and bytes.
+
+- A transaction enters only if it applies on top of the committed state and every pending
+  transaction ahead of it (so a patient's ``register`` and ``grant`` can be pending together).
+- Nonces: a transaction whose nonce is ahead of its signer's next one waits in a small
+  per-signer parking area until the gap fills; it is not checked or counted before that.
+- After each block ``update`` drops what was committed and re-checks the rest against the
+  new state; what no longer applies is dropped and reported.
+
+No I/O: the committed state, the block context and the clock are passed in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from ehrnode.core import state
+from ehrnode.core.errors import Conflict, InvalidTransaction, LimitExceeded
+from ehrnode.core.tx import Tx
+
+MAX_PARKED_PER_SIGNER = 64
+MAX_NONCE_AHEAD = 256
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_txs: int = 100_000
+    max_bytes: int = 256 * 1024 * 1024
+    max_parked: int = 10_000
+
+
+class Mempool:
+    def __init__(
+        self,
+        reader: state.StateReader,
+        context: Callable[[], state.BlockContext],
+        limits: Limits | None = None,
+    ) -> None:
+        self._reader = reader
+        self._context = context
+        self.limits = limits or Limits()
+        self._txs: dict[bytes, Tx] = {}
+        self._bytes = 0
+        self._overlay = state.Overlay(reader)
+        self._parked: dict[bytes, dict[int, Tx]] = {}
+        self._parked_count = 0
+
+    def __len__(self) -> int:
+        return len(self._txs)
+
+    @property
+    def size_bytes(self) -> int:
+        return self._bytes
+
+    def __contains__(self, tx_id: object) -> bool:
+        return tx_id in self._txs or any(
+            t.id == tx_id for parked in self._parked.values() for t in parked.values()
+        )
+
+    def get(self, tx_id: bytes) -> Tx | None:
+        return self._txs.get(tx_id)
+
+    def add(self, tx: Tx) -> list[Tx]:
+        """Admit ``tx`` (or park it if its nonce is ahead); return what was admitted.
+
+        Raises InvalidTransaction if it does not apply, Conflict if it is already pending,
+        LimitExceeded if the pool is full.
+        """
+        if tx.id in self._txs:
+            raise Conflict("this transaction is already pending", code="duplicate")
+        if len(self._txs) >= self.limits.max_txs or self._bytes + tx.size > self.limits.max_bytes:
+            raise LimitExceeded(
+                "the node's mempool is full; retry after the next block", code="mempool_full"
+            )
+        try:
+            state.check_nonce(self._overlay, tx)
+        except InvalidTransaction as err:
+            if err.code != "nonce_gap":
+                raise
+            self._park(tx)
+            return []
+        self._admit(tx)
+        admitted = [tx]
+        admitted.extend(self._unpark(tx.signer, tx.nonce + 1))
+        return admitted
+
+    def _admit(self, tx: Tx) -> None:
+        state.apply_tx(self._overlay, self._context(), tx)
+        self._txs[tx.id] = tx
+        self._bytes += tx.size
+
+    def _park(self, tx: Tx) -> None:
+        account = state.load(self._overlay, state.P_ACCT + tx.signer)
+        expected = 1 if account is None else account["nonce"] + 1
+        if tx.nonce > expected + MAX_NONCE_AHEAD:
+            raise InvalidTransaction(
+                f"nonce {tx.nonce} is too far ahead; the next nonce is {expected}", code="nonce_gap"
+            )
+        parked = self._parked.setdefault(tx.signer, {})
+        if tx.nonce in parked:
+            raise Conflict(
+                f"a transaction with nonce {tx.nonce} is already waiting", code="duplicate"
+            )
+        if len(parked) >= MAX_PARKED_PER_SIGNER or self._parked_count >= self.limits.max_parked:
+            raise LimitExceeded(
+                "too many transactions waiting for earlier nonces", code="mempool_full"
+            )
+        parked[tx.nonce] = tx
+        self._parked_count += 1
+
+    def _unpark(self, signer: bytes, nonce: int) -> list[Tx]:
+        admitted: list[Tx] = []
+        parked = self._parked.get(signer)
+        while parked and nonce in parked:
+            tx = parked.pop(nonce)
+            self._parked_count -= 1
+            try:
+                self._admit(tx)
+            except InvalidTransaction:
+                break
+            admitted.append(tx)
+            nonce += 1
+        if parked is not None and not parked:
+            del self._parked[signer]
+        return admitted
+
+    def reap(self, max_bytes: int, max_txs: int) -> list[Tx]:
+        """Pending transactions in arrival order, up to the limits."""
+        out: list[Tx] = []
+        total = 0
+        for tx in self._txs.values():
+            if len(out) >= max_txs or total + tx.size > max_bytes:
+                break
+            out.append(tx)
+            total += tx.size
+        return out
+
+    def update(self, committed: Iterable[bytes]) -> list[tuple[Tx, InvalidTransaction]]:
+        """After a block: drop ``committed``, re-check the rest; return what was dropped."""
+        for tx_id in committed:
+            tx = self._txs.pop(tx_id, None)
+            if tx is not None:
+                self._bytes -= tx.size
+        remaining = list(self._txs.values())
+        self._txs.clear()
+        self._bytes = 0
+        self._overlay = state.Overlay(self._reader)
+        dropped: list[tuple[Tx, InvalidTransaction]] = []
+        ctx = self._context()
+        for tx in remaining:
+            try:
+                state.apply_tx(self._overlay, ctx, tx)
+            except InvalidTransaction as err:
+                dropped.append((tx, err))
+                continue
+            self._txs[tx.id] = tx
+            self._bytes += tx.size
+        for signer in list(self._parked):
+            account = state.load(self._overlay, state.P_ACCT + signer)
+            expected = 1 if account is None else account["nonce"] + 1
+            parked = self._parked[signer]
+            for nonce in [n for n in parked if n < expected]:
+                dropped.append(
+                    (
+                        parked.pop(nonce),
+                        InvalidTransaction("nonce already used", code="stale_nonce"),
+                    )
+                )
+                self._parked_count -= 1
+            self._unpark(signer, expected)
+            if not parked:
+                self._parked.pop(signer, None)
+        return dropped

@@ -1,0 +1,11 @@
+"""Persistence: one LevelDB per node.
+
+Every table's first key byte, and the module that defines its layout:
+
+    A  access log entries        store.access      a  access log heads      store.access
+    B  blocks by height          store.chain       C  certificates          store.chain
+    H  block id -> height        store.chain       M  chain head            store.chain
+    S  state entries             store.chain       T  tx id -> location     store.chain
+    O  blob metadata             blobs.store       P  small blobs' bytes    blobs.store
+    V  consensus signing record  consensus.driver
+"""

@@ -1,0 +1,211 @@
+"""The chain on disk: blocks, certificates, the transaction index and the state entries.
+
+Tables in the node's LevelDB (one-byte prefix, then the key; heights are 8-byte big-endian
+so that keys sort by height):
+
+    b"M" + b"head"            {"height", "id", "time", "digest" bin(256), "genesis" bin32}
+    b"B" + height             the block's bytes (core.block.Block)
+    b"C" + height             the certificate that finalised it (core.block.Certificate)
+    b"H" + block id           height
+    b"T" + tx id              height(8) + index(4): where a transaction was committed
+    b"S" + state key          state entry (layouts in core.state)
+
+``commit`` writes a block, its certificate, its index entries, its state changes and the
+new head in one synced batch: after a crash the head names the last block whose changes
+are all there, and none of a later block's changes are.
+
+This module persists and reads; it decides nothing (``core.state`` does).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ehrnode.core import codec, merkle, state
+from ehrnode.core.block import ZERO_HASH, Block, Certificate, InclusionProof
+from ehrnode.core.errors import ConfigError, NotFound
+from ehrnode.core.genesis import Genesis
+from ehrnode.store.db import KV
+
+T_META = b"M"
+T_BLOCK = b"B"
+T_CERT = b"C"
+T_BLOCK_ID = b"H"
+T_TX = b"T"
+T_STATE = b"S"
+K_HEAD = T_META + b"head"
+
+MAX_STORED_BLOCK = 1 << 30
+
+
+def height_key(table: bytes, height: int) -> bytes:
+    return table + struct.pack(">Q", height)
+
+
+@dataclass(frozen=True)
+class Head:
+    height: int
+    id: bytes
+    time: int
+    digest: int
+
+    @property
+    def state_hash(self) -> bytes:
+        return state.state_hash(self.digest)
+
+
+@dataclass(frozen=True)
+class TxLocation:
+    height: int
+    index: int
+
+
+class StateView:
+    """Committed state entries, as the state machine reads them."""
+
+    def __init__(self, kv: KV) -> None:
+        self._kv = kv
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._kv.get(T_STATE + key)
+
+    def scan(
+        self,
+        prefix: bytes,
+        *,
+        start: bytes | None = None,
+        reverse: bool = False,
+        limit: int | None = None,
+    ) -> Iterator[tuple[bytes, bytes]]:
+        cut = len(T_STATE)
+        for key, value in self._kv.scan(
+            T_STATE + prefix,
+            start=None if start is None else T_STATE + start,
+            reverse=reverse,
+            limit=limit,
+        ):
+            yield key[cut:], value
+
+
+class Chain:
+    def __init__(self, kv: KV, genesis: Genesis) -> None:
+        self.kv = kv
+        self.genesis = genesis
+        self.state = StateView(kv)
+        raw = kv.get(K_HEAD)
+        if raw is None:
+            self._head = self._init_genesis()
+        else:
+            head = codec.decode(raw)
+            if head["genesis"] != genesis.hash():
+                raise ConfigError(
+                    "this data directory belongs to another network (genesis hash differs)"
+                )
+            self._head = Head(
+                head["height"], head["id"], head["time"], int.from_bytes(head["digest"], "big")
+            )
+
+    def _init_genesis(self) -> Head:
+        changes = state.genesis_changes(self.genesis)
+        digest = state.digest_after(self.state, changes, 0)
+        head = Head(0, ZERO_HASH, self.genesis.genesis_time, digest)
+        batch: dict[bytes, bytes | None] = {T_STATE + k: v for k, v in changes.items()}
+        batch[K_HEAD] = self._encode_head(head)
+        self.kv.write(batch, sync=True)
+        return head
+
+    def _encode_head(self, head: Head) -> bytes:
+        return codec.encode(
+            {
+                "height": head.height,
+                "id": head.id,
+                "time": head.time,
+                "digest": head.digest.to_bytes(256, "big"),
+                "genesis": self.genesis.hash(),
+            }
+        )
+
+    @property
+    def head(self) -> Head:
+        return self._head
+
+    def commit(self, block: Block, certificate: Certificate, execution: state.Execution) -> Head:
+        """Persist a block and everything it changes in one synced batch; return the new head."""
+        h = block.header
+        assert h.height == self._head.height + 1, "blocks are committed in height order"
+        head = Head(h.height, block.id, h.time, execution.digest)
+        batch: dict[bytes, bytes | None] = {T_STATE + k: v for k, v in execution.changes.items()}
+        batch[height_key(T_BLOCK, h.height)] = block.raw
+        batch[height_key(T_CERT, h.height)] = certificate.encode()
+        batch[T_BLOCK_ID + block.id] = struct.pack(">Q", h.height)
+        for index, tx_id in enumerate(block.tx_ids):
+            batch[T_TX + tx_id] = struct.pack(">QI", h.height, index)
+        batch[K_HEAD] = self._encode_head(head)
+        self.kv.write(batch, sync=True)
+        self._head = head
+        return head
+
+    # --- reads ----------------------------------------------------------------------------
+
+    def block(self, height: int) -> Block:
+        raw = self.kv.get(height_key(T_BLOCK, height))
+        if raw is None:
+            raise NotFound(f"no block at height {height} (the head is {self._head.height})")
+        return Block.decode(raw, max_bytes=MAX_STORED_BLOCK)
+
+    def block_raw(self, height: int) -> bytes:
+        raw = self.kv.get(height_key(T_BLOCK, height))
+        if raw is None:
+            raise NotFound(f"no block at height {height} (the head is {self._head.height})")
+        return raw
+
+    def certificate(self, height: int) -> Certificate:
+        raw = self.kv.get(height_key(T_CERT, height))
+        if raw is None:
+            raise NotFound(f"no certificate for height {height}")
+        return Certificate.from_wire(codec.decode(raw))
+
+    def height_of(self, block_id: bytes) -> int:
+        raw = self.kv.get(T_BLOCK_ID + block_id)
+        if raw is None:
+            raise NotFound("no block with that id")
+        height: int = struct.unpack(">Q", raw)[0]
+        return height
+
+    def tx_location(self, tx_id: bytes) -> TxLocation | None:
+        raw = self.kv.get(T_TX + tx_id)
+        if raw is None:
+            return None
+        height, index = struct.unpack(">QI", raw)
+        return TxLocation(height, index)
+
+    def tx_raw(self, tx_id: bytes) -> tuple[bytes, TxLocation]:
+        location = self.tx_location(tx_id)
+        if location is None:
+            raise NotFound("no committed transaction with that id")
+        return self.block(location.height).txs[location.index], location
+
+    def inclusion_proof(self, tx_id: bytes) -> InclusionProof:
+        location = self.tx_location(tx_id)
+        if location is None:
+            raise NotFound("no committed transaction with that id")
+        block = self.block(location.height)
+        return InclusionProof(
+            tx=block.txs[location.index],
+            index=location.index,
+            total=len(block.txs),
+            path=tuple(merkle.proof(block.tx_ids, location.index)),
+            header=block.header,
+            certificate=self.certificate(location.height),
+        )
+
+    def load_state(self, key: bytes) -> Any:
+        return state.load(self.state, key)
+
+    def recompute_digest(self) -> int:
+        """Scan every state entry: what the stored head's digest must equal."""
+        cut = len(T_STATE)
+        return state.digest_of((k[cut:], v) for k, v in self.kv.scan(T_STATE))

@@ -1,0 +1,156 @@
+"""Ordered key-value stores: LevelDB through plyvel, and an in-memory twin for tests.
+
+Both give point reads, ordered prefix scans and atomic batches. A batch written with
+``sync=True`` is on disk when ``write`` returns (LevelDB fsyncs its log), so a crash finds
+either all of it or none of it. Table prefixes are defined by the modules that own them
+(``store.chain``, ``store.access``, ``blobs.store``, ``consensus.driver``); this module
+knows nothing of them.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Protocol
+
+import plyvel
+
+from ehrnode.core.errors import ConfigError, Unavailable
+
+
+class KV(Protocol):
+    def get(self, key: bytes) -> bytes | None: ...
+
+    def write(self, changes: Mapping[bytes, bytes | None], *, sync: bool = True) -> None: ...
+
+    def scan(
+        self,
+        prefix: bytes,
+        *,
+        start: bytes | None = None,
+        reverse: bool = False,
+        limit: int | None = None,
+    ) -> Iterator[tuple[bytes, bytes]]: ...
+
+    def close(self) -> None: ...
+
+
+class LevelKV:
+    """One LevelDB database in ``path``."""
+
+    def __init__(self, path: Path, *, cache_mb: int = 64) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            self._db = plyvel.DB(
+                str(path),
+                create_if_missing=True,
+                lru_cache_size=cache_mb * 1024 * 1024,
+                write_buffer_size=16 * 1024 * 1024,
+                bloom_filter_bits=10,
+            )
+        except plyvel.IOError as err:
+            raise Unavailable(
+                f"cannot open the database in {path}: {err} (is another node running there?)"
+            ) from err
+        except plyvel.CorruptionError as err:
+            raise ConfigError(f"the database in {path} is corrupt: {err}") from err
+
+    def get(self, key: bytes) -> bytes | None:
+        value: bytes | None = self._db.get(key)
+        return value
+
+    def write(self, changes: Mapping[bytes, bytes | None], *, sync: bool = True) -> None:
+        with self._db.write_batch(sync=sync) as batch:
+            for key, value in changes.items():
+                if value is None:
+                    batch.delete(key)
+                else:
+                    batch.put(key, value)
+
+    def scan(
+        self,
+        prefix: bytes,
+        *,
+        start: bytes | None = None,
+        reverse: bool = False,
+        limit: int | None = None,
+    ) -> Iterator[tuple[bytes, bytes]]:
+        if start is None:
+            iterator = self._db.iterator(prefix=prefix, reverse=reverse)
+        elif reverse:
+            iterator = self._db.iterator(start=prefix, stop=start, reverse=True)
+        else:
+            iterator = self._db.iterator(start=start, stop=_prefix_end(prefix))
+        with iterator:
+            for count, (key, value) in enumerate(iterator):
+                if limit is not None and count >= limit:
+                    return
+                yield key, value
+
+    def compact(self, start: bytes, stop: bytes) -> None:
+        """Rewrite that key range so deleted values leave LevelDB's files."""
+        self._db.compact_range(start=start, stop=stop)
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _prefix_end(prefix: bytes) -> bytes | None:
+    """The first key after every key that starts with ``prefix``."""
+    raw = bytearray(prefix)
+    while raw and raw[-1] == 0xFF:
+        raw.pop()
+    if not raw:
+        return None
+    raw[-1] += 1
+    return bytes(raw)
+
+
+class MemoryKV:
+    """A dict with sorted keys; the same semantics as ``LevelKV``, nothing on disk."""
+
+    def __init__(self) -> None:
+        self._data: dict[bytes, bytes] = {}
+        self._keys: list[bytes] = []
+
+    def get(self, key: bytes) -> bytes | None:
+        return self._data.get(key)
+
+    def write(self, changes: Mapping[bytes, bytes | None], *, sync: bool = True) -> None:
+        for key, value in changes.items():
+            if value is None:
+                if key in self._data:
+                    del self._data[key]
+                    self._keys.pop(bisect.bisect_left(self._keys, key))
+            else:
+                if key not in self._data:
+                    bisect.insort(self._keys, key)
+                self._data[key] = value
+
+    def scan(
+        self,
+        prefix: bytes,
+        *,
+        start: bytes | None = None,
+        reverse: bool = False,
+        limit: int | None = None,
+    ) -> Iterator[tuple[bytes, bytes]]:
+        end = _prefix_end(prefix)
+        lo = bisect.bisect_left(self._keys, prefix)
+        hi = len(self._keys) if end is None else bisect.bisect_left(self._keys, end)
+        if start is not None:
+            if reverse:
+                hi = min(hi, bisect.bisect_left(self._keys, start))
+            else:
+                lo = max(lo, bisect.bisect_left(self._keys, start))
+        keys = self._keys[lo:hi]
+        if reverse:
+            keys = keys[::-1]
+        if limit is not None:
+            keys = keys[:limit]
+        for key in keys:
+            yield key, self._data[key]
+
+    def close(self) -> None:
+        pass
