@@ -59,6 +59,11 @@ class Mempool:
             t.id == tx_id for parked in self._parked.values() for t in parked.values()
         )
 
+    @property
+    def check_state(self) -> state.StateReader:
+        """The committed state with every pending transaction applied."""
+        return self._overlay
+
     def get(self, tx_id: bytes) -> Tx | None:
         return self._txs.get(tx_id)
 
@@ -139,7 +144,8 @@ class Mempool:
 
     def update(self, committed: Iterable[bytes]) -> list[tuple[Tx, InvalidTransaction]]:
         """After a block: drop ``committed``, re-check the rest; return what was dropped."""
-        for tx_id in committed:
+        done = set(committed)
+        for tx_id in done:
             tx = self._txs.pop(tx_id, None)
             if tx is not None:
                 self._bytes -= tx.size
@@ -162,13 +168,14 @@ class Mempool:
             expected = 1 if account is None else account["nonce"] + 1
             parked = self._parked[signer]
             for nonce in [n for n in parked if n < expected]:
-                dropped.append(
-                    (
-                        parked.pop(nonce),
-                        InvalidTransaction("nonce already used", code="stale_nonce"),
-                    )
-                )
+                tx = parked.pop(nonce)
                 self._parked_count -= 1
+                # A parked transaction that another node got into the block is committed,
+                # not dropped: reporting it as dropped would tell its sender it failed.
+                if tx.id not in done:
+                    dropped.append(
+                        (tx, InvalidTransaction("nonce already used", code="stale_nonce"))
+                    )
             self._unpark(signer, expected)
             if not parked:
                 self._parked.pop(signer, None)

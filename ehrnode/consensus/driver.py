@@ -40,6 +40,7 @@ from ehrnode.core.block import (
     sign_vote,
 )
 from ehrnode.core.crypto import Identity
+from ehrnode.core.errors import InvalidTransaction
 from ehrnode.core.tx import Tx
 from ehrnode.store.db import KV
 
@@ -78,6 +79,7 @@ class Committed:
     block: Block
     txs: list[Tx]
     certificate: Certificate
+    dropped: list[tuple[Tx, InvalidTransaction]]
 
 
 class SigningRecord:
@@ -379,7 +381,7 @@ class Driver:
                 "dropped pending %s after block %d: %s", tx.id.hex()[:16], block.header.height, err
             )
         self._sent = {k: v for k, v in self._sent.items() if k[0] > block.header.height}
-        committed = Committed(block, txs, decide.certificate)
+        committed = Committed(block, txs, decide.certificate, dropped)
         for listener in self.listeners:
             try:
                 listener(committed)

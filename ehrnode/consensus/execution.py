@@ -44,14 +44,7 @@ class Executor:
         return ValidatorSet(state.validators(self.chain.state))
 
     def context(self, height: int, time_ms: int) -> state.BlockContext:
-        return state.BlockContext(
-            self.chain.genesis.chain_id, height, time_ms, state.validators(self.chain.state)
-        )
-
-    def next_context(self) -> state.BlockContext:
-        """The context the mempool checks against: the next block, now."""
-        head = self.chain.head
-        return self.context(head.height + 1, max(self.now_ms(), head.time + 1))
+        return block_context(self.chain, height, time_ms)
 
     # --- proposing ------------------------------------------------------------------------
 
@@ -181,3 +174,15 @@ class Executor:
         """After a commit: cached verdicts were relative to the old head."""
         self._executions.clear()
         self._verdicts.clear()
+
+
+def block_context(chain: Chain, height: int, time_ms: int) -> state.BlockContext:
+    return state.BlockContext(
+        chain.genesis.chain_id, height, time_ms, state.validators(chain.state)
+    )
+
+
+def next_context(chain: Chain, now_ms: int) -> state.BlockContext:
+    """The context the mempool checks against: the next block, now."""
+    head = chain.head
+    return block_context(chain, head.height + 1, max(now_ms, head.time + 1))

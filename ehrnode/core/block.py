@@ -89,7 +89,7 @@ class Vote:
         vote = cls(
             obj["type"], obj["height"], obj["round"], obj["block"], obj["validator"], obj["sig"]
         )
-        if vote.type not in (PREVOTE, PRECOMMIT):
+        if isinstance(vote.type, bool) or vote.type not in (PREVOTE, PRECOMMIT):
             raise InvalidEncoding("vote type must be 1 (prevote) or 2 (precommit)")
         _check_uint(vote.height, "vote height", minimum=1)
         _check_uint(vote.round, "vote round")

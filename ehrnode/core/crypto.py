@@ -117,8 +117,11 @@ class Identity:
 
 def wrap_key(data_key: bytes, recipient_public_key: bytes) -> bytes:
     """Seal ``data_key`` to the X25519 key derived from an ed25519 public key."""
-    verify_key = nacl.signing.VerifyKey(recipient_public_key)
-    box = nacl.public.SealedBox(verify_key.to_curve25519_public_key())
+    try:
+        verify_key = nacl.signing.VerifyKey(recipient_public_key)
+        box = nacl.public.SealedBox(verify_key.to_curve25519_public_key())
+    except (nacl.exceptions.CryptoError, TypeError, ValueError) as err:
+        raise InvalidEncoding("the recipient is not a valid ed25519 public key") from err
     return bytes(box.encrypt(data_key))
 
 

@@ -23,6 +23,11 @@ from typing import Any
 from ehrnode.core import codec, crypto, tx
 from ehrnode.core.errors import ConfigError, InvalidEncoding
 
+# Integers in the genesis are hashed as msgpack, whose range ends at 2**64 - 1; the chain's
+# heights and times are checked as below 2**63 everywhere else, so the same bound here.
+_MAX_INT = (1 << 63) - 1
+_VALIDATOR_FIELDS = {"key", "power", "name"}
+
 
 @dataclass(frozen=True)
 class Params:
@@ -97,7 +102,11 @@ class Genesis:
                 "genesis chain_id must be 1-64 characters of a-z, 0-9, '.', '_' or '-'"
             )
         genesis_time = obj.get("genesis_time")
-        if not isinstance(genesis_time, int) or isinstance(genesis_time, bool) or genesis_time < 0:
+        if (
+            not isinstance(genesis_time, int)
+            or isinstance(genesis_time, bool)
+            or not 0 <= genesis_time <= _MAX_INT
+        ):
             raise ConfigError("genesis genesis_time must be milliseconds since the epoch")
         raw_validators = obj.get("validators")
         if not isinstance(raw_validators, list) or not 1 <= len(raw_validators) <= 100:
@@ -106,6 +115,11 @@ class Genesis:
         for i, item in enumerate(raw_validators):
             if not isinstance(item, dict) or not {"key", "power"} <= set(item):
                 raise ConfigError(f"genesis validator {i} must have 'key' and 'power'")
+            extra = set(item) - _VALIDATOR_FIELDS
+            if extra:
+                raise ConfigError(
+                    f"genesis validator {i} has unknown field(s): {', '.join(sorted(extra))}"
+                )
             try:
                 key = crypto.from_hex(str(item["key"]), what=f"genesis validator {i} key")
             except InvalidEncoding as err:
@@ -127,8 +141,8 @@ class Genesis:
         if unknown:
             raise ConfigError(f"genesis params has unknown field(s): {', '.join(sorted(unknown))}")
         for name, value in raw_params.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"genesis param {name} must be a positive integer")
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= _MAX_INT:
+                raise ConfigError(f"genesis param {name} must be a positive integer below 2^63")
         params = Params(**{**known, **raw_params})
         if params.max_tx_bytes > params.max_block_bytes:
             raise ConfigError("genesis max_tx_bytes must not exceed max_block_bytes")

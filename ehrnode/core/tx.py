@@ -285,7 +285,9 @@ def decode(raw: bytes, *, max_bytes: int = DEFAULT_MAX_TX_BYTES, verify_sig: boo
             f"a transaction is a map with exactly the keys {', '.join(sorted(_TOP_KEYS))}",
             code="malformed",
         )
-    if obj["v"] != TX_VERSION:
+    # ``True == 1`` in Python, and msgpack's true is another byte form of the same signed
+    # content: without the type check one signature would fit two transaction ids.
+    if type(obj["v"]) is not int or obj["v"] != TX_VERSION:
         raise InvalidTransaction(f"unsupported transaction version {obj['v']!r}", code="malformed")
     chain, kind, signer, nonce, body, sig = (
         obj["chain"],

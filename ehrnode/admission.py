@@ -1,0 +1,132 @@
+"""Admission: how a transaction from a client or a peer gets into the mempool.
+
+Order of checks, cheapest first: size, form and signature (``core.tx.decode``); already
+committed or already pending; for a ``record``, its ciphertext blob must be held by this
+node with the declared size; then the state machine, on top of everything pending
+(``Mempool.add``). A transaction that passes wakes consensus and goes to the peers.
+
+Also keeps what a client asks about afterwards: recent rejections (bounded) and waiters for
+"tell me when it is committed".
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ehrnode.blobs.store import BlobStore
+from ehrnode.consensus.driver import Committed
+from ehrnode.core import tx as txmod
+from ehrnode.core.errors import Conflict, EhrError, InvalidTransaction
+from ehrnode.core.tx import Tx
+from ehrnode.mempool import Mempool
+from ehrnode.store.chain import Chain, TxLocation
+
+MAX_REMEMBERED_REJECTIONS = 10_000
+
+
+@dataclass(frozen=True)
+class Rejection:
+    code: str
+    message: str
+
+
+class Admission:
+    def __init__(
+        self,
+        chain: Chain,
+        mempool: Mempool,
+        blobs: BlobStore,
+        wake: Callable[[], None],
+    ) -> None:
+        self.chain = chain
+        self.mempool = mempool
+        self.blobs = blobs
+        self.wake = wake
+        self.relays: list[Callable[[list[Tx]], None]] = []
+        self.rejected: OrderedDict[bytes, Rejection] = OrderedDict()
+        self._waiters: dict[bytes, list[asyncio.Future[TxLocation]]] = {}
+
+    def decode(self, raw: bytes) -> Tx:
+        return txmod.decode(raw, max_bytes=self.chain.genesis.params.max_tx_bytes)
+
+    def submit(self, raw: bytes, *, relay: bool = True) -> Tx:
+        """Check and admit one transaction; raise the reason it cannot be admitted."""
+        tx = self.decode(raw)
+        self.admit(tx, relay=relay)
+        return tx
+
+    def admit(self, tx: Tx, *, relay: bool = True) -> None:
+        try:
+            self._admit(tx, relay)
+        except EhrError as err:
+            self._remember(tx.id, err)
+            raise
+
+    def _admit(self, tx: Tx, relay: bool) -> None:
+        if tx.chain != self.chain.genesis.chain_id:
+            raise InvalidTransaction(
+                f"transaction is for chain '{tx.chain}', this node serves "
+                f"'{self.chain.genesis.chain_id}'",
+                code="wrong_chain",
+            )
+        if self.chain.tx_location(tx.id) is not None:
+            raise Conflict("this transaction is already committed (a replay)", code="duplicate")
+        if tx.kind == "record":
+            info = self.blobs.info(tx.body["blob"])
+            if info is None:
+                raise Conflict(
+                    "the record's ciphertext blob is not stored on this node; upload it first",
+                    code="blob_missing",
+                )
+            if info.size != tx.body["size"]:
+                raise InvalidTransaction(
+                    f"the record declares {tx.body['size']} bytes but its blob holds {info.size}",
+                    code="blob_size_mismatch",
+                )
+        admitted = self.mempool.add(tx)
+        self.rejected.pop(tx.id, None)
+        if admitted:
+            self.wake()
+            if relay:
+                for send in self.relays:
+                    send(admitted)
+
+    def _remember(self, tx_id: bytes, err: EhrError) -> None:
+        if err.code == "duplicate":
+            return
+        self.rejected[tx_id] = Rejection(err.code, err.message)
+        while len(self.rejected) > MAX_REMEMBERED_REJECTIONS:
+            self.rejected.popitem(last=False)
+        for future in self._waiters.pop(tx_id, []):
+            if not future.done():
+                future.set_exception(InvalidTransaction(err.message, code=err.code))
+
+    async def wait_committed(self, tx_id: bytes, timeout: float) -> TxLocation | None:
+        """The location once committed, or None when ``timeout`` passes first."""
+        location = self.chain.tx_location(tx_id)
+        if location is not None:
+            return location
+        future: asyncio.Future[TxLocation] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(tx_id, []).append(future)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            return None
+        finally:
+            waiters = self._waiters.get(tx_id)
+            if waiters is not None and future in waiters:
+                waiters.remove(future)
+                if not waiters:
+                    del self._waiters[tx_id]
+
+    def on_commit(self, committed: Committed) -> None:
+        height = committed.block.header.height
+        for index, tx_id in enumerate(committed.block.tx_ids):
+            for future in self._waiters.pop(tx_id, []):
+                if not future.done():
+                    future.set_result(TxLocation(height, index))
+        for tx, err in committed.dropped:
+            self._remember(tx.id, err)

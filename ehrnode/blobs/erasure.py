@@ -1,0 +1,38 @@
+"""Crypto-shredding: when an ``erase`` commits, this node deletes the erased records'
+ciphertext. The chain keeps each record's hash and the fact of its erasure; without the
+ciphertext, the wrapped keys on chain open nothing."""
+
+from __future__ import annotations
+
+import logging
+
+from ehrnode.blobs.store import BlobStore
+from ehrnode.consensus.driver import Committed
+from ehrnode.core import codec, state
+from ehrnode.store.chain import Chain
+
+log = logging.getLogger(__name__)
+
+
+class Eraser:
+    def __init__(self, chain: Chain, blobs: BlobStore) -> None:
+        self.chain = chain
+        self.blobs = blobs
+
+    def on_commit(self, committed: Committed) -> None:
+        for tx in committed.txs:
+            if tx.kind != "erase":
+                continue
+            for record_id in tx.body["records"]:
+                record = self.chain.load_state(state.P_REC + record_id)
+                if record is not None and self.blobs.delete(record["blob"]):
+                    log.info("erased the ciphertext of record %s", record_id.hex()[:16])
+
+    def sweep(self) -> int:
+        """At start: delete ciphertext of records erased while this node was down or mid-way."""
+        removed = 0
+        for _key, value in self.chain.state.scan(state.P_REC):
+            record = codec.decode(value)
+            if record["erased"] and self.blobs.delete(record["blob"]):
+                removed += 1
+        return removed

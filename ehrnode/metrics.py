@@ -1,0 +1,32 @@
+"""Prometheus metrics of one node, in a registry of its own (tests run several nodes in one
+process). Served at ``/metrics``."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from ehrnode.consensus.driver import Committed
+
+
+class NodeMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.height = Gauge(
+            "ehr_chain_height", "Height of the last committed block", registry=self.registry
+        )
+        self.blocks = Counter("ehr_blocks_committed", "Blocks committed", registry=self.registry)
+        self.txs = Counter(
+            "ehr_txs_committed", "Transactions committed", ["kind"], registry=self.registry
+        )
+        self.mempool = Gauge("ehr_mempool_txs", "Transactions pending", registry=self.registry)
+        self.peers = Gauge("ehr_peers_connected", "Peers connected", registry=self.registry)
+
+    def on_commit(self, committed: Committed) -> None:
+        self.height.set(committed.block.header.height)
+        self.blocks.inc()
+        for tx in committed.txs:
+            self.txs.labels(tx.kind).inc()
+
+    def render(self) -> bytes:
+        data: bytes = generate_latest(self.registry)
+        return data
