@@ -3,6 +3,7 @@
     ehrnode init --home DIR [--chain-id ID] [--genesis FILE] [--rpc HOST:PORT] [--p2p HOST:PORT]
     ehrnode run --home DIR
     ehrnode testnet --nodes N --dir DIR [--base-port P] [--load PATH ...] [--reset]
+    ehrnode check --home DIR [--last N]
     ehrnode keys new --out FILE | ehrnode keys show --home DIR
 
 Exit status 0 on success; otherwise a one-line reason on stderr and status 1 (2 for usage).
@@ -15,14 +16,24 @@ import asyncio
 import logging
 import signal
 import sys
-import time
 from pathlib import Path
 
 from ehrnode import config as cfg
+from ehrnode.config import init_home
 from ehrnode.core.crypto import Identity
 from ehrnode.core.errors import EhrError
-from ehrnode.core.genesis import Genesis, ValidatorInfo
+from ehrnode.core.genesis import Genesis
 from ehrnode.keys import load_identity, save_identity
+from ehrnode.node import Node
+from ehrnode.store.chain import Chain
+from ehrnode.store.check import check_chain
+from ehrnode.store.db import LevelKV
+from ehrnode.testnet import run_testnet
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+    uvloop = None
 
 log = logging.getLogger("ehrnode")
 
@@ -38,43 +49,7 @@ def _setup_logging(level: str, path: Path | None = None) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-def init_home(
-    home: Path,
-    *,
-    chain_id: str = "ehr-local",
-    genesis: Genesis | None = None,
-    identity: Identity | None = None,
-    rpc: str = "127.0.0.1:8645",
-    p2p: str = "127.0.0.1:8646",
-    peers: tuple[str, ...] = (),
-    moniker: str = "ehrnode",
-) -> Identity:
-    """Create a node home: key, config and (unless given) a one-validator genesis."""
-    if (home / cfg.KEY_FILE).exists():
-        raise EhrError(f"{home} already holds a node; refusing to overwrite it")
-    home.mkdir(parents=True, exist_ok=True)
-    identity = identity or Identity.generate()
-    save_identity(identity, home / cfg.KEY_FILE)
-    if genesis is None:
-        genesis = Genesis(
-            chain_id=chain_id,
-            genesis_time=int(time.time() * 1000),
-            validators=(ValidatorInfo(identity.public_key, 1, moniker),),
-        )
-    (home / cfg.GENESIS_FILE).write_text(genesis.to_json())
-    node_config = cfg.NodeConfig(
-        home=home,
-        moniker=moniker,
-        rpc=cfg.RpcConfig(listen=rpc),
-        p2p=cfg.P2pConfig(listen=p2p, peers=peers),
-    )
-    (home / cfg.CONFIG_FILE).write_text(cfg.render(node_config))
-    return identity
-
-
 async def run_node(home: Path) -> None:
-    from ehrnode.node import Node
-
     node_config = cfg.load(home)
     _setup_logging(node_config.log_level)
     node = Node(node_config)
@@ -108,19 +83,13 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    try:
-        import uvloop
-
+    if uvloop is not None:
         uvloop.install()
-    except ImportError:
-        pass
     asyncio.run(run_node(Path(args.home)))
     return 0
 
 
 def _cmd_testnet(args: argparse.Namespace) -> int:
-    from ehrnode.testnet import run_testnet
-
     return run_testnet(
         nodes=args.nodes,
         directory=Path(args.dir),
@@ -129,6 +98,23 @@ def _cmd_testnet(args: argparse.Namespace) -> int:
         samples=args.samples,
         reset=args.reset,
     )
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    node_config = cfg.load(Path(args.home))
+    genesis = Genesis.from_json(node_config.genesis_path.read_text())
+    kv = LevelKV(node_config.data_dir)
+    try:
+        report = check_chain(Chain(kv, genesis), last_blocks=args.last)
+    finally:
+        kv.close()
+    print(
+        f"height {report.height}: {report.blocks_checked} blocks checked, state hash "
+        f"{'matches' if report.state_entries_hash_ok else 'DOES NOT match'}"
+    )
+    for problem in report.problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    return 0 if report.ok else 1
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
@@ -170,6 +156,11 @@ def parser() -> argparse.ArgumentParser:
     )
     testnet.add_argument("--reset", action="store_true", help="delete DIR's network first")
     testnet.set_defaults(func=_cmd_testnet)
+
+    check = sub.add_parser("check", help="check a stopped node's database for consistency")
+    check.add_argument("--home", required=True)
+    check.add_argument("--last", type=int, help="check only the last N blocks' links")
+    check.set_defaults(func=_cmd_check)
 
     keys = sub.add_parser("keys", help="create or show keys")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)

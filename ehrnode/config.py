@@ -12,12 +12,16 @@ example. A bad file gives a ConfigError that names the file, the key and what is
 
 from __future__ import annotations
 
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ehrnode.core.crypto import Identity
 from ehrnode.core.errors import ConfigError
+from ehrnode.core.genesis import Genesis, ValidatorInfo
+from ehrnode.keys import save_identity
 
 CONFIG_FILE = "config.toml"
 GENESIS_FILE = "genesis.json"
@@ -191,3 +195,37 @@ def render(config: NodeConfig) -> str:
         f'listen = "{config.p2p.listen}"\n'
         f"peers = [{peers}]\n"
     )
+
+
+def init_home(
+    home: Path,
+    *,
+    chain_id: str = "ehr-local",
+    genesis: Genesis | None = None,
+    identity: Identity | None = None,
+    rpc: str = "127.0.0.1:8645",
+    p2p: str = "127.0.0.1:8646",
+    peers: tuple[str, ...] = (),
+    moniker: str = "ehrnode",
+) -> Identity:
+    """Create a node home: key, config and (unless given) a one-validator genesis."""
+    if (home / KEY_FILE).exists():
+        raise ConfigError(f"{home} already holds a node; refusing to overwrite it")
+    home.mkdir(parents=True, exist_ok=True)
+    identity = identity or Identity.generate()
+    save_identity(identity, home / KEY_FILE)
+    if genesis is None:
+        genesis = Genesis(
+            chain_id=chain_id,
+            genesis_time=int(time.time() * 1000),
+            validators=(ValidatorInfo(identity.public_key, 1, moniker),),
+        )
+    (home / GENESIS_FILE).write_text(genesis.to_json())
+    node_config = NodeConfig(
+        home=home,
+        moniker=moniker,
+        rpc=RpcConfig(listen=rpc),
+        p2p=P2pConfig(listen=p2p, peers=peers),
+    )
+    (home / CONFIG_FILE).write_text(render(node_config))
+    return identity

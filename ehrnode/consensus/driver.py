@@ -9,17 +9,21 @@ Double-signing protection. The signing record, table ``b"V"`` in the node's Leve
     b"Vsign"  {"height", "round", "step" (0 proposal, 1 prevote, 2 precommit),
                "block" (id or nil), "msg" (the signed proposal/vote bytes)}
     b"Vlock"  {"height", "round", "block" (the locked block's bytes)}
+    b"Vmsg" + height(8) + round(4) + step(1)   every message we signed at the current
+              height (older heights are pruned after each commit)
 
-A message is signed only if its (height, round, step) is after the recorded one, or equal
-with the same block (then the recorded message is sent again and nothing new is signed).
-The record, and the lock a precommit sets, are written in one synced batch before the
-signature is computed, so after a crash at any instant the node never signs two different
+A message is signed only if its (height, round, step) is after the recorded one. For the
+recorded (height, round, step) itself the recorded message is sent again, never a new one
+(after a restart the engine may pick another block or nil; what was signed stands).
+The record, the message, and the lock a precommit sets, are written in one synced batch
+before the message leaves the process, so after a crash at any instant the node never signs two different
 things for one (height, round, step).
 """
 
 from __future__ import annotations
 
 import asyncio
+import struct
 import contextlib
 import logging
 import time
@@ -48,6 +52,7 @@ log = logging.getLogger(__name__)
 
 K_SIGN = b"Vsign"
 K_LOCK = b"Vlock"
+K_MESSAGE = b"Vmsg"
 STEP_PROPOSAL = 0
 
 
@@ -92,17 +97,17 @@ class SigningRecord:
             None if raw is None else codec.decode(raw, max_bytes=1 << 30)
         )
 
-    def check(
-        self, height: int, round_: int, step: int, block_id: bytes | None
-    ) -> bytes | bool | None:
-        """True: may sign. bytes: already signed exactly this, resend these. False: refuse."""
+    def check(self, height: int, round_: int, step: int) -> bytes | bool:
+        """True: may sign. False: refuse (we signed a later step). bytes: we already signed
+        for this very (height, round, step); those recorded bytes are what we send again,
+        whatever we would choose now (after a restart the new choice may differ)."""
         last = self.last
         if last is None:
             return True
         new, old = (height, round_, step), (last["height"], last["round"], last["step"])
         if new > old:
             return True
-        if new == old and last["block"] == block_id:
+        if new == old:
             msg: bytes = last["msg"]
             return msg
         return False
@@ -117,7 +122,10 @@ class SigningRecord:
         lock: Block | None,
     ) -> None:
         record = {"height": height, "round": round_, "step": step, "block": block_id, "msg": msg}
-        batch: dict[bytes, bytes | None] = {K_SIGN: codec.encode(record)}
+        batch: dict[bytes, bytes | None] = {
+            K_SIGN: codec.encode(record),
+            _message_key(height, round_, step): msg,
+        }
         if lock is not None:
             batch[K_LOCK] = codec.encode({"height": height, "round": round_, "block": lock.raw})
         self.kv.write(batch, sync=True)
@@ -135,6 +143,24 @@ class SigningRecord:
                 restored.locked_round = lock["round"]
                 restored.locked_block = Block.decode(lock["block"], max_bytes=max_block_bytes)
         return restored
+
+    def messages(self, height: int) -> list[Any]:
+        """Everything we signed at ``height``, in (round, step) order, decoded."""
+        prefix = K_MESSAGE + struct.pack(">Q", height)
+        return [codec.decode(msg, max_bytes=1 << 30) for _key, msg in self.kv.scan(prefix)]
+
+    def prune(self, below_height: int) -> None:
+        stale = {
+            key: None
+            for key, _ in self.kv.scan(K_MESSAGE)
+            if struct.unpack(">Q", key[len(K_MESSAGE) : len(K_MESSAGE) + 8])[0] < below_height
+        }
+        if stale:
+            self.kv.write(stale, sync=False)
+
+
+def _message_key(height: int, round_: int, step: int) -> bytes:
+    return K_MESSAGE + struct.pack(">QIB", height, round_, step)
 
 
 class Driver:
@@ -178,8 +204,8 @@ class Driver:
             has_txs=len(self.mempool) > 0,
             restored=restored,
         )
-        if restored is not None and isinstance(self.signing.last, dict):
-            self._resend_recorded()
+        if restored is not None:
+            actions += self._recorded_messages(head.height + 1)
         self._task = asyncio.create_task(self._run(actions), name="consensus")
 
     async def stop(self) -> None:
@@ -298,7 +324,7 @@ class Driver:
 
     async def _sign_proposal(self, action: eng.SignProposal) -> Proposal | None:
         assert self.identity is not None
-        verdict = self.signing.check(action.height, action.round, STEP_PROPOSAL, action.block.id)
+        verdict = self.signing.check(action.height, action.round, STEP_PROPOSAL)
         if verdict is False:
             log.warning(
                 "refusing to sign a second proposal for height %d round %d",
@@ -330,7 +356,7 @@ class Driver:
 
     async def _sign_vote(self, action: eng.SignVote) -> Vote | None:
         assert self.identity is not None
-        verdict = self.signing.check(action.height, action.round, action.type, action.block_id)
+        verdict = self.signing.check(action.height, action.round, action.type)
         if verdict is False:
             log.warning(
                 "refusing to sign a conflicting vote at height %d round %d",
@@ -357,14 +383,20 @@ class Driver:
         self._sent.setdefault((action.height, action.round), []).append(vote)
         return vote
 
-    def _resend_recorded(self) -> None:
-        last = self.signing.last
-        assert last is not None
-        message = codec.decode(last["msg"], max_bytes=1 << 30)
-        if last["step"] == STEP_PROPOSAL:
-            self._send(Proposal.from_wire(message, max_block_bytes=1 << 30))
-        else:
-            self._send(Vote.from_wire(message))
+    def _recorded_messages(self, height: int) -> list[eng.Action]:
+        """After a restart: send again, and count again, what we signed at this height."""
+        actions: list[eng.Action] = []
+        max_block = self.chain.genesis.params.max_block_bytes
+        for wire in self.signing.messages(height):
+            if "pol_round" in wire:
+                proposal = Proposal.from_wire(wire, max_block_bytes=max_block)
+                self.network.broadcast_proposal(proposal)
+                actions += self.engine.on_proposal(proposal)
+            else:
+                vote = Vote.from_wire(wire)
+                self.network.broadcast_vote(vote)
+                actions += self.engine.on_vote(vote)
+        return actions
 
     # --- committing -----------------------------------------------------------------------
 
@@ -375,6 +407,8 @@ class Driver:
         await asyncio.to_thread(self.chain.commit, block, decide.certificate, execution)
         self._last_certificate = decide.certificate
         self.executor.forget()
+        if self.identity is not None:
+            await asyncio.to_thread(self.signing.prune, block.header.height + 1)
         dropped = self.mempool.update(block.tx_ids)
         for tx, err in dropped:
             log.info(

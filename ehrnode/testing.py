@@ -1,0 +1,120 @@
+"""Test doubles and fixtures that tests (and developers at a prompt) import.
+
+- ``wait_for``: wait on a condition with a timeout, never on a fixed sleep.
+- ``local_node``: one validator node in this process, in a temporary home, RPC on a free
+  port of 127.0.0.1.
+- ``start_process_node`` / ``ProcessNode``: a node as a separate ``ehrnode run`` process,
+  the way an operator starts it, for crash tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from ehrnode import config as cfg
+from ehrnode.config import init_home
+from ehrnode.core.crypto import Identity
+from ehrnode.keys import load_identity
+from ehrnode.node import Node
+
+
+async def wait_for(
+    condition: Callable[[], bool | Awaitable[bool]],
+    timeout: float = 10.0,
+    what: str = "condition",
+) -> None:
+    """Poll ``condition`` until it holds; raise TimeoutError naming ``what`` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@asynccontextmanager
+async def local_node(home: Path, **rpc_settings: object) -> AsyncIterator[Node]:
+    """A single-validator node in ``home`` (created if missing), stopped on exit."""
+    if not (home / cfg.KEY_FILE).exists():
+        init_home(home, rpc="127.0.0.1:0", p2p="127.0.0.1:0", moniker=home.name)
+    config = cfg.load(home)
+    if rpc_settings:
+        config = replace(config, rpc=replace(config.rpc, **rpc_settings))  # type: ignore[arg-type]
+    node = Node(config)
+    await node.start()
+    try:
+        yield node
+    finally:
+        await node.stop()
+
+
+def validator_identity(home: Path) -> Identity:
+    return load_identity(home / cfg.KEY_FILE)
+
+
+@dataclass
+class ProcessNode:
+    home: Path
+    process: subprocess.Popen[bytes]
+    rpc_url: str
+
+    def kill(self) -> None:
+        """SIGKILL: no chance to flush or clean up, like a power cut."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def terminate(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def start_process_node(home: Path, timeout: float = 30.0) -> ProcessNode:
+    """Run ``python -m ehrnode run --home`` and wait until its RPC answers."""
+    config = cfg.load(home)
+    host, port = cfg.split_address(config.rpc.listen)
+    url = f"http://{host}:{port}"
+    log = open(home / "node.log", "ab")  # noqa: SIM115 - handed to the child process
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ehrnode", "run", "--home", str(home)],
+        stdout=log,
+        stderr=log,
+        env=env,
+    )
+    log.close()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"node exited with {process.returncode}; see {home / 'node.log'}")
+        try:
+            with urllib.request.urlopen(url + "/v1/health", timeout=1) as response:
+                if json.load(response).get("ok"):
+                    return ProcessNode(home, process, url)
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise TimeoutError(f"node in {home} did not answer within {timeout} s")
