@@ -12,7 +12,8 @@ Table in the node's LevelDB:
 
 Entries are hash-chained per patient and signed by the node, so a node cannot quietly drop
 or rewrite a read it served: the patient's copy of the chain would no longer link. Each
-entry is written in a synced batch before the ciphertext is served.
+entry is written in a synced batch before the ciphertext is served. The entry's bytes,
+hash and the chain check are pure and live in ``core.access``; a client verifies with them.
 """
 
 from __future__ import annotations
@@ -20,22 +21,13 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from ehrnode.core import codec, crypto
+from ehrnode.core import codec
+from ehrnode.core.access import ZERO, entry_hash, entry_signing_bytes, verify_chain
 from ehrnode.core.crypto import Identity
 from ehrnode.store.db import KV
 
 T_ACCESS = b"A"
 T_HEAD = b"a"
-ZERO = bytes(32)
-
-
-def entry_hash(entry: dict[str, Any]) -> bytes:
-    return crypto.sha256(codec.encode(entry))
-
-
-def entry_signing_bytes(entry: dict[str, Any]) -> bytes:
-    unsigned = {k: v for k, v in entry.items() if k != "sig"}
-    return crypto.DOMAIN_ACCESS + codec.encode(unsigned)
 
 
 class AccessLog:
@@ -78,12 +70,4 @@ class AccessLog:
         ]
 
 
-def verify_chain(entries: list[dict[str, Any]], previous: bytes = ZERO) -> bool:
-    """True when each entry is signed by its node and links to the one before it."""
-    for entry in entries:
-        if entry["prev"] != previous:
-            return False
-        if not crypto.verify(entry["node"], b"", entry_signing_bytes(entry), entry["sig"]):
-            return False
-        previous = entry_hash(entry)
-    return True
+__all__ = ["ZERO", "AccessLog", "entry_hash", "entry_signing_bytes", "verify_chain"]

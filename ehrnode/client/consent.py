@@ -1,0 +1,142 @@
+"""A patient's side of consent, and checking what the node says: grants, revocation,
+erasure, the audit trail and inclusion proofs. ``Client`` exposes each as a method.
+
+A grant gives the grantee the data keys it needs, never the patient's key: for each
+record the patient fetches its own wrapped key (a signed, logged read), unwraps it here
+and wraps it again for the grantee. A standing grant also wraps the keys of the
+patient's existing records of the granted types (every version, not only the latest);
+records written later carry the grantee's key because writers must add it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from ehrnode.client.errors import InvalidEncoding, LimitExceeded, NotFound
+from ehrnode.client.values import KeyLike, Submitted, key_bytes, to_ms
+from ehrnode.client.verification import AccessLogChecker, decode_entry, verify_proof
+from ehrnode.core import crypto, tx
+from ehrnode.core.errors import EhrError
+
+if TYPE_CHECKING:
+    from ehrnode.client.sdk import Client
+
+PARALLEL_READS = 16
+LOG_PAGE = 1000
+
+
+async def rewrap(client: Client, record_ids: list[bytes], grantee: bytes) -> list[list[bytes]]:
+    """[[record id, data key wrapped for grantee], ...] sorted by record id."""
+    gate = asyncio.Semaphore(PARALLEL_READS)
+
+    async def one(record_id: bytes) -> list[bytes]:
+        async with gate:
+            data_key = await client.data_key(record_id)
+        return [record_id, crypto.wrap_key(data_key, grantee)]
+
+    pairs = await asyncio.gather(*(one(r) for r in sorted(set(record_ids))))
+    return list(pairs)
+
+
+async def readable_versions(client: Client, types: set[str] | None) -> list[bytes]:
+    """Ids of every version, not erased, of the patient's records of ``types``."""
+    ids: list[bytes] = []
+    for head in await client.records():
+        if types is not None and head["type"] not in types:
+            continue
+        if head["version"] == 1:
+            versions = [head]
+        else:
+            versions = await client.versions(head["id"])
+        ids.extend(bytes.fromhex(v["id"]) for v in versions if not v["erased"])
+    return ids
+
+
+async def grant(
+    client: Client,
+    grantee: KeyLike,
+    records: Iterable[KeyLike] | None,
+    *,
+    standing: bool,
+    types: Iterable[str] | None,
+    expires: datetime | int | None,
+    wait: bool,
+) -> Submitted:
+    if standing == (records is not None):
+        raise EhrError(
+            "a grant is either of listed records or standing, not both or neither",
+            code="usage",
+        )
+    grantee_key = key_bytes(grantee, "grantee id")
+    body: dict[str, Any] = {"grantee": grantee_key, "scope": "standing" if standing else "records"}
+    expires_ms = to_ms(expires)
+    if expires_ms is not None:
+        body["expires"] = expires_ms
+    if standing:
+        wanted = None if types is None else sorted(set(types))
+        if wanted is not None:
+            body["types"] = wanted
+        ids = await readable_versions(client, None if wanted is None else set(wanted))
+    else:
+        if types is not None:
+            raise EhrError("types apply only to standing grants", code="usage")
+        ids = [key_bytes(r, "record id") for r in records or []]
+        if not ids:
+            raise EhrError("name at least one record to grant", code="usage")
+    if len(set(ids)) > tx.MAX_RECORDS_PER_GRANT:
+        raise LimitExceeded(
+            f"a grant can carry keys of at most {tx.MAX_RECORDS_PER_GRANT} records; "
+            f"this one needs {len(set(ids))}"
+        )
+    if ids:
+        body["records"] = await rewrap(client, ids, grantee_key)
+    return await client.submit("grant", body, wait=wait)
+
+
+async def erase(client: Client, record_id: KeyLike, *, wait: bool) -> list[Submitted]:
+    """Erase every version of a record (one transaction per MAX_RECORDS_PER_ERASE)."""
+    versions = await client.versions(record_id)
+    ids = [bytes.fromhex(v["id"]) for v in versions if not v["erased"]]
+    if not ids:
+        raise NotFound("every version of this record is already erased", code="record_erased")
+    step = tx.MAX_RECORDS_PER_ERASE
+    return [
+        await client.submit("erase", {"records": ids[i : i + step]}, wait=wait)
+        for i in range(0, len(ids), step)
+    ]
+
+
+async def audit(client: Client) -> list[dict[str, Any]]:
+    """The patient's access log on this node, every entry checked (signed by the node,
+    each linked to the one before): who read which record, when. JSON views, hex ids."""
+    checker = AccessLogChecker(client.transport.node_key)
+    out: list[dict[str, Any]] = []
+    after = -1
+    while True:
+        page = await client.transport.get_json(
+            f"/v1/patients/{client.public_id}/access-log?after={after}&limit={LOG_PAGE}",
+            signer=client.identity,
+        )
+        views = page["entries"]
+        checker.check([decode_entry(view) for view in views])
+        out.extend(views)
+        if len(views) < LOG_PAGE:
+            return out
+        after = views[-1]["seq"]
+
+
+async def verify(client: Client, tx_id: KeyLike) -> int:
+    """Check a transaction's inclusion proof against the genesis validators; its height.
+
+    The proof is checked here, not by the node: a Merkle path to a header that more than
+    2/3 of the validators' voting power signed. Valid while the validator set is the
+    genesis one (``validator`` changes are not followed yet).
+    """
+    tid = key_bytes(tx_id, "transaction id")
+    raw = await client.transport.get_bytes(f"/v1/txs/{tid.hex()}/proof?format=msgpack")
+    if not raw:
+        raise InvalidEncoding("the node sent an empty proof", code="bad_proof")
+    return verify_proof(raw, tid, client.chain_id, client.genesis.powers)

@@ -1,0 +1,91 @@
+"""FHIR R4 validation and the plaintext byte form of a resource, before anything is encrypted.
+
+Validation uses the ``fhir.resources`` models of R4B (the R4-compatible set in that
+package). The plaintext written is the resource exactly as given, as canonical JSON
+(sorted keys, no spaces, UTF-8), not the model's re-serialisation: a reader gets back
+the same document the writer validated.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+from fhir.resources.R4B import get_fhir_model_class
+from fhir.resources.R4B.resource import Resource
+from pydantic import ValidationError
+
+from ehrnode.client.errors import InvalidResource
+
+_RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}$")
+_MAX_REPORTED = 5
+
+
+def resource_type(resource: Any) -> str:
+    """The ``resourceType`` of a would-be resource, or InvalidResource."""
+    if not isinstance(resource, dict):
+        raise InvalidResource(f"a FHIR resource is a JSON object, not {type(resource).__name__}")
+    kind = resource.get("resourceType")
+    if kind is None:
+        raise InvalidResource("the resource has no resourceType")
+    if not isinstance(kind, str) or not _RESOURCE_TYPE.match(kind):
+        raise InvalidResource(f"resourceType {kind!r} is not a FHIR resource type name")
+    return kind
+
+
+def _model(kind: str) -> type[Resource]:
+    try:
+        model = get_fhir_model_class(kind)
+    except (ValueError, KeyError) as err:
+        raise InvalidResource(f"'{kind}' is not a FHIR R4 resource type") from err
+    if not isinstance(model, type) or not issubclass(model, Resource):
+        raise InvalidResource(f"'{kind}' is a FHIR data type, not a resource")
+    return model
+
+
+def _describe(err: ValidationError) -> str:
+    problems = []
+    for item in err.errors()[:_MAX_REPORTED]:
+        where = ".".join(str(part) for part in item.get("loc", ())) or "(resource)"
+        message = " ".join(str(item.get("msg", "invalid")).split())
+        problems.append(f"{where}: {message}")
+    more = err.error_count() - len(problems)
+    if more > 0:
+        problems.append(f"and {more} more")
+    return "; ".join(problems)
+
+
+def validate(resource: Any) -> str:
+    """Check ``resource`` against the FHIR R4 model of its type; return the type."""
+    kind = resource_type(resource)
+    model = _model(kind)
+    try:
+        model.model_validate(resource)
+    except ValidationError as err:
+        raise InvalidResource(f"{kind} is not valid FHIR R4: {_describe(err)}") from err
+    except (ValueError, TypeError) as err:
+        raise InvalidResource(f"{kind} is not valid FHIR R4: {err}") from err
+    return kind
+
+
+def encode(resource: dict[str, Any]) -> bytes:
+    """Canonical JSON bytes of a resource (what gets encrypted)."""
+    try:
+        text = json.dumps(
+            resource, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+    except (TypeError, ValueError) as err:
+        raise InvalidResource(f"the resource cannot be written as JSON: {err}") from err
+    return text.encode()
+
+
+def decode(plaintext: bytes) -> dict[str, Any]:
+    """Parse a decrypted resource; InvalidResource if it is not a JSON object."""
+    try:
+        value = json.loads(plaintext)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InvalidResource(f"the decrypted record is not JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise InvalidResource("the decrypted record is not a JSON object")
+    return value

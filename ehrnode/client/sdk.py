@@ -1,0 +1,472 @@
+"""The Python SDK: ``async with Client(node_url, identity) as c: ...``.
+
+A ``Client`` acts as one identity against one node. Writes validate FHIR, encrypt with
+a fresh data key, upload the ciphertext and submit a signed transaction; reads fetch
+ciphertext with a signed request and decrypt here. Plaintext and data keys never leave
+the process. ``client.as_identity(other)`` acts as another identity over the same
+connection (the importer writes as many providers at once).
+
+Consent (grant, revoke, erase), the audit trail and proofs live in ``client.consent``;
+this class exposes them as methods.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import secrets
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO
+
+import aiohttp
+
+from ehrnode.client import consent, envelope, fhir
+from ehrnode.client.errors import InvalidEncoding, InvalidTransaction, NotAuthorised, error_for
+from ehrnode.client.http import Transport
+from ehrnode.client.values import KeyLike, Submitted, key_bytes
+from ehrnode.core import crypto, tx
+from ehrnode.core.crypto import Identity
+from ehrnode.core.errors import Conflict, EhrError
+from ehrnode.core.genesis import Genesis
+
+Source = str | os.PathLike[str] | BinaryIO
+PAGE = 1000
+BATCH_BLOB_MAX = 64 * 1024  # the node takes blobs up to this size in a batch upload
+_RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}$")
+_READ_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class SealedRecord:
+    """A resource encrypted for its readers: the blob to upload and the record's body."""
+
+    blob: bytes
+    body: dict[str, Any]
+
+
+def seal_record(
+    patient: bytes,
+    resource: dict[str, Any],
+    readers: Iterable[bytes],
+    amends: bytes | None = None,
+) -> SealedRecord:
+    """Validate, encrypt with a fresh data key and wrap that key for each reader."""
+    kind = fhir.validate(resource)
+    data_key = crypto.new_data_key()
+    blob = envelope.seal_resource(data_key, fhir.encode(resource))
+    body = record_body(patient, crypto.sha256(blob), len(blob), kind, data_key, readers, amends)
+    return SealedRecord(blob, body)
+
+
+def record_body(
+    patient: bytes,
+    blob_hash: bytes,
+    size: int,
+    kind: str,
+    data_key: bytes,
+    readers: Iterable[bytes],
+    amends: bytes | None = None,
+) -> dict[str, Any]:
+    """A record transaction's body: the data key wrapped for each reader, sorted by id."""
+    keys = [[reader, crypto.wrap_key(data_key, reader)] for reader in sorted(set(readers))]
+    body: dict[str, Any] = {
+        "patient": patient,
+        "blob": blob_hash,
+        "size": size,
+        "type": kind,
+        "keys": keys,
+    }
+    if amends is not None:
+        body["amends"] = amends
+    return body
+
+
+def standing_readers(grants: list[dict[str, Any]], kind: str) -> set[bytes]:
+    """Grantees a new record of ``kind`` must be wrapped to (the standing-grant rule)."""
+    return {
+        bytes.fromhex(g["grantee"])
+        for g in grants
+        if g["scope"] == "standing" and g["in_force"] and (g["types"] is None or kind in g["types"])
+    }
+
+
+class Client:
+    def __init__(
+        self,
+        node_url: str,
+        identity: Identity,
+        *,
+        genesis: Genesis | None = None,
+        transport: Transport | None = None,
+    ) -> None:
+        self.identity = identity
+        self._owns_transport = transport is None
+        self.transport = transport or Transport(node_url, genesis=genesis)
+
+    async def __aenter__(self) -> Client:
+        if self._owns_transport:
+            await self.transport.open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._owns_transport:
+            await self.transport.close()
+
+    def as_identity(self, identity: Identity) -> Client:
+        """A client for ``identity`` sharing this one's connection (closed with this one)."""
+        return Client(self.transport.base, identity, transport=self.transport)
+
+    @property
+    def public_key(self) -> bytes:
+        return self.identity.public_key
+
+    @property
+    def public_id(self) -> str:
+        return self.identity.public_id
+
+    @property
+    def chain_id(self) -> str:
+        return self.transport.chain_id
+
+    @property
+    def genesis(self) -> Genesis:
+        return self.transport.genesis
+
+    # --- accounts ---------------------------------------------------------------------------
+
+    async def account(self, key: KeyLike | None = None) -> dict[str, Any]:
+        target = self.public_key if key is None else key_bytes(key)
+        account: dict[str, Any] = await self.transport.get_json(f"/v1/accounts/{target.hex()}")
+        return account
+
+    def endorse(self, subject_public_key: KeyLike, role: str) -> dict[str, bytes]:
+        """This identity's endorsement of ``subject`` in ``role`` (for its register)."""
+        return tx.endorse(self.identity, self.chain_id, role, key_bytes(subject_public_key))
+
+    async def register(
+        self,
+        role: str,
+        name: str | None = None,
+        endorsement: dict[str, bytes] | None = None,
+        *,
+        wait: bool = True,
+    ) -> Submitted:
+        body: dict[str, Any] = {"role": role}
+        if name is not None:
+            body["name"] = name
+        if endorsement is not None:
+            body["endorsement"] = endorsement
+        return await self.submit("register", body, wait=wait)
+
+    async def ensure_registered(
+        self, role: str, name: str | None = None, endorsement: dict[str, bytes] | None = None
+    ) -> bool:
+        """Register unless already registered in ``role``; True when it registered now."""
+        account = await self.account()
+        if account["registered"]:
+            if account["role"] != role:
+                raise Conflict(
+                    f"{self.public_id[:16]}… is already registered as {account['role']}, "
+                    f"not {role}",
+                    code="already_registered",
+                )
+            return False
+        await self.register(role, name, endorsement)
+        return True
+
+    # --- transactions -----------------------------------------------------------------------
+
+    async def submit(self, kind: str, body: dict[str, Any], *, wait: bool = True) -> Submitted:
+        """Sign and submit one transaction as this identity; wait for commit if ``wait``."""
+        nonces = self.transport.nonces
+        async with nonces.reserve({self.public_key: 1}) as first:
+            t = tx.make(self.identity, self.chain_id, kind, first[self.public_key], body)
+            reply = await self.transport.post_tx(t.raw, wait=wait)
+        if reply.get("id") != t.id.hex():
+            raise InvalidEncoding("the node answered for another transaction", code="bad_node")
+        return Submitted(t.id.hex(), str(reply["status"]), reply.get("height"))
+
+    async def submit_many(
+        self, items: list[tuple[Identity, str, dict[str, Any]]], *, wait: bool = True
+    ) -> list[Submitted]:
+        """Sign and submit many transactions (of any signers) in one batch, in order."""
+        counts: dict[bytes, int] = {}
+        for signer, _kind, _body in items:
+            counts[signer.public_key] = counts.get(signer.public_key, 0) + 1
+        async with self.transport.nonces.reserve(counts) as first:
+            used = dict.fromkeys(counts, 0)
+            raws = []
+            for signer, kind, body in items:
+                key = signer.public_key
+                raws.append(tx.make(signer, self.chain_id, kind, first[key] + used[key], body))
+                used[key] += 1
+            results = await self.transport.post_batch([t.raw for t in raws], wait=wait)
+            out = []
+            for index, (t, result) in enumerate(zip(raws, results, strict=True)):
+                if result.get("status") == "rejected":
+                    raise error_for(
+                        400,
+                        str(result.get("code", "rejected")),
+                        f"transaction {index + 1} of {len(raws)} in the batch was rejected: "
+                        f"{result.get('message', '')}",
+                    )
+                if result.get("id") != t.id.hex():
+                    raise InvalidEncoding("the node answered for another transaction")
+                out.append(Submitted(t.id.hex(), str(result["status"]), result.get("height")))
+        return out
+
+    # --- writing ----------------------------------------------------------------------------
+
+    async def readers_for(self, patient: bytes, kind: str) -> set[bytes]:
+        """Who a new record must be wrapped to: patient, this writer, standing grantees."""
+        grants = await self.grants(patient)
+        return {patient, self.public_key} | standing_readers(grants, kind)
+
+    async def put(
+        self,
+        patient_public_key: KeyLike,
+        resource: dict[str, Any],
+        amends: KeyLike | None = None,
+        *,
+        wait: bool = True,
+    ) -> Submitted:
+        """Validate, encrypt and write ``resource`` for the patient; the id is the record's."""
+        patient = key_bytes(patient_public_key)
+        kind = fhir.validate(resource)
+        readers = await self.readers_for(patient, kind)
+        amended = None if amends is None else key_bytes(amends, "record id")
+        sealed = seal_record(patient, resource, readers, amended)
+        await self.upload(sealed.blob)
+        return await self.submit("record", sealed.body, wait=wait)
+
+    async def upload(self, blob: bytes) -> None:
+        await self.transport.put_blob(self.identity, crypto.sha256(blob), blob)
+
+    async def upload_many(self, blobs: list[bytes], max_bytes: int = 4 * 1024 * 1024) -> None:
+        """Upload small blobs in batches (large ones one by one)."""
+        batch: list[bytes] = []
+        size = 0
+        for blob in blobs:
+            if len(blob) > BATCH_BLOB_MAX:
+                await self.upload(blob)
+                continue
+            if batch and (size + len(blob) > max_bytes or len(batch) >= PAGE):
+                await self.transport.post_blobs(self.identity, batch)
+                batch, size = [], 0
+            batch.append(blob)
+            size += len(blob)
+        if batch:
+            await self.transport.post_blobs(self.identity, batch)
+
+    async def put_attachment(
+        self,
+        patient_public_key: KeyLike,
+        source: Source,
+        content_type: str,
+        *,
+        wait: bool = True,
+        tmp_dir: str | os.PathLike[str] | None = None,
+    ) -> Submitted:
+        """Write a large file as a ``Binary`` record, streamed (format 0x02).
+
+        The upload names the ciphertext's hash in its URL, and secretstream's header is
+        random, so the ciphertext cannot be produced twice alike: it is encrypted once
+        into a temporary file (hashed on the way) and that file is streamed up. Memory
+        stays flat; the disk holds one ciphertext copy until the upload ends.
+        """
+        patient = key_bytes(patient_public_key)
+        meta = {"resourceType": "Binary", "contentType": content_type}
+        fhir.validate(meta)
+        readers = await self.readers_for(patient, "Binary")
+        data_key = crypto.new_data_key()
+        with tempfile.TemporaryFile(dir=tmp_dir) as sink:
+            size, digest = await asyncio.to_thread(
+                _seal_source, data_key, fhir.encode(meta), source, sink
+            )
+            sink.seek(0)
+            await self.transport.put_blob(self.identity, digest, sink)
+        body = record_body(patient, digest, size, "Binary", data_key, readers)
+        return await self.submit("record", body, wait=wait)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    async def read(
+        self, record_id: KeyLike, out: str | os.PathLike[str] | None = None
+    ) -> dict[str, Any]:
+        """Fetch and decrypt a record: the resource, or for an attachment its ``Binary``
+        description after writing the bytes to ``out``. With ``out``, a resource's JSON
+        is written there too."""
+        rid = key_bytes(record_id, "record id")
+        path = f"/v1/records/{rid.hex()}/content"
+        async with self.transport.request("GET", path, signer=self.identity) as response:
+            data_key = self._unwrap(response.headers.get("Ehr-Wrapped-Key", ""), rid)
+            first = await response.content.read(1)
+            if envelope.blob_format(first) == envelope.FORMAT_BOX:
+                blob = first + await response.content.read()
+                resource = fhir.decode(envelope.open_resource(data_key, blob))
+                if out is not None:
+                    text = json.dumps(resource, indent=2, ensure_ascii=False) + "\n"
+                    await asyncio.to_thread(_write_atomically, Path(out), text.encode())
+                return resource
+            if out is None:
+                raise EhrError(
+                    "this record is a streamed attachment; give a file to write it to (out=)",
+                    code="output_required",
+                )
+            return await _stream_to_file(response, first, data_key, Path(out))
+
+    def _unwrap(self, header: str, record_id: bytes) -> bytes:
+        if not header:
+            raise NotAuthorised(
+                f"record {record_id.hex()[:16]}… has no data key wrapped for "
+                f"{self.public_id[:16]}…",
+                code="no_key",
+            )
+        try:
+            wrapped = bytes.fromhex(header)
+        except ValueError as err:
+            raise InvalidEncoding("the node sent a malformed wrapped key") from err
+        return self.identity.unwrap_key(wrapped)
+
+    async def data_key(self, record_id: bytes) -> bytes:
+        """The record's data key, unwrapped with this identity (fetches the ciphertext
+        headers only, through a signed and logged read)."""
+        path = f"/v1/records/{record_id.hex()}/content"
+        async with self.transport.request("GET", path, signer=self.identity) as response:
+            key = self._unwrap(response.headers.get("Ehr-Wrapped-Key", ""), record_id)
+            if (response.content_length or 0) <= _READ_CHUNK:
+                await response.read()  # small: read it so the connection is reused
+            return key
+
+    async def records(self, patient: KeyLike | None = None, type: str | None = None) -> list[Any]:
+        """The latest version of each of a patient's records (all pages)."""
+        target = self.public_key if patient is None else key_bytes(patient)
+        if type is not None and not _RESOURCE_TYPE.match(type):
+            raise InvalidEncoding(f"{type!r} is not a FHIR resource type name")
+        query = f"limit={PAGE}" + ("" if type is None else f"&type={type}")
+        out: list[Any] = []
+        cursor = None
+        while True:
+            after = "" if cursor is None else f"&after={cursor}"
+            page = await self.transport.get_json(
+                f"/v1/patients/{target.hex()}/records?{query}{after}"
+            )
+            out.extend(page["records"])
+            cursor = page.get("next")
+            if cursor is None:
+                return out
+
+    async def versions(self, record_id: KeyLike) -> list[Any]:
+        rid = key_bytes(record_id, "record id")
+        reply = await self.transport.get_json(f"/v1/records/{rid.hex()}/versions")
+        return list(reply["versions"])
+
+    async def record(self, record_id: KeyLike) -> dict[str, Any]:
+        rid = key_bytes(record_id, "record id")
+        reply: dict[str, Any] = await self.transport.get_json(f"/v1/records/{rid.hex()}")
+        return reply
+
+    async def grants(self, patient: KeyLike | None = None) -> list[Any]:
+        target = self.public_key if patient is None else key_bytes(patient)
+        reply = await self.transport.get_json(f"/v1/patients/{target.hex()}/grants")
+        return list(reply["grants"])
+
+    # --- consent, audit, proofs (client.consent) ----------------------------------------------
+
+    async def grant(
+        self,
+        grantee: KeyLike,
+        records: Iterable[KeyLike] | None = None,
+        *,
+        standing: bool = False,
+        types: Iterable[str] | None = None,
+        expires: datetime | int | None = None,
+        wait: bool = True,
+    ) -> Submitted:
+        return await consent.grant(
+            self, grantee, records, standing=standing, types=types, expires=expires, wait=wait
+        )
+
+    async def revoke(self, grant_id: KeyLike, *, wait: bool = True) -> Submitted:
+        return await self.submit("revoke", {"grant": key_bytes(grant_id, "grant id")}, wait=wait)
+
+    async def erase(self, record_id: KeyLike, *, wait: bool = True) -> list[Submitted]:
+        return await consent.erase(self, record_id, wait=wait)
+
+    async def audit(self) -> list[dict[str, Any]]:
+        return await consent.audit(self)
+
+    async def verify(self, tx_id: KeyLike) -> int:
+        return await consent.verify(self, tx_id)
+
+
+def _seal_source(
+    data_key: bytes, metadata: bytes, source: Source, sink: BinaryIO
+) -> tuple[int, bytes]:
+    if isinstance(source, str | os.PathLike):
+        with open(source, "rb") as handle:
+            size, digest, _ = envelope.seal_stream(data_key, metadata, handle, sink)
+    else:
+        size, digest, _ = envelope.seal_stream(data_key, metadata, source, sink)
+    sink.flush()
+    return size, digest
+
+
+def _part_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.{secrets.token_hex(4)}.part")
+
+
+def _write_atomically(out: Path, data: bytes) -> None:
+    part = _part_path(out)
+    try:
+        part.write_bytes(data)
+        os.replace(part, out)
+    finally:
+        part.unlink(missing_ok=True)
+
+
+async def _stream_to_file(
+    response: aiohttp.ClientResponse, first: bytes, data_key: bytes, out: Path
+) -> dict[str, Any]:
+    """Decrypt an attachment as it arrives into ``out`` (renamed into place when whole)."""
+    opener = envelope.StreamOpener(data_key)
+    part = _part_path(out)
+    handle = await asyncio.to_thread(open, part, "wb")
+    try:
+        handle.write(opener.feed(first))
+        async for chunk in response.content.iter_chunked(_READ_CHUNK):
+            plain = await asyncio.to_thread(opener.feed, chunk)
+            await asyncio.to_thread(handle.write, plain)
+        handle.write(opener.close())
+        await asyncio.to_thread(handle.close)
+        os.replace(part, out)
+    finally:
+        handle.close()
+        part.unlink(missing_ok=True)
+    assert opener.metadata is not None
+    meta = fhir.decode(opener.metadata)
+    return meta
+
+
+__all__ = [
+    "Client",
+    "InvalidTransaction",
+    "SealedRecord",
+    "Submitted",
+    "key_bytes",
+    "record_body",
+    "seal_record",
+    "standing_readers",
+]
