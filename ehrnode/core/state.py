@@ -18,7 +18,8 @@ committed in one batch. Every key and value layout is below (values are canonica
     b"pgr"  + patient(32) + grant id(32)   b"" : the patient's grants
     b"std"  + patient(32)                  [[grantee, grant id, types | nil, expires | nil]...]
                                             the standing grants in force (not revoked)
-    b"lgr"  + record id(32) + grantee(32)  grant id: a listed grant in force for that record
+    b"lgr"  + record id(32) + grantee(32)  [grant id, ...]: the listed grants not revoked that
+                                            name that record for that grantee, in order
 
 The state hash is an additive multiset hash (AdHash, Bellare & Micciancio 1997) of all
 entries: the sum, mod 2**2048, of SHAKE-256(len(key) || key || value) read as 256-byte
@@ -349,7 +350,10 @@ def _grant(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any])
             raise _reject("record_erased", f"record {record_id.hex()[:16]}… was erased")
         scratch.put(P_KEY + record_id + grantee, wrapped)
         if body["scope"] == "records":
-            scratch.put(P_LGR + record_id + grantee, tx.id)
+            # A list, not one id: an earlier grant of the same record (say, without expiry)
+            # stays in force when a later one expires or is revoked.
+            in_force = load(scratch, P_LGR + record_id + grantee) or []
+            _save(scratch, P_LGR + record_id + grantee, [*in_force, tx.id])
     if body["scope"] == "records":
         entry["records"] = listed
     else:
@@ -382,8 +386,12 @@ def _revoke(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]
             scratch.put(P_STD + tx.signer, None)
     else:
         for record_id in grant["records"]:
-            if scratch.get(P_LGR + record_id + grant["grantee"]) == grant_id:
-                scratch.put(P_LGR + record_id + grant["grantee"], None)
+            key = P_LGR + record_id + grant["grantee"]
+            in_force = [g for g in load(scratch, key) or [] if g != grant_id]
+            if in_force:
+                _save(scratch, key, in_force)
+            else:
+                scratch.put(key, None)
 
 
 def _erase(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]) -> None:
@@ -412,9 +420,8 @@ def may_read(reader: StateReader, record_id: bytes, who: bytes, now: int) -> boo
     patient = record["patient"]
     if who in (patient, record["author"]):
         return True
-    listed = reader.get(P_LGR + record_id + who)
-    if listed is not None:
-        grant = load(reader, P_GRANT + listed)
+    for grant_id in load(reader, P_LGR + record_id + who) or []:
+        grant = load(reader, P_GRANT + grant_id)
         if grant is not None and "revoked" not in grant:
             expires = grant.get("expires")
             if expires is None or now < expires:

@@ -1,0 +1,210 @@
+"""Signatures with domain separation, key wrapping to a reader, and sealing payloads."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from helpers_core import identity
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ehrnode.core import crypto
+from ehrnode.core.errors import InvalidEncoding, NotAuthorised
+
+SETTINGS = settings(max_examples=100, deadline=None)
+
+DOMAINS = [
+    crypto.DOMAIN_TX,
+    crypto.DOMAIN_VOTE,
+    crypto.DOMAIN_PROPOSAL,
+    crypto.DOMAIN_ENDORSE,
+    crypto.DOMAIN_REQUEST,
+    crypto.DOMAIN_ACCESS,
+    crypto.DOMAIN_PEER,
+]
+
+ALICE = identity(1)
+BOB = identity(2)
+MALLORY = identity(3)
+
+
+def test_sha256_is_sha256() -> None:
+    assert crypto.sha256(b"abc").hex() == (
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    )
+
+
+# --- identities ----------------------------------------------------------------------------
+
+
+def test_identity_is_determined_by_its_seed() -> None:
+    again = crypto.Identity(ALICE.seed)
+    assert again.public_key == ALICE.public_key
+    assert len(ALICE.public_key) == crypto.PUBLIC_KEY_BYTES
+    assert ALICE.public_id == ALICE.public_key.hex()
+    assert len(ALICE.public_id) == 64
+    assert ALICE.public_key != BOB.public_key
+
+
+def test_generated_identities_differ() -> None:
+    assert crypto.Identity.generate().public_key != crypto.Identity.generate().public_key
+
+
+@pytest.mark.parametrize("seed", [b"", bytes(31), bytes(33)])
+def test_identity_seed_must_be_32_bytes(seed: bytes) -> None:
+    with pytest.raises(InvalidEncoding):
+        crypto.Identity(seed)
+
+
+def test_repr_does_not_show_the_secret() -> None:
+    text = repr(ALICE) + str(ALICE)
+    assert ALICE.seed.hex() not in text
+    assert ALICE.seed.hex()[:16] not in text
+    assert ALICE.public_id[:16] in text
+
+
+def test_hex_round_trip_and_errors_name_the_field() -> None:
+    assert crypto.from_hex(ALICE.public_id) == ALICE.public_key
+    assert crypto.from_hex(crypto.to_hex(b"\x01\x02"), size=2) == b"\x01\x02"
+    with pytest.raises(InvalidEncoding, match="grantee"):
+        crypto.from_hex("ab" * 31, what="grantee")
+    with pytest.raises(InvalidEncoding, match="public id"):
+        crypto.from_hex("zz" * 32)
+
+
+# --- signatures ----------------------------------------------------------------------------
+
+
+def test_domains_are_distinct_nul_terminated_tags() -> None:
+    # No tag is a prefix of another, so domain || message is never ambiguous.
+    assert len(set(DOMAINS)) == len(DOMAINS)
+    for domain in DOMAINS:
+        assert domain.endswith(b"\x00")
+        assert domain.count(b"\x00") == 1
+        assert domain.isascii()
+    for a, b in itertools.permutations(DOMAINS, 2):
+        assert not b.startswith(a)
+
+
+@SETTINGS
+@given(st.binary(max_size=200))
+def test_signature_verifies_under_its_own_domain_only(message: bytes) -> None:
+    for signed_for in DOMAINS:
+        sig = ALICE.sign(signed_for, message)
+        assert len(sig) == crypto.SIGNATURE_BYTES
+        for checked_as in DOMAINS:
+            ok = crypto.verify(ALICE.public_key, checked_as, message, sig)
+            assert ok == (checked_as == signed_for)
+
+
+def test_signature_fails_for_another_key_message_or_signature() -> None:
+    sig = ALICE.sign(crypto.DOMAIN_VOTE, b"hello")
+    assert crypto.verify(ALICE.public_key, crypto.DOMAIN_VOTE, b"hello", sig)
+    assert not crypto.verify(BOB.public_key, crypto.DOMAIN_VOTE, b"hello", sig)
+    assert not crypto.verify(ALICE.public_key, crypto.DOMAIN_VOTE, b"hellO", sig)
+    for i in (0, 31, 32, 63):
+        bad = bytearray(sig)
+        bad[i] ^= 1
+        assert not crypto.verify(ALICE.public_key, crypto.DOMAIN_VOTE, b"hello", bytes(bad))
+
+
+@pytest.mark.parametrize(
+    ("key", "sig"),
+    [
+        (bytes(31), bytes(64)),
+        (bytes(33), bytes(64)),
+        (bytes(32), bytes(63)),
+        (bytes(32), bytes(65)),
+        (b"", b""),
+        (b"\xff" * 32, bytes(64)),
+    ],
+)
+def test_verify_returns_false_for_malformed_keys_and_signatures(key: bytes, sig: bytes) -> None:
+    assert crypto.verify(key, crypto.DOMAIN_TX, b"m", sig) is False
+
+
+# --- key wrapping --------------------------------------------------------------------------
+
+
+def test_wrapped_key_opens_for_the_recipient_only() -> None:
+    data_key = crypto.new_data_key()
+    assert len(data_key) == crypto.DATA_KEY_BYTES
+    wrapped = crypto.wrap_key(data_key, BOB.public_key)
+    assert len(wrapped) == crypto.WRAPPED_KEY_BYTES
+    assert BOB.unwrap_key(wrapped) == data_key
+    with pytest.raises(NotAuthorised):
+        MALLORY.unwrap_key(wrapped)
+    with pytest.raises(NotAuthorised):
+        ALICE.unwrap_key(wrapped)  # the writer cannot reopen it either: the box is anonymous
+
+
+def test_wrapping_is_randomised() -> None:
+    data_key = crypto.new_data_key()
+    first = crypto.wrap_key(data_key, BOB.public_key)
+    second = crypto.wrap_key(data_key, BOB.public_key)
+    assert first != second
+    assert BOB.unwrap_key(first) == BOB.unwrap_key(second) == data_key
+
+
+@pytest.mark.parametrize("position", [0, 31, 32, 79])
+def test_tampered_wrapped_key_does_not_open(position: int) -> None:
+    wrapped = bytearray(crypto.wrap_key(crypto.new_data_key(), BOB.public_key))
+    wrapped[position] ^= 0x40
+    with pytest.raises(NotAuthorised):
+        BOB.unwrap_key(bytes(wrapped))
+
+
+@pytest.mark.parametrize("wrapped", [b"", b"x", bytes(47), bytes(crypto.WRAPPED_KEY_BYTES)])
+def test_garbage_wrapped_key_is_not_authorised(wrapped: bytes) -> None:
+    with pytest.raises(NotAuthorised):
+        BOB.unwrap_key(wrapped)
+
+
+@pytest.mark.parametrize("recipient", [b"", bytes(31), bytes(32), b"\xff" * 32])
+def test_wrapping_to_an_invalid_public_key_is_an_encoding_error(recipient: bytes) -> None:
+    with pytest.raises(InvalidEncoding):
+        crypto.wrap_key(crypto.new_data_key(), recipient)
+
+
+# --- sealing payloads ----------------------------------------------------------------------
+
+
+@SETTINGS
+@given(st.binary(max_size=2000))
+def test_seal_round_trip(plaintext: bytes) -> None:
+    data_key = crypto.new_data_key()
+    sealed = crypto.seal(data_key, plaintext)
+    assert crypto.open_sealed(data_key, sealed) == plaintext
+
+
+def test_seal_uses_a_fresh_nonce() -> None:
+    data_key = crypto.new_data_key()
+    assert crypto.seal(data_key, b"same") != crypto.seal(data_key, b"same")
+
+
+def test_sealed_payload_does_not_open_with_another_key_or_after_tampering() -> None:
+    data_key = crypto.new_data_key()
+    sealed = crypto.seal(data_key, b'{"resourceType": "Observation"}')
+    with pytest.raises(NotAuthorised):
+        crypto.open_sealed(crypto.new_data_key(), sealed)
+    for i in (0, 23, 24, len(sealed) - 1):
+        bad = bytearray(sealed)
+        bad[i] ^= 1
+        with pytest.raises(NotAuthorised):
+            crypto.open_sealed(data_key, bytes(bad))
+    with pytest.raises(NotAuthorised):
+        crypto.open_sealed(data_key, sealed[:10])
+
+
+def test_full_envelope_reader_gets_plaintext_stranger_does_not() -> None:
+    plaintext = b'{"resourceType": "Condition"}'
+    data_key = crypto.new_data_key()
+    sealed = crypto.seal(data_key, plaintext)
+    wrapped = {r.public_key: crypto.wrap_key(data_key, r.public_key) for r in (ALICE, BOB)}
+    for reader in (ALICE, BOB):
+        key = reader.unwrap_key(wrapped[reader.public_key])
+        assert crypto.open_sealed(key, sealed) == plaintext
+    for key in wrapped.values():
+        with pytest.raises(NotAuthorised):
+            MALLORY.unwrap_key(key)

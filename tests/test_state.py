@@ -1,0 +1,796 @@
+"""The state machine: who may register, write, grant, revoke, erase and read; the state hash."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from helpers_core import CHAIN, MemState, World, fake_keys, identity, raw_tx, wrapped_keys
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ehrnode.core import codec, crypto, state, tx
+from ehrnode.core.errors import InvalidTransaction
+from ehrnode.core.state import P_GRANT, P_KEY, P_LGR, P_PREC, P_REC, P_STD, P_VER
+
+
+@pytest.fixture
+def w() -> World:
+    return World()
+
+
+def people(w: World) -> tuple[Any, Any, Any]:
+    """A patient, a provider and a second provider, all registered."""
+    return w.patient(1), w.provider(2), w.provider(3)
+
+
+# --- genesis ---------------------------------------------------------------------------------
+
+
+def test_genesis_validators_are_registered_institutions(w: World) -> None:
+    assert state.validators(w.overlay) == {v.public_key: 1 for v in w.validators}
+    for i, v in enumerate(w.validators):
+        account = w.account(v)
+        assert account["role"] == "institution"
+        assert account["nonce"] == 0
+        assert account["name"] == f"validator {i}"
+    # The validator set entry is sorted by key, so every node writes the same bytes.
+    vals = state.load(w.overlay, state.K_VALS)
+    assert [k for k, _ in vals] == sorted(v.public_key for v in w.validators)
+
+
+def test_genesis_validator_cannot_register_again(w: World) -> None:
+    again = w.sign(w.validators[0], "register", {"role": "institution"})
+    assert w.rejects(again) == "already_registered"
+
+
+# --- registration ----------------------------------------------------------------------------
+
+
+def test_register_patient(w: World) -> None:
+    patient = w.patient(1, name="Ana")
+    account = w.account(patient)
+    assert account == {"role": "patient", "nonce": 1, "since": w.height, "nrec": 0, "name": "Ana"}
+
+
+def test_patient_registers_without_endorsement(w: World) -> None:
+    who = identity(1)
+    endorsement = tx.endorse(w.validators[0], CHAIN, "patient", who.public_key)
+    t = w.sign(who, "register", {"role": "patient", "endorsement": endorsement})
+    assert w.rejects(t) == "malformed_body"
+
+
+def test_register_twice(w: World) -> None:
+    patient = w.patient(1)
+    assert w.rejects(w.sign(patient, "register", {"role": "patient"})) == "already_registered"
+    assert w.rejects(w.sign(patient, "register", {"role": "provider"})) == "already_registered"
+
+
+def test_provider_endorsed_by_a_genesis_institution(w: World) -> None:
+    provider = w.provider(2, institution=w.validators[1])
+    account = w.account(provider)
+    assert account["role"] == "provider"
+    assert account["by"] == w.validators[1].public_key
+
+
+def test_provider_endorsed_by_a_registered_institution(w: World) -> None:
+    hospital = w.institution(5, endorser=w.validators[2])
+    assert w.account(hospital)["by"] == w.validators[2].public_key
+    provider = w.provider(6, institution=hospital)
+    assert w.account(provider)["by"] == hospital.public_key
+
+
+def test_unregistered_validator_registers_as_institution_without_endorsement(w: World) -> None:
+    newcomer = identity(50)
+    w.extra_validators[newcomer.public_key] = 1
+    w.do(newcomer, "register", {"role": "institution"})
+    assert w.account(newcomer)["role"] == "institution"
+    assert "by" not in w.account(newcomer)
+
+
+def _endorsed(
+    w: World, who: Any, role: str, endorser: Any, *, chain: str = CHAIN, for_role: str = ""
+) -> tx.Tx:
+    endorsement = tx.endorse(endorser, chain, for_role or role, who.public_key)
+    return w.sign(who, "register", {"role": role, "endorsement": endorsement})
+
+
+def test_provider_without_endorsement(w: World) -> None:
+    t = w.sign(identity(2), "register", {"role": "provider"})
+    assert w.rejects(t) == "not_endorsed"
+
+
+def test_provider_endorsed_by_a_non_institution(w: World) -> None:
+    patient, provider, _ = people(w)
+    assert w.rejects(_endorsed(w, identity(7), "provider", patient)) == "not_endorsed"
+    assert w.rejects(_endorsed(w, identity(7), "provider", provider)) == "not_endorsed"
+    assert w.rejects(_endorsed(w, identity(7), "provider", identity(99))) == "not_endorsed"
+
+
+def test_institution_needs_a_validator(w: World) -> None:
+    assert w.rejects(w.sign(identity(5), "register", {"role": "institution"})) == "not_endorsed"
+    hospital = w.institution(5)
+    # A registered institution that is not a validator cannot endorse another institution.
+    assert w.rejects(_endorsed(w, identity(6), "institution", hospital)) == "not_endorsed"
+
+
+@pytest.mark.parametrize(
+    "fault", ["signed by another", "other role", "other subject", "other chain"]
+)
+def test_bad_endorsement(w: World, fault: str) -> None:
+    who = identity(7)
+    by = w.validators[0]
+    if fault == "signed by another":
+        forged = tx.endorse(w.validators[1], CHAIN, "provider", who.public_key)
+        endorsement = {"by": by.public_key, "sig": forged["sig"]}
+    elif fault == "other role":
+        endorsement = tx.endorse(by, CHAIN, "institution", who.public_key)
+    elif fault == "other subject":
+        endorsement = tx.endorse(by, CHAIN, "provider", identity(8).public_key)
+    else:
+        endorsement = tx.endorse(by, "ehr-other", "provider", who.public_key)
+    t = w.sign(who, "register", {"role": "provider", "endorsement": endorsement})
+    assert w.rejects(t) == "bad_endorsement"
+
+
+def test_endorsement_for_a_provider_does_not_make_an_institution(w: World) -> None:
+    who = identity(7)
+    t = _endorsed(w, who, "institution", w.validators[0], for_role="provider")
+    assert w.rejects(t) == "bad_endorsement"
+
+
+# --- nonces and chain ------------------------------------------------------------------------
+
+
+def test_replay_is_a_stale_nonce(w: World) -> None:
+    patient = identity(1)
+    first = w.do(patient, "register", {"role": "patient"})
+    assert w.rejects(first) == "stale_nonce"
+    w.do(patient, "grant", {"grantee": w.validators[0].public_key, "scope": "standing"})
+    assert w.account(patient)["nonce"] == 2
+    older = w.sign(patient, "revoke", {"grant": bytes(32)}, nonce=1)
+    assert w.rejects(older) == "stale_nonce"
+    replayed_after_commit = first
+    w.commit()
+    assert w.rejects(replayed_after_commit) == "stale_nonce"
+
+
+def test_nonce_gap(w: World) -> None:
+    assert w.rejects(w.sign(identity(1), "register", {"role": "patient"}, nonce=2)) == "nonce_gap"
+    patient = w.patient(1)
+    t = w.sign(
+        patient, "grant", {"grantee": w.validators[0].public_key, "scope": "standing"}, nonce=3
+    )
+    assert w.rejects(t) == "nonce_gap"
+
+
+def test_wrong_chain(w: World) -> None:
+    t = w.sign(identity(1), "register", {"role": "patient"}, chain="ehr-other")
+    with pytest.raises(InvalidTransaction, match=r"ehr-other.*ehr-test") as info:
+        w.apply(t)
+    assert info.value.code == "wrong_chain"
+    assert w.overlay.changes == {}
+
+
+def test_unregistered_signer(w: World) -> None:
+    stranger = identity(40)
+    patient = w.patient(1)
+    for kind, body in [
+        ("grant", {"grantee": patient.public_key, "scope": "standing"}),
+        ("revoke", {"grant": bytes(32)}),
+        ("erase", {"records": [bytes(32)]}),
+        ("record", w.record_body(stranger, patient)),
+    ]:
+        assert w.rejects(w.sign(stranger, kind, body)) == "unregistered_signer"
+
+
+def test_nonce_counts_each_applied_tx(w: World) -> None:
+    patient, provider, _ = people(w)
+    for expected in (2, 3, 4):
+        w.record(provider, patient)
+        assert w.account(provider)["nonce"] == expected
+    assert w.account(patient)["nonce"] == 1
+
+
+# --- records ---------------------------------------------------------------------------------
+
+
+def test_record_by_provider_for_patient(w: World) -> None:
+    patient, provider, _ = people(w)
+    data_key = crypto.new_data_key()
+    body = w.record_body(provider, patient, type_="Condition", data_key=data_key)
+    t = w.do(provider, "record", body)
+    entry = w.load(P_REC + t.id)
+    assert entry == {
+        "patient": patient.public_key,
+        "author": provider.public_key,
+        "blob": body["blob"],
+        "size": 1234,
+        "type": "Condition",
+        "height": w.height,
+        "erased": False,
+        "root": t.id,
+        "ver": 1,
+        "head": t.id,
+        "nver": 1,
+    }
+    assert w.overlay.get(state.seq_key(P_PREC, patient.public_key, 0)) == t.id
+    assert w.overlay.get(state.seq_key(P_VER, t.id, 0)) == t.id
+    assert w.account(patient)["nrec"] == 1
+    # The wrapped keys are stored per reader, and each opens for that reader only.
+    for reader in (patient, provider):
+        wrapped = w.overlay.get(P_KEY + t.id + reader.public_key)
+        assert wrapped is not None
+        assert reader.unwrap_key(wrapped) == data_key
+    assert w.overlay.get(P_KEY + t.id + identity(3).public_key) is None
+
+
+def test_patient_records_are_listed_in_order(w: World) -> None:
+    patient, provider, other = people(w)
+    ids = [
+        w.record(provider, patient).id,
+        w.record(other, patient).id,
+        w.record(provider, patient).id,
+    ]
+    listed = [w.overlay.get(state.seq_key(P_PREC, patient.public_key, i)) for i in range(4)]
+    assert listed == [*ids, None]
+    assert w.account(patient)["nrec"] == 3
+
+
+def test_patient_may_write_their_own_record(w: World) -> None:
+    patient = w.patient(1)
+    t = w.record(patient, patient)
+    assert w.load(P_REC + t.id)["author"] == patient.public_key
+    assert w.account(patient) == {"role": "patient", "nonce": 2, "since": w.height, "nrec": 1}
+
+
+def test_who_may_not_write(w: World) -> None:
+    patient, provider, _ = people(w)
+    other_patient = w.patient(4)
+    hospital = w.validators[0]
+    assert w.rejects(w.sign(hospital, "record", w.record_body(hospital, patient))) == "not_provider"
+    t = w.sign(other_patient, "record", w.record_body(other_patient, patient))
+    assert w.rejects(t) == "not_provider"
+    # A record must be about a registered patient.
+    for subject in (identity(41), provider, hospital):
+        t = w.sign(provider, "record", w.record_body(provider, subject))
+        assert w.rejects(t) == "unknown_patient"
+
+
+def test_record_missing_the_patient_key_is_refused_before_state() -> None:
+    patient, provider = identity(1), identity(2)
+    body = {
+        "patient": patient.public_key,
+        "blob": bytes(32),
+        "size": 1,
+        "type": "Observation",
+        "keys": fake_keys([provider.public_key]),
+    }
+    with pytest.raises(InvalidTransaction) as info:
+        tx.make(provider, CHAIN, "record", 2, body)
+    assert info.value.code == "missing_patient_key"
+    with pytest.raises(InvalidTransaction) as info:
+        tx.decode(raw_tx(provider, kind="record", nonce=2, body=body))
+    assert info.value.code == "missing_patient_key"
+
+
+def test_record_may_not_wrap_for_strangers(w: World) -> None:
+    patient, provider, other = people(w)
+    body = w.record_body(provider, patient, readers=[other.public_key])
+    assert w.rejects(w.sign(provider, "record", body)) == "unexpected_key_holder"
+
+
+def test_record_need_not_wrap_for_its_author(w: World) -> None:
+    patient, provider, _ = people(w)
+    t = w.record(provider, patient, with_author=False)
+    assert w.overlay.get(P_KEY + t.id + provider.public_key) is None
+
+
+# --- standing grants -------------------------------------------------------------------------
+
+
+def test_standing_grant_binds_new_records(w: World) -> None:
+    patient, provider, gp = people(w)
+    grant = w.standing(patient, gp)
+    assert w.load(P_GRANT + grant.id) == {
+        "patient": patient.public_key,
+        "grantee": gp.public_key,
+        "scope": "standing",
+        "height": w.height,
+    }
+    assert w.overlay.get(state.P_PGR + patient.public_key + grant.id) == b""
+    assert w.load(P_STD + patient.public_key) == [[gp.public_key, grant.id, None, None]]
+    missing = w.sign(provider, "record", w.record_body(provider, patient))
+    with pytest.raises(InvalidTransaction, match=gp.public_id[:16]):
+        w.apply(missing)
+    assert w.rejects(missing) == "missing_grantee_key"
+    t = w.record(provider, patient, readers=[gp.public_key])
+    assert w.overlay.get(P_KEY + t.id + gp.public_key) is not None
+
+
+def test_standing_grant_by_type_binds_only_that_type(w: World) -> None:
+    patient, provider, gp = people(w)
+    w.standing(patient, gp, types=["Observation", "Condition"])
+    assert w.load(P_STD + patient.public_key)[0][2] == ["Condition", "Observation"]
+    other_type = w.sign(provider, "record", w.record_body(provider, patient, type_="Immunization"))
+    w.apply(other_type)
+    extra = w.record_body(provider, patient, type_="Immunization", readers=[gp.public_key])
+    assert w.rejects(w.sign(provider, "record", extra)) == "unexpected_key_holder"
+    for type_ in ("Observation", "Condition"):
+        t = w.sign(provider, "record", w.record_body(provider, patient, type_=type_))
+        assert w.rejects(t) == "missing_grantee_key"
+        w.record(provider, patient, type_=type_, readers=[gp.public_key])
+
+
+def test_standing_grant_expires(w: World) -> None:
+    patient, provider, gp = people(w)
+    expires = w.time + 10_000
+    w.standing(patient, gp, expires=expires)
+    earlier = w.record(provider, patient, readers=[gp.public_key])
+    assert w.may_read(earlier, gp)
+    w.time = expires - 1
+    assert w.rejects(w.sign(provider, "record", w.record_body(provider, patient))) == (
+        "missing_grantee_key"
+    )
+    assert w.may_read(earlier, gp)
+    w.time = expires
+    assert not w.may_read(earlier, gp)
+    late = w.sign(provider, "record", w.record_body(provider, patient, readers=[gp.public_key]))
+    assert w.rejects(late) == "unexpected_key_holder"
+    w.record(provider, patient)
+
+
+def test_grant_that_has_already_expired(w: World) -> None:
+    patient, _, gp = people(w)
+    for expires in (w.time, w.time - 1, 0):
+        t = w.sign(
+            patient, "grant", {"grantee": gp.public_key, "scope": "standing", "expires": expires}
+        )
+        assert w.rejects(t) == "already_expired"
+
+
+def test_revoking_a_standing_grant_removes_the_obligation(w: World) -> None:
+    patient, provider, gp = people(w)
+    grant = w.standing(patient, gp)
+    before = w.record(provider, patient, readers=[gp.public_key])
+    assert w.may_read(before, gp)
+    w.do(patient, "revoke", {"grant": grant.id})
+    assert w.load(P_GRANT + grant.id)["revoked"] == w.height
+    assert w.overlay.get(P_STD + patient.public_key) is None
+    assert not w.may_read(before, gp)
+    w.record(provider, patient)
+    extra = w.sign(provider, "record", w.record_body(provider, patient, readers=[gp.public_key]))
+    assert w.rejects(extra) == "unexpected_key_holder"
+    assert w.rejects(w.sign(patient, "revoke", {"grant": grant.id})) == "already_revoked"
+
+
+def test_revoking_one_of_two_standing_grants_keeps_the_other(w: World) -> None:
+    patient, provider, gp = people(w)
+    specialist = w.provider(4)
+    first = w.standing(patient, gp)
+    w.standing(patient, specialist, types=["Observation"])
+    w.do(patient, "revoke", {"grant": first.id})
+    std = w.load(P_STD + patient.public_key)
+    assert [s[0] for s in std] == [specialist.public_key]
+    t = w.sign(provider, "record", w.record_body(provider, patient))
+    assert w.rejects(t) == "missing_grantee_key"
+    w.record(provider, patient, readers=[specialist.public_key])
+
+
+def test_revoke_only_own_known_grants(w: World) -> None:
+    patient, _, gp = people(w)
+    other = w.patient(4)
+    grant = w.standing(patient, gp)
+    assert w.rejects(w.sign(other, "revoke", {"grant": grant.id})) == "unknown_grant"
+    assert w.rejects(w.sign(patient, "revoke", {"grant": crypto.sha256(b"no")})) == "unknown_grant"
+
+
+def test_who_may_grant_and_to_whom(w: World) -> None:
+    patient, provider, gp = people(w)
+    body = {"grantee": gp.public_key, "scope": "standing"}
+    assert w.rejects(w.sign(provider, "grant", body)) == "not_patient"
+    assert w.rejects(w.sign(w.validators[0], "grant", body)) == "not_patient"
+    to_self = {"grantee": patient.public_key, "scope": "standing"}
+    assert w.rejects(w.sign(patient, "grant", to_self)) == "malformed_body"
+    unknown = {"grantee": identity(77).public_key, "scope": "standing"}
+    assert w.rejects(w.sign(patient, "grant", unknown)) == "unknown_grantee"
+
+
+# --- listed grants ---------------------------------------------------------------------------
+
+
+def test_listed_grant(w: World) -> None:
+    patient, provider, gp = people(w)
+    r1 = w.record(provider, patient)
+    r2 = w.record(provider, patient)
+    data_key = crypto.new_data_key()
+    body = {
+        "grantee": gp.public_key,
+        "scope": "records",
+        "records": [[r1.id, crypto.wrap_key(data_key, gp.public_key)]],
+    }
+    grant = w.do(patient, "grant", body)
+    assert w.load(P_GRANT + grant.id)["records"] == [r1.id]
+    assert gp.unwrap_key(w.overlay.get(P_KEY + r1.id + gp.public_key)) == data_key
+    assert w.load(P_LGR + r1.id + gp.public_key) == [grant.id]
+    assert w.may_read(r1, gp)
+    assert not w.may_read(r2, gp)
+    # A listed grant puts no duty on new records.
+    w.record(provider, patient)
+    w.do(patient, "revoke", {"grant": grant.id})
+    assert w.overlay.get(P_LGR + r1.id + gp.public_key) is None
+    assert not w.may_read(r1, gp)
+
+
+def test_listed_grant_of_someone_elses_or_unknown_record(w: World) -> None:
+    patient, provider, gp = people(w)
+    other = w.patient(4)
+    theirs = w.record(provider, other)
+    for record_id in (theirs.id, crypto.sha256(b"nothing")):
+        body = {"grantee": gp.public_key, "scope": "records", "records": fake_keys([record_id])}
+        assert w.rejects(w.sign(patient, "grant", body)) == "unknown_record"
+
+
+def test_listed_grant_with_expiry(w: World) -> None:
+    patient, provider, gp = people(w)
+    r = w.record(provider, patient)
+    w.listed(patient, gp, [r.id], expires=w.time + 5)
+    assert w.may_read(r, gp, now=w.time + 4)
+    assert not w.may_read(r, gp, now=w.time + 5)
+
+
+def test_revoking_a_newer_listed_grant_leaves_an_older_one_for_another_record(w: World) -> None:
+    patient, provider, gp = people(w)
+    r1, r2 = w.record(provider, patient), w.record(provider, patient)
+    w.listed(patient, gp, [r1.id])
+    newer = w.listed(patient, gp, [r2.id])
+    w.do(patient, "revoke", {"grant": newer.id})
+    assert w.may_read(r1, gp)
+    assert not w.may_read(r2, gp)
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+def test_may_read(w: World) -> None:
+    patient, provider, gp = people(w)
+    specialist, stranger = w.provider(4), w.provider(5)
+    record = w.record(provider, patient, type_="Condition")
+    assert w.may_read(record, patient)
+    assert w.may_read(record, provider)
+    assert not w.may_read(record, stranger)
+    assert not w.may_read(record, w.validators[0])
+    w.listed(patient, gp, [record.id])
+    assert w.may_read(record, gp)
+    observation_only = w.standing(patient, specialist, types=["Observation"])
+    assert not w.may_read(record, specialist)
+    w.do(patient, "revoke", {"grant": observation_only.id})
+    w.standing(patient, specialist, types=["Condition"])
+    assert w.may_read(record, specialist)
+    assert not w.may_read(crypto.sha256(b"no such record"), patient)
+
+
+def test_erase(w: World) -> None:
+    patient, provider, gp = people(w)
+    record = w.record(provider, patient)
+    kept = w.record(provider, patient)
+    w.standing(patient, gp)
+    w.do(patient, "erase", {"records": [record.id]})
+    entry = w.load(P_REC + record.id)
+    assert entry["erased"] is True
+    assert entry["erased_at"] == w.height
+    assert entry["blob"]  # the chain keeps the hash
+    for who in (patient, provider, gp):
+        assert not w.may_read(record, who)
+    assert w.may_read(kept, patient)
+    assert w.rejects(w.sign(patient, "erase", {"records": [record.id]})) == "record_erased"
+    amend = w.record_body(provider, patient, amends=record.id, readers=[gp.public_key])
+    assert w.rejects(w.sign(provider, "record", amend)) == "record_erased"
+    listed = {"grantee": gp.public_key, "scope": "records", "records": fake_keys([record.id])}
+    assert w.rejects(w.sign(patient, "grant", listed)) == "record_erased"
+
+
+def test_only_the_patient_erases(w: World) -> None:
+    patient, provider, _ = people(w)
+    other = w.patient(4)
+    record = w.record(provider, patient)
+    assert w.rejects(w.sign(provider, "erase", {"records": [record.id]})) == "unknown_record"
+    assert w.rejects(w.sign(other, "erase", {"records": [record.id]})) == "unknown_record"
+    assert w.may_read(record, patient)
+
+
+def test_failed_tx_undoes_its_own_earlier_writes(w: World) -> None:
+    """A tx that fails after writing part of its effect into the scratch overlay must leave
+    nothing behind: here the second record of each list is the faulty one."""
+    patient, provider, gp = people(w)
+    good = w.record(provider, patient)
+    erased = w.record(provider, patient)
+    w.do(patient, "erase", {"records": [erased.id]})
+    ids = sorted([good.id, erased.id])
+    grant = {"grantee": gp.public_key, "scope": "records", "records": fake_keys(ids)}
+    assert w.rejects(w.sign(patient, "grant", grant)) == "record_erased"
+    assert w.overlay.get(P_KEY + good.id + gp.public_key) is None
+    assert not w.may_read(good, gp)
+    unknown = crypto.sha256(b"missing")
+    erase = {"records": [good.id, unknown]}
+    assert w.rejects(w.sign(patient, "erase", erase)) == "unknown_record"
+    assert w.load(P_REC + good.id)["erased"] is False
+
+
+# --- amendments ------------------------------------------------------------------------------
+
+
+def test_amend_chain_versions(w: World) -> None:
+    patient, provider, other = people(w)
+    v1 = w.record(provider, patient)
+    v2 = w.record(other, patient, amends=v1.id)
+    v3 = w.record(provider, patient, amends=v2.id)
+    root = w.load(P_REC + v1.id)
+    assert (root["head"], root["nver"], root["ver"]) == (v3.id, 3, 1)
+    second = w.load(P_REC + v2.id)
+    assert (second["root"], second["ver"], second["amends"]) == (v1.id, 2, v1.id)
+    assert "head" not in second
+    assert w.load(P_REC + v3.id)["ver"] == 3
+    versions = [w.overlay.get(state.seq_key(P_VER, v1.id, i)) for i in range(4)]
+    assert versions == [v1.id, v2.id, v3.id, None]
+    # Versions do not count as new records of the patient.
+    assert w.account(patient)["nrec"] == 1
+    assert w.overlay.get(state.seq_key(P_PREC, patient.public_key, 1)) is None
+
+
+def test_only_the_head_can_be_amended(w: World) -> None:
+    patient, provider, _ = people(w)
+    v1 = w.record(provider, patient)
+    w.record(provider, patient, amends=v1.id)
+    stale = w.sign(provider, "record", w.record_body(provider, patient, amends=v1.id))
+    assert w.rejects(stale) == "not_head_version"
+
+
+def test_amend_keeps_the_type(w: World) -> None:
+    patient, provider, _ = people(w)
+    v1 = w.record(provider, patient, type_="Observation")
+    t = w.sign(
+        provider, "record", w.record_body(provider, patient, type_="Condition", amends=v1.id)
+    )
+    assert w.rejects(t) == "type_mismatch"
+
+
+def test_amend_unknown_or_other_patients_record(w: World) -> None:
+    patient, provider, _ = people(w)
+    other = w.patient(4)
+    theirs = w.record(provider, other)
+    for amends in (theirs.id, crypto.sha256(b"nothing")):
+        t = w.sign(provider, "record", w.record_body(provider, patient, amends=amends))
+        assert w.rejects(t) == "unknown_record"
+
+
+def test_amendment_must_follow_current_standing_grants(w: World) -> None:
+    patient, provider, gp = people(w)
+    v1 = w.record(provider, patient)
+    w.standing(patient, gp)
+    t = w.sign(provider, "record", w.record_body(provider, patient, amends=v1.id))
+    assert w.rejects(t) == "missing_grantee_key"
+    w.record(provider, patient, amends=v1.id, readers=[gp.public_key])
+
+
+# --- the state hash --------------------------------------------------------------------------
+
+KEYS = st.sampled_from([b"a", b"b", b"acct" + bytes(32), b"rec" + bytes(32), b"", b"\x00"])
+OPS = st.lists(st.tuples(KEYS, st.none() | st.binary(max_size=16)), max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(OPS)
+def test_incremental_digest_equals_full_recompute(ops: list[tuple[bytes, bytes | None]]) -> None:
+    entries: dict[bytes, bytes] = {}
+    digest = state.digest_of([])
+    assert digest == 0
+    for key, new in ops:
+        digest = state.update_digest(digest, key, entries.get(key), new)
+        if new is None:
+            entries.pop(key, None)
+        else:
+            entries[key] = new
+        assert digest == state.digest_of(entries.items())
+        assert digest == state.digest_of(reversed(list(entries.items())))
+
+
+def test_digest_separates_key_from_value() -> None:
+    assert state.entry_digest(b"ab", b"c") != state.entry_digest(b"a", b"bc")
+    assert state.digest_of([(b"k", b"1")]) != state.digest_of([(b"k", b"2")])
+    # A multiset hash: the same entry twice is not the same as once.
+    assert state.digest_of([(b"k", b"v")] * 2) != state.digest_of([(b"k", b"v")])
+
+
+def test_state_hash_is_32_bytes_and_differs_per_digest() -> None:
+    assert len(state.state_hash(0)) == 32
+    assert state.state_hash(0) != state.state_hash(1)
+
+
+def test_execute_block_digest_equals_full_recompute(w: World) -> None:
+    # Block 1: people, records, a standing grant.
+    patient, provider, gp = identity(1), identity(2), identity(3)
+    endorsement = tx.endorse(w.validators[0], CHAIN, "provider", provider.public_key)
+    g_endorsement = tx.endorse(w.validators[0], CHAIN, "provider", gp.public_key)
+    block1 = [
+        tx.make(patient, CHAIN, "register", 1, {"role": "patient"}),
+        tx.make(provider, CHAIN, "register", 1, {"role": "provider", "endorsement": endorsement}),
+        tx.make(gp, CHAIN, "register", 1, {"role": "provider", "endorsement": g_endorsement}),
+        tx.make(patient, CHAIN, "grant", 2, {"grantee": gp.public_key, "scope": "standing"}),
+    ]
+    base = w.base
+    digest = base.digest()
+    execution = state.execute_block(base, w.ctx, block1, digest)
+    base.apply(execution.changes)
+    assert execution.digest == base.digest()
+    assert execution.state_hash == state.state_hash(base.digest())
+    # Block 2 overwrites accounts and deletes an entry block 1 made (the standing list).
+    w.overlay = state.Overlay(base)
+    grant_id = block1[3].id
+    record = tx.make(
+        provider,
+        CHAIN,
+        "record",
+        2,
+        w.record_body(provider, patient, readers=[gp.public_key]),
+    )
+    block2 = [
+        record,
+        tx.make(patient, CHAIN, "revoke", 3, {"grant": grant_id}),
+        tx.make(patient, CHAIN, "erase", 4, {"records": [record.id]}),
+    ]
+    execution = state.execute_block(base, w.ctx, block2, base.digest())
+    assert execution.changes[P_STD + patient.public_key] is None
+    assert base.get(P_STD + patient.public_key) is not None
+    base.apply(execution.changes)
+    assert execution.digest == base.digest()
+
+
+def test_execute_block_stops_at_the_first_invalid_tx(w: World) -> None:
+    patient = identity(1)
+    good = tx.make(patient, CHAIN, "register", 1, {"role": "patient"})
+    with pytest.raises(InvalidTransaction) as info:
+        state.execute_block(w.base, w.ctx, [good, good], w.base.digest())
+    assert info.value.code == "stale_nonce"
+
+
+def test_execute_block_with_nothing_changes_nothing(w: World) -> None:
+    execution = state.execute_block(w.base, w.ctx, [], w.base.digest())
+    assert execution.changes == {}
+    assert execution.digest == w.base.digest()
+
+
+ACTIONS = st.lists(
+    st.tuples(
+        st.sampled_from(["register", "record", "grant", "revoke", "erase", "amend", "commit"]),
+        st.integers(0, 3),
+        st.integers(0, 3),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=40, deadline=None)
+@given(ACTIONS)
+def test_block_digests_track_the_full_state(actions: list[tuple[str, int, int]]) -> None:
+    """Random transactions, some of them rejected, cut into blocks: after every block the
+    carried digest equals a recompute over the whole state."""
+    w = World()
+    patients = [identity(10 + i) for i in range(4)]
+    providers = [identity(20 + i) for i in range(4)]
+    nonces: dict[bytes, int] = {}
+    grants: list[tuple[Any, bytes]] = []
+    records: list[tuple[Any, bytes, str]] = []
+    pending: list[tx.Tx] = []
+    overlay = state.Overlay(w.base)
+    digest = w.base.digest()
+
+    def sign(who: Any, kind: str, body: dict[str, Any]) -> None:
+        nonce = nonces.get(who.public_key, 0) + 1
+        t = tx.make(who, CHAIN, kind, nonce, body)
+        try:
+            state.apply_tx(overlay.child(), w.ctx, t)
+        except InvalidTransaction:
+            return
+        state.apply_tx(overlay, w.ctx, t)
+        nonces[who.public_key] = nonce
+        pending.append(t)
+        if kind == "grant":
+            grants.append((who, t.id))
+        if kind == "record":
+            records.append((body["patient"], t.id, body["type"]))
+
+    def readers(patient: bytes, type_: str) -> set[bytes]:
+        return state.required_readers(overlay, patient, type_, w.time)
+
+    def commit() -> None:
+        nonlocal digest, overlay
+        execution = state.execute_block(w.base, w.ctx, pending, digest)
+        assert execution.changes == overlay.changes
+        w.base.apply(execution.changes)
+        digest = execution.digest
+        assert digest == w.base.digest()
+        pending.clear()
+        overlay = state.Overlay(w.base)
+        w.height += 1
+        w.time += 1000
+
+    for action, a, b in actions:
+        patient, provider = patients[a], providers[b]
+        type_ = ["Observation", "Condition"][b % 2]
+        if action == "register":
+            if a % 2:
+                sign(patient, "register", {"role": "patient"})
+            else:
+                e = tx.endorse(w.validators[b], CHAIN, "provider", provider.public_key)
+                sign(provider, "register", {"role": "provider", "endorsement": e})
+        elif action == "record":
+            key = crypto.new_data_key()
+            body = {
+                "patient": patient.public_key,
+                "blob": crypto.sha256(key),
+                "size": 1,
+                "type": type_,
+                "keys": wrapped_keys(key, readers(patient.public_key, type_)),
+            }
+            sign(provider, "record", body)
+        elif action == "grant":
+            body = {"grantee": provider.public_key, "scope": "standing"}
+            if b % 2:
+                body["types"] = ["Observation"]
+            sign(patient, "grant", body)
+        elif action == "revoke" and grants:
+            who, grant_id = grants[b % len(grants)]
+            sign(who, "revoke", {"grant": grant_id})
+        elif action == "erase" and records:
+            owner, record_id, _ = records[b % len(records)]
+            sign(
+                next(p for p in patients if p.public_key == owner),
+                "erase",
+                {"records": [record_id]},
+            )
+        elif action == "amend" and records:
+            owner, record_id, rtype = records[b % len(records)]
+            key = crypto.new_data_key()
+            body = {
+                "patient": owner,
+                "blob": crypto.sha256(key),
+                "size": 2,
+                "type": rtype,
+                "keys": wrapped_keys(key, readers(owner, rtype)),
+                "amends": record_id,
+            }
+            sign(provider, "record", body)
+        elif action == "commit":
+            commit()
+    commit()
+
+
+def test_load_returns_decoded_values_and_none() -> None:
+    reader = MemState({b"x": codec.encode({"a": [1]})})
+    assert state.load(reader, b"x") == {"a": [1]}
+    assert state.load(reader, b"y") is None
+
+
+def test_overlapping_listed_grants_each_stay_in_force(w: World) -> None:
+    """Two listed grants of the same record to the same grantee: each counts on its own, so
+    one expiring or being revoked does not end the other."""
+    patient, provider, gp = people(w)
+    record = w.record(provider, patient)
+    lasting = w.listed(patient, gp, [record.id])
+    short = w.listed(patient, gp, [record.id], expires=w.time + 100)
+    assert w.may_read(record, gp, now=w.time + 100)  # the short one expired, not the other
+    w.do(patient, "revoke", {"grant": short.id})
+    assert w.may_read(record, gp)
+    w.do(patient, "revoke", {"grant": lasting.id})
+    assert not w.may_read(record, gp)
+    assert w.overlay.get(P_LGR + record.id + gp.public_key) is None
+
+
+def test_revoking_the_older_of_two_listed_grants_keeps_the_newer(w: World) -> None:
+    patient, provider, gp = people(w)
+    record = w.record(provider, patient)
+    older = w.listed(patient, gp, [record.id])
+    w.listed(patient, gp, [record.id])
+    w.do(patient, "revoke", {"grant": older.id})
+    assert w.may_read(record, gp)
