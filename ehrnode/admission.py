@@ -52,20 +52,22 @@ class Admission:
     def decode(self, raw: bytes) -> Tx:
         return txmod.decode(raw, max_bytes=self.chain.genesis.params.max_tx_bytes)
 
-    def submit(self, raw: bytes, *, relay: bool = True) -> Tx:
+    def submit(self, raw: bytes, *, relay: bool = True, from_peer: bool = False) -> Tx:
         """Check and admit one transaction; raise the reason it cannot be admitted."""
         tx = self.decode(raw)
-        self.admit(tx, relay=relay)
+        self.admit(tx, relay=relay, from_peer=from_peer)
         return tx
 
-    def admit(self, tx: Tx, *, relay: bool = True) -> None:
+    def admit(self, tx: Tx, *, relay: bool = True, from_peer: bool = False) -> None:
+        """``from_peer``: a peer already checked the blob; ours may still be on its way."""
         try:
-            self._admit(tx, relay)
+            self._admit(tx, relay, from_peer)
         except EhrError as err:
-            self._remember(tx.id, err)
+            if not from_peer:
+                self._remember(tx.id, err)
             raise
 
-    def _admit(self, tx: Tx, relay: bool) -> None:
+    def _admit(self, tx: Tx, relay: bool, from_peer: bool) -> None:
         if tx.chain != self.chain.genesis.chain_id:
             raise InvalidTransaction(
                 f"transaction is for chain '{tx.chain}', this node serves "
@@ -74,7 +76,7 @@ class Admission:
             )
         if self.chain.tx_location(tx.id) is not None:
             raise Conflict("this transaction is already committed (a replay)", code="duplicate")
-        if tx.kind == "record":
+        if tx.kind == "record" and not from_peer:
             info = self.blobs.info(tx.body["blob"])
             if info is None:
                 raise Conflict(

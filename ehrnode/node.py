@@ -14,8 +14,9 @@ from aiohttp import web
 from ehrnode import config as cfg
 from ehrnode.admission import Admission
 from ehrnode.blobs.erasure import Eraser
+from ehrnode.blobs.replication import Replication, default_quorum
 from ehrnode.blobs.store import BlobStore
-from ehrnode.consensus.driver import Driver, Network, NullNetwork
+from ehrnode.consensus.driver import Driver
 from ehrnode.consensus.engine import Timeouts
 from ehrnode.consensus.execution import Executor, next_context
 from ehrnode.core.crypto import Identity
@@ -24,6 +25,9 @@ from ehrnode.core.genesis import Genesis
 from ehrnode.keys import load_identity
 from ehrnode.mempool import Limits, Mempool
 from ehrnode.metrics import NodeMetrics
+from ehrnode.p2p.gossip import ConsensusGossip, TxGossip
+from ehrnode.p2p.switch import Switch
+from ehrnode.p2p.sync import BlockSync
 from ehrnode.rpc.server import Api
 from ehrnode.store.access import AccessLog
 from ehrnode.store.chain import Chain
@@ -37,12 +41,12 @@ def now_ms() -> int:
 
 
 class Node:
-    def __init__(self, config: cfg.NodeConfig, *, network: Network | None = None) -> None:
+    def __init__(self, config: cfg.NodeConfig) -> None:
         self.config = config
         self.genesis = Genesis.from_json(_read(config.genesis_path, "genesis"))
         self.identity: Identity = load_identity(config.key_path)
-        self.network: Network = network or NullNetwork()
         self.kv: KV | None = None
+        self.switch: Switch | None = None
         self._runner: web.AppRunner | None = None
         self.rpc_port: int | None = None
 
@@ -72,15 +76,29 @@ class Node:
                 precommit_delta=c.consensus.timeout_vote_delta_s,
                 rebroadcast=c.consensus.rebroadcast_s,
             )
-            self.driver = driver = Driver(validator, executor, kv, self.network, timeouts)
+            self.switch = switch = Switch(self.identity, self.genesis, c.p2p)
+            gossip = ConsensusGossip(switch, self.genesis.params.max_block_bytes)
+            self.driver = driver = Driver(validator, executor, kv, gossip, timeouts)
+            gossip.driver = driver
             self.admission = admission = Admission(chain, mempool, blobs, driver.txs_available)
+            TxGossip(switch, admission)
+            self.sync = BlockSync(switch, chain, driver, c.p2p.max_message_bytes)
+            quorum = c.blobs.write_quorum or default_quorum(len(self.genesis.validators))
+            self.replication = replication = Replication(
+                switch, blobs, kv, quorum=quorum, replicate=c.blobs.replicate
+            )
             self.access = access = AccessLog(kv, self.identity)
             self.metrics = metrics = NodeMetrics()
             eraser = Eraser(chain, blobs)
             swept = eraser.sweep()
             if swept:
-                log.info("deleted the ciphertext of %d records erased before this start", swept)
-            driver.listeners += [admission.on_commit, eraser.on_commit, metrics.on_commit]
+                log.info("deleted the ciphertext of %d records erased before a crash", swept)
+            driver.listeners += [
+                admission.on_commit,
+                eraser.on_commit,
+                replication.on_commit,
+                metrics.on_commit,
+            ]
             self.api = Api(
                 config=c.rpc,
                 identity=self.identity,
@@ -89,8 +107,12 @@ class Node:
                 admission=admission,
                 blobs=blobs,
                 access=access,
+                replication=replication,
+                status_extra=self._status,
                 metrics=self._render_metrics,
             )
+            await switch.start()
+            replication.start()
             await driver.start()
             await self._serve_rpc()
         except BaseException:
@@ -119,8 +141,23 @@ class Node:
         host, _ = cfg.split_address(self.config.rpc.listen)
         return f"http://{host}:{self.rpc_port}"
 
+    def _status(self) -> dict[str, Any]:
+        assert self.switch is not None
+        return {
+            "p2p": self.switch.listen_address,
+            "peers": [
+                {"node": p.key.hex(), "address": p.address, "height": p.height}
+                for p in self.switch.peers.values()
+            ],
+            "syncing": self.sync.syncing,
+            "write_quorum": self.replication.quorum,
+            "blobs_missing": len(self.replication.missing),
+        }
+
     def _render_metrics(self) -> bytes:
         self.metrics.mempool.set(len(self.mempool))
+        if self.switch is not None:
+            self.metrics.peers.set(len(self.switch.peers))
         return self.metrics.render()
 
     async def stop(self) -> None:
@@ -130,6 +167,10 @@ class Node:
         driver = getattr(self, "driver", None)
         if driver is not None:
             await driver.stop()
+        for part in (getattr(self, "sync", None), getattr(self, "replication", None), self.switch):
+            if part is not None:
+                await part.stop()
+        self.switch = None
         if self.kv is not None:
             self.kv.close()
             self.kv = None

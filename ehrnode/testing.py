@@ -27,6 +27,7 @@ from pathlib import Path
 from ehrnode import config as cfg
 from ehrnode.config import init_home
 from ehrnode.core.crypto import Identity
+from ehrnode.core.genesis import Genesis, ValidatorInfo
 from ehrnode.keys import load_identity
 from ehrnode.node import Node
 
@@ -63,6 +64,51 @@ async def local_node(home: Path, **rpc_settings: object) -> AsyncIterator[Node]:
         yield node
     finally:
         await node.stop()
+
+
+def cluster_homes(root: Path, n: int, chain_id: str = "ehr-cluster") -> list[Path]:
+    """Homes for ``n`` validators of one network, on free loopback ports, each listing the
+    others as peers (what ``ehrnode testnet`` writes, for tests)."""
+    identities = [Identity.generate() for _ in range(n)]
+    genesis = Genesis(
+        chain_id=chain_id,
+        genesis_time=int(time.time() * 1000),
+        validators=tuple(ValidatorInfo(i.public_key, 1, f"v{k}") for k, i in enumerate(identities)),
+    )
+    p2p = [f"127.0.0.1:{free_port()}" for _ in range(n)]
+    homes = []
+    for k, identity in enumerate(identities):
+        home = root / f"node{k}"
+        init_home(
+            home,
+            genesis=genesis,
+            identity=identity,
+            rpc=f"127.0.0.1:{free_port()}",
+            p2p=p2p[k],
+            peers=tuple(f"{o.public_id}@{p2p[j]}" for j, o in enumerate(identities) if j != k),
+            moniker=f"node{k}",
+        )
+        homes.append(home)
+    return homes
+
+
+@asynccontextmanager
+async def cluster(root: Path, n: int = 4) -> AsyncIterator[list[Node]]:
+    """``n`` validator nodes in this process, linked over real loopback sockets, all
+    connected to each other before the block is entered."""
+    nodes = [Node(cfg.load(home)) for home in cluster_homes(root, n)]
+    try:
+        await asyncio.gather(*(node.start() for node in nodes))
+        await wait_for(
+            lambda: all(
+                node.switch is not None and len(node.switch.peers) == n - 1 for node in nodes
+            ),
+            timeout=20,
+            what=f"{n} nodes to connect to each other",
+        )
+        yield nodes
+    finally:
+        await asyncio.gather(*(node.stop() for node in nodes), return_exceptions=True)
 
 
 def validator_identity(home: Path) -> Identity:

@@ -28,11 +28,18 @@ class Eraser:
                 if record is not None and self.blobs.delete(record["blob"]):
                     log.info("erased the ciphertext of record %s", record_id.hex()[:16])
 
-    def sweep(self) -> int:
-        """At start: delete ciphertext of records erased while this node was down or mid-way."""
+    def sweep(self, last_blocks: int = 16) -> int:
+        """At start: finish erasures the last blocks committed just before a crash (deletion
+        follows the commit, so only the newest blocks can have any left undone)."""
         removed = 0
-        for _key, value in self.chain.state.scan(state.P_REC):
-            record = codec.decode(value)
-            if record["erased"] and self.blobs.delete(record["blob"]):
-                removed += 1
+        head = self.chain.head.height
+        for height in range(max(1, head - last_blocks + 1), head + 1):
+            for raw in self.chain.block(height).txs:
+                body = codec.decode(raw)
+                if body["kind"] != "erase":
+                    continue
+                for record_id in body["body"]["records"]:
+                    record = self.chain.load_state(state.P_REC + record_id)
+                    if record is not None and self.blobs.delete(record["blob"]):
+                        removed += 1
         return removed

@@ -4,6 +4,7 @@ Where the bytes live (documented beside the tables of the node's LevelDB):
 
     b"O" + hash(32)   {"size", "inline": bool, "stored": ms}   one entry per blob held
     b"P" + hash(32)   the bytes of a small blob (at most ``INLINE_MAX``), kept in LevelDB
+    b"X" + hash(32)   b"": a tombstone; this blob was erased and is never stored again
     <home>/blobs/<first 2 hex>/<64 hex>   the bytes of a larger blob, one file each
 
 Small blobs (a FHIR resource's ciphertext is a few KB) go in LevelDB, many to one synced
@@ -34,6 +35,7 @@ from ehrnode.store.db import KV
 
 T_META = b"O"
 T_INLINE = b"P"
+T_TOMBSTONE = b"X"
 INLINE_MAX = 64 * 1024
 CHUNK = 1024 * 1024
 DEFAULT_MAX_BLOB_BYTES = 8 * 1024**3
@@ -71,6 +73,16 @@ class BlobStore:
     def has(self, blob_hash: bytes) -> bool:
         return self.kv.get(T_META + blob_hash) is not None
 
+    def erased(self, blob_hash: bytes) -> bool:
+        return self.kv.get(T_TOMBSTONE + blob_hash) is not None
+
+    def _refuse_erased(self, blob_hash: bytes) -> None:
+        if self.erased(blob_hash):
+            raise Conflict(
+                "this ciphertext belonged to an erased record and cannot be stored again",
+                code="blob_erased",
+            )
+
     # --- writing --------------------------------------------------------------------------
 
     def put_many(self, blobs: Iterable[bytes]) -> list[bytes]:
@@ -85,6 +97,7 @@ class BlobStore:
                     f"(limit {INLINE_MAX}); upload it on its own"
                 )
             blob_hash = hashlib.sha256(data).digest()
+            self._refuse_erased(blob_hash)
             hashes.append(blob_hash)
             if self.has(blob_hash):
                 continue
@@ -108,6 +121,7 @@ class BlobStore:
                 f"blob of {declared_size} bytes exceeds this node's limit of {self.max_blob_bytes}"
             )
         if expected is not None:
+            self._refuse_erased(expected)
             found = self.info(expected)
             if found is not None:
                 async for _ in chunks:  # drain the body so the connection stays usable
@@ -139,10 +153,11 @@ class BlobStore:
                 raise Conflict(
                     "uploaded bytes do not hash to the blob id in the URL", code="hash_mismatch"
                 )
+            self._refuse_erased(blob_hash)
             if handle is None:
                 self.put_many([bytes(head)])
             else:
-                await asyncio.to_thread(self._finish_file, handle, tmp_path, blob_hash, size)
+                await self.kv.run(self._finish_file, handle, tmp_path, blob_hash, size)
                 handle = None
         finally:
             if handle is not None:
@@ -194,11 +209,15 @@ class BlobStore:
 
     # --- erasure --------------------------------------------------------------------------
 
-    def delete(self, blob_hash: bytes) -> bool:
+    def delete(self, blob_hash: bytes, *, tombstone: bool = True) -> bool:
+        """Remove a blob's bytes (and, for an erasure, refuse it from now on)."""
         info = self.info(blob_hash)
+        batch: dict[bytes, bytes | None] = {T_META + blob_hash: None, T_INLINE + blob_hash: None}
+        if tombstone:
+            batch[T_TOMBSTONE + blob_hash] = b""
+        self.kv.write(batch, sync=True)
         if info is None:
             return False
-        self.kv.write({T_META + blob_hash: None, T_INLINE + blob_hash: None}, sync=True)
         if not info.inline:
             self._path(blob_hash).unlink(missing_ok=True)
         compact = getattr(self.kv, "compact", None)

@@ -16,16 +16,16 @@ A message is signed only if its (height, round, step) is after the recorded one.
 recorded (height, round, step) itself the recorded message is sent again, never a new one
 (after a restart the engine may pick another block or nil; what was signed stands).
 The record, the message, and the lock a precommit sets, are written in one synced batch
-before the message leaves the process, so after a crash at any instant the node never signs two different
-things for one (height, round, step).
+before the message leaves the process, so after a crash at any instant the node never
+signs two different things for one (height, round, step).
 """
 
 from __future__ import annotations
 
 import asyncio
-import struct
 import contextlib
 import logging
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +44,7 @@ from ehrnode.core.block import (
     sign_vote,
 )
 from ehrnode.core.crypto import Identity
-from ehrnode.core.errors import InvalidTransaction
+from ehrnode.core.errors import InvalidBlock, InvalidTransaction
 from ehrnode.core.tx import Tx
 from ehrnode.store.db import KV
 
@@ -189,6 +189,9 @@ class Driver:
         self._last_certificate: Certificate | None = None
         self._stopping = False
         self.committed = asyncio.Event()
+        self.evidence_listeners: list[Callable[[Vote, Vote], None]] = []
+        self._evidence_seen: set[tuple[bytes, int, int, int]] = set()
+        self._certified_waiters: dict[int, asyncio.Future[None]] = {}
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -225,8 +228,15 @@ class Driver:
     def submit_vote(self, vote: Vote) -> None:
         self._queue.put_nowait(("vote", vote))
 
-    def submit_certified(self, block: Block, certificate: Certificate) -> None:
-        self._queue.put_nowait(("certified", (block, certificate)))
+    async def apply_certified(self, block: Block, certificate: Certificate) -> None:
+        """Commit a block whose certificate the caller verified (block sync); returns once
+        it is committed or known already, raises InvalidBlock if it does not apply here."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait(("certified", (block, certificate, future)))
+        await future
+
+    def submit_evidence(self, first: Vote, second: Vote) -> None:
+        self._queue.put_nowait(("evidence", (first, second)))
 
     def txs_available(self) -> None:
         if not self.engine.has_txs:
@@ -263,8 +273,55 @@ class Driver:
         if kind == "txs":
             return self.engine.on_txs_available()
         if kind == "certified":
-            return self.engine.on_certified_block(*payload)
+            return self._certified(*payload)
+        if kind == "evidence":
+            self._evidence(*payload)
+            return []
         raise ValueError(kind)
+
+    def _certified(
+        self, block: Block, certificate: Certificate, future: asyncio.Future[None]
+    ) -> list[eng.Action]:
+        height = block.header.height
+        if height != self.engine.height or self.engine.decided is not None:
+            if not future.done():
+                if height <= self.chain.head.height:
+                    future.set_result(None)
+                else:
+                    future.set_exception(InvalidBlock(f"block {height} is not the next one"))
+            return []
+        verdict = self.executor.check(block)
+        if verdict is not None:
+            log.error(
+                "block %d is certified by a quorum but does not apply here (%s): "
+                "this node's state or rules diverge from the network's",
+                height,
+                verdict,
+            )
+            future.set_exception(InvalidBlock(verdict))
+            return []
+        self._certified_waiters[height] = future
+        return self.engine.on_certified_block(block, certificate)
+
+    def _evidence(self, first: Vote, second: Vote) -> None:
+        chain_id = self.chain.genesis.chain_id
+        same_slot = (first.validator, first.height, first.round, first.type) == (
+            second.validator,
+            second.height,
+            second.round,
+            second.type,
+        )
+        if not same_slot or first.block == second.block:
+            return
+        if not (first.verify(chain_id) and second.verify(chain_id)):
+            return
+        key = (first.validator, first.height, first.round, first.type)
+        if key in self._evidence_seen:
+            return
+        self._evidence_seen.add(key)
+        self.evidence.append((first, second))
+        for callback in self.evidence_listeners:
+            callback(first, second)
 
     async def _perform(self, actions: list[eng.Action]) -> None:
         pending = list(actions)
@@ -305,8 +362,15 @@ class Driver:
                 action.first.height,
                 action.first.round,
             )
-            self.evidence.append((action.first, action.second))
-            self.network.broadcast_evidence(action.first, action.second)
+            key = (
+                action.first.validator,
+                action.first.height,
+                action.first.round,
+                action.first.type,
+            )
+            if key not in self._evidence_seen:
+                self.network.broadcast_evidence(action.first, action.second)
+            self._evidence(action.first, action.second)
             return []
         if isinstance(action, eng.Rebroadcast):
             for message in self._sent.get((action.height, action.round), []):
@@ -342,7 +406,7 @@ class Driver:
         )
         msg = codec.encode(proposal.to_wire())
         # Persist before the signature leaves the process (it only leaves after this).
-        await asyncio.to_thread(
+        await self.signing.kv.run(
             self.signing.save,
             action.height,
             action.round,
@@ -371,7 +435,7 @@ class Driver:
             self.identity, chain_id, action.type, action.height, action.round, action.block_id
         )
         lock = action.lock if action.type == PRECOMMIT else None
-        await asyncio.to_thread(
+        await self.signing.kv.run(
             self.signing.save,
             action.height,
             action.round,
@@ -404,11 +468,11 @@ class Driver:
         started = time.perf_counter()
         block = decide.block
         execution, txs = self.executor.execution(block)
-        await asyncio.to_thread(self.chain.commit, block, decide.certificate, execution)
+        await self.chain.kv.run(self.chain.commit, block, decide.certificate, execution)
         self._last_certificate = decide.certificate
         self.executor.forget()
         if self.identity is not None:
-            await asyncio.to_thread(self.signing.prune, block.header.height + 1)
+            await self.signing.kv.run(self.signing.prune, block.header.height + 1)
         dropped = self.mempool.update(block.tx_ids)
         for tx, err in dropped:
             log.info(
@@ -421,6 +485,9 @@ class Driver:
                 listener(committed)
             except Exception:
                 log.exception("commit listener failed")
+        waiter = self._certified_waiters.pop(block.header.height, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
         self.committed.set()
         self.committed.clear()
         log.debug(

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,35 +19,35 @@ import msgpack
 from aiohttp import web
 
 from ehrnode.admission import Admission
-from ehrnode.blobs.store import BlobStore, parse_hash
+from ehrnode.blobs.replication import Replication
+from ehrnode.blobs.store import BlobStore
 from ehrnode.config import RpcConfig
 from ehrnode.consensus.driver import Committed, Driver
-from ehrnode.core import codec, crypto, request, state
+from ehrnode.core import codec, crypto, state
 from ehrnode.core.errors import (
     EhrError,
     InvalidEncoding,
     InvalidTransaction,
     LimitExceeded,
-    NotAuthorised,
     NotFound,
+    Unavailable,
 )
-from ehrnode.rpc import views
-from ehrnode.rpc.limits import RateLimiter, ReplayCache
+from ehrnode.core.tx import Tx
+from ehrnode.rpc import params, views
+from ehrnode.rpc.content import ContentApi
+from ehrnode.rpc.limits import RateLimiter
+from ehrnode.rpc.params import now_ms
 from ehrnode.store.access import AccessLog
 from ehrnode.store.chain import Chain
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-MSGPACK = "application/msgpack"
+MSGPACK = params.MSGPACK
 
 
 def error_response(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 class Api:
@@ -64,6 +63,7 @@ class Api:
         admission: Admission,
         blobs: BlobStore,
         access: AccessLog,
+        replication: Replication | None = None,
         status_extra: Callable[[], dict[str, Any]] | None = None,
         metrics: Callable[[], bytes] | None = None,
     ) -> None:
@@ -78,7 +78,18 @@ class Api:
         self.metrics = metrics
         self.chain_id = chain.genesis.chain_id
         self.rate = RateLimiter(config.rate_per_s, burst=config.rate_per_s * 2)
-        self.replay = ReplayCache(request.MAX_SKEW_MS * 2)
+        self.auth = params.RequestAuth(self.chain_id)
+        self.replication = replication
+        self.content = ContentApi(
+            config=config,
+            identity=identity,
+            chain=chain,
+            mempool=admission.mempool,
+            blobs=blobs,
+            access=access,
+            auth=self.auth,
+            replication=replication,
+        )
         self._events: set[web.WebSocketResponse] = set()
 
     # --- application --------------------------------------------------------------------
@@ -98,18 +109,14 @@ class Api:
         r.add_get("/v1/accounts/{key}", self.get_account)
         r.add_get("/v1/patients/{key}/records", self.get_patient_records)
         r.add_get("/v1/patients/{key}/grants", self.get_patient_grants)
-        r.add_get("/v1/patients/{key}/access-log", self.get_access_log)
         r.add_get("/v1/records/{id}", self.get_record)
         r.add_get("/v1/records/{id}/versions", self.get_record_versions)
-        r.add_get("/v1/records/{id}/content", self.get_record_content)
-        r.add_put("/v1/blobs/{hash}", self.put_blob)
-        r.add_post("/v1/blobs", self.post_blobs)
-        r.add_route("HEAD", "/v1/blobs/{hash}", self.head_blob)
         r.add_get("/v1/status", self.get_status)
         r.add_get("/v1/health", self.get_health)
         r.add_get("/v1/genesis", self.get_genesis)
         r.add_get("/v1/events", self.events)
         r.add_get("/metrics", self.get_metrics)
+        self.content.add_routes(app)
         self.driver.listeners.append(self._publish)
         app.on_shutdown.append(self._close_events)
         return app
@@ -142,44 +149,6 @@ class Api:
             return error_response(429, "rate_limited", "too many requests; slow down and retry")
         return await handler(request)
 
-    # --- helpers ------------------------------------------------------------------------
-
-    def _key(self, req: web.Request, name: str = "key") -> bytes:
-        return crypto.from_hex(req.match_info[name], what=name)
-
-    def _id(self, req: web.Request, name: str = "id") -> bytes:
-        return crypto.from_hex(req.match_info[name], what=f"{name} (a 64-hex transaction id)")
-
-    def _int_query(self, req: web.Request, name: str, default: int, lo: int, hi: int) -> int:
-        raw = req.query.get(name)
-        if raw is None:
-            return default
-        try:
-            value = int(raw)
-        except ValueError as err:
-            raise InvalidEncoding(f"query parameter {name} must be an integer") from err
-        if not lo <= value <= hi:
-            raise InvalidEncoding(f"query parameter {name} must be from {lo} to {hi}")
-        return value
-
-    def _signed(self, req: web.Request, body: bytes | None = None) -> request.SignedRequest:
-        signed = request.verify(
-            req.headers.get("Authorization"),
-            self.chain_id,
-            req.method,
-            req.path_qs,
-            now_ms(),
-            body,
-        )
-        if not self.replay.add(signed.nonce, signed.ts):
-            raise NotAuthorised("this signed request was already used", code="replayed_request")
-        return signed
-
-    async def _raw_body(self, req: web.Request) -> bytes:
-        if req.content_type not in (MSGPACK, "application/octet-stream"):
-            raise InvalidEncoding(f"send the body as {MSGPACK}")
-        return await req.read()
-
     def _mode(self, req: web.Request) -> str:
         mode = req.query.get("mode", "sync")
         if mode not in ("async", "sync", "commit"):
@@ -190,8 +159,10 @@ class Api:
 
     async def post_tx(self, req: web.Request) -> web.Response:
         mode = self._mode(req)
-        raw = await self._raw_body(req)
+        raw = await params.raw_body(req)
         tx = self.admission.decode(raw)
+        if mode != "async":
+            await self._await_replicas([tx])
         if mode == "async":
             asyncio.get_running_loop().call_soon(self._admit_quietly, tx)
             return web.json_response({"id": tx.id.hex(), "status": "received"}, status=202)
@@ -210,6 +181,25 @@ class Api:
             }
         )
 
+    async def _await_replicas(self, txs: list[Tx]) -> None:
+        """A record is acknowledged only once a write quorum holds its ciphertext."""
+        if self.replication is None:
+            return
+        replication = self.replication
+        held = self.admission.blobs.has  # a blob we lack is refused by admission at once
+        blobs = [tx.body["blob"] for tx in txs if tx.kind == "record" and held(tx.body["blob"])]
+        if not blobs:
+            return
+        timeout = self.config.commit_timeout_s
+        counts = await asyncio.gather(*(replication.wait_quorum(b, timeout) for b in blobs))
+        short = min(counts)
+        if short < replication.quorum:
+            raise Unavailable(
+                f"the record's ciphertext is held by {short} node(s) and {replication.quorum} "
+                "are needed before the record is accepted; retry shortly",
+                code="replication_pending",
+            )
+
     def _admit_quietly(self, tx: Any) -> None:
         # A rejection is remembered in admission.rejected; GET /v1/txs/{id} reports it.
         with contextlib.suppress(EhrError):
@@ -218,7 +208,7 @@ class Api:
     async def post_batch(self, req: web.Request) -> web.Response:
         """A msgpack array of transactions, admitted in order; one result per transaction."""
         mode = self._mode(req)
-        raw = await self._raw_body(req)
+        raw = await params.raw_body(req)
         try:
             items = msgpack.unpackb(raw, raw=False, max_array_len=self.config.max_batch_txs)
         except Exception as err:
@@ -230,6 +220,12 @@ class Api:
             raise InvalidEncoding("a batch is a msgpack array of byte strings")
         results: list[dict[str, Any]] = []
         admitted: list[bytes] = []
+        decodable = []
+        for item in items:
+            with contextlib.suppress(EhrError):
+                decodable.append(self.admission.decode(item))
+        with contextlib.suppress(EhrError):
+            await self._await_replicas(decodable)
         for item in items:
             try:
                 tx = self.admission.submit(item)
@@ -256,7 +252,7 @@ class Api:
         return web.json_response({"results": results})
 
     async def get_tx(self, req: web.Request) -> web.Response:
-        tx_id = self._id(req)
+        tx_id = params.tx_id(req)
         location = self.chain.tx_location(tx_id)
         if location is not None:
             raw, _ = self.chain.tx_raw(tx_id)
@@ -287,7 +283,7 @@ class Api:
         raise NotFound("this node knows no transaction with that id", code="unknown_tx")
 
     async def get_proof(self, req: web.Request) -> web.Response:
-        proof = self.chain.inclusion_proof(self._id(req))
+        proof = self.chain.inclusion_proof(params.tx_id(req))
         if req.query.get("format") == "msgpack":
             return web.Response(body=codec.encode(proof.to_wire()), content_type=MSGPACK)
         return web.json_response(views.proof_view(proof))
@@ -322,7 +318,7 @@ class Api:
     # --- accounts, records, grants ------------------------------------------------------
 
     async def get_account(self, req: web.Request) -> web.Response:
-        key = self._key(req)
+        key = params.key(req)
         account = self.chain.load_state(state.P_ACCT + key)
         view = views.account_view(key, account)
         view["next_nonce"] = self._next_nonce(key, account)
@@ -334,9 +330,9 @@ class Api:
         return 1 if source is None else int(source["nonce"]) + 1
 
     async def get_patient_records(self, req: web.Request) -> web.Response:
-        key = self._key(req)
-        limit = self._int_query(req, "limit", 100, 1, views.MAX_PAGE)
-        after = self._int_query(req, "after", -1, -1, 1 << 62)
+        key = params.key(req)
+        limit = params.int_query(req, "limit", 100, 1, views.MAX_PAGE)
+        after = params.int_query(req, "after", -1, -1, 1 << 62)
         resource_type = req.query.get("type")
         records, cursor = views.patient_records(
             self.chain, key, after=after, limit=limit, resource_type=resource_type
@@ -344,110 +340,19 @@ class Api:
         return web.json_response({"patient": key.hex(), "records": records, "next": cursor})
 
     async def get_patient_grants(self, req: web.Request) -> web.Response:
-        key = self._key(req)
+        key = params.key(req)
         grants = views.patient_grants(self.chain, key, now_ms())
         return web.json_response({"patient": key.hex(), "grants": grants})
 
-    def _record(self, record_id: bytes) -> dict[str, Any]:
-        record = self.chain.load_state(state.P_REC + record_id)
-        if record is None:
-            raise NotFound("no committed record has that id", code="unknown_record")
-        return record  # type: ignore[no-any-return]
-
     async def get_record(self, req: web.Request) -> web.Response:
-        record_id = self._id(req)
-        return web.json_response(views.record_view(record_id, self._record(record_id)))
+        record_id = params.tx_id(req)
+        return web.json_response(
+            views.record_view(record_id, views.committed_record(self.chain, record_id))
+        )
 
     async def get_record_versions(self, req: web.Request) -> web.Response:
-        record = self._record(self._id(req))
+        record = views.committed_record(self.chain, params.tx_id(req))
         return web.json_response({"versions": views.record_versions(self.chain, record["root"])})
-
-    async def get_record_content(self, req: web.Request) -> web.StreamResponse:
-        """The ciphertext and the reader's wrapped key, for a signed, authorised reader."""
-        signed = self._signed(req)
-        record_id = self._id(req)
-        record = self._record(record_id)
-        if record["erased"]:
-            return error_response(
-                410,
-                "record_erased",
-                f"the patient erased this record at height {record.get('erased_at')}; "
-                "only its hash remains",
-            )
-        now = now_ms()
-        if not state.may_read(self.chain.state, record_id, signed.key, now):
-            raise NotAuthorised(
-                "the patient has not granted this key access to this record", code="not_granted"
-            )
-        info = self.blobs.info(record["blob"])
-        if info is None:
-            raise NotFound("this node does not hold the record's ciphertext", code="blob_missing")
-        wrapped = self.chain.state.get(state.P_KEY + record_id + signed.key)
-        await asyncio.to_thread(
-            self.access.append, record["patient"], signed.key, record_id, signed.sig, now
-        )
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "application/octet-stream",
-                "Content-Length": str(info.size),
-                "Ehr-Record-Type": record["type"],
-                "Ehr-Wrapped-Key": "" if wrapped is None else wrapped.hex(),
-            }
-        )
-        await response.prepare(req)
-        async for chunk in self.blobs.read_stream(record["blob"]):
-            await response.write(chunk)
-        await response.write_eof()
-        return response
-
-    async def get_access_log(self, req: web.Request) -> web.Response:
-        signed = self._signed(req)
-        patient = self._key(req)
-        if signed.key != patient:
-            raise NotAuthorised("only the patient can read their access log", code="not_patient")
-        after = self._int_query(req, "after", -1, -1, 1 << 62)
-        limit = self._int_query(req, "limit", 100, 1, views.MAX_PAGE)
-        entries = self.access.entries(patient, after=after, limit=limit)
-        return web.json_response({"patient": patient.hex(), "entries": views.hexify(entries)})
-
-    # --- blobs --------------------------------------------------------------------------
-
-    async def put_blob(self, req: web.Request) -> web.Response:
-        signed = self._signed(req)
-        self._require_registered(signed.key)
-        expected = parse_hash(req.match_info["hash"])
-        info = await self.blobs.put_stream(
-            req.content.iter_chunked(256 * 1024), expected, req.content_length
-        )
-        return web.json_response({"hash": info.hash.hex(), "size": info.size}, status=201)
-
-    async def post_blobs(self, req: web.Request) -> web.Response:
-        """Many small blobs at once: a msgpack array of byte strings, one synced write."""
-        raw = await self._raw_body(req)
-        signed = self._signed(req, raw)
-        self._require_registered(signed.key)
-        try:
-            items = msgpack.unpackb(raw, raw=False, max_array_len=self.config.max_batch_txs)
-        except Exception as err:
-            raise InvalidEncoding("a blob batch is a msgpack array of byte strings") from err
-        if not isinstance(items, list) or not all(isinstance(i, bytes) for i in items):
-            raise InvalidEncoding("a blob batch is a msgpack array of byte strings")
-        hashes = await asyncio.to_thread(self.blobs.put_many, items)
-        return web.json_response({"hashes": [h.hex() for h in hashes]}, status=201)
-
-    def _require_registered(self, key: bytes) -> None:
-        account = self.chain.load_state(state.P_ACCT + key)
-        pending = state.load(self.admission.mempool.check_state, state.P_ACCT + key)
-        if account is None and pending is None:
-            raise NotAuthorised(
-                "only registered identities may upload ciphertext", code="unregistered_signer"
-            )
-
-    async def head_blob(self, req: web.Request) -> web.Response:
-        info = self.blobs.info(parse_hash(req.match_info["hash"]))
-        if info is None:
-            return web.Response(status=404)
-        return web.Response(status=200, headers={"Ehr-Blob-Size": str(info.size)})
 
     # --- node ---------------------------------------------------------------------------
 

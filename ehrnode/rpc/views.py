@@ -11,6 +11,7 @@ from typing import Any
 
 from ehrnode.core import state
 from ehrnode.core.block import Block, Certificate, Header, InclusionProof
+from ehrnode.core.errors import NotFound
 from ehrnode.core.tx import Tx
 from ehrnode.store.chain import Chain
 
@@ -94,6 +95,13 @@ def record_view(record_id: bytes, record: dict[str, Any]) -> dict[str, Any]:
         "erased": record["erased"],
         "erased_at": record.get("erased_at"),
     }
+
+
+def committed_record(chain: Chain, record_id: bytes) -> dict[str, Any]:
+    record = chain.load_state(state.P_REC + record_id)
+    if record is None:
+        raise NotFound("no committed record has that id", code="unknown_record")
+    return record  # type: ignore[no-any-return]
 
 
 def patient_records(

@@ -9,18 +9,26 @@ knows nothing of them.
 
 from __future__ import annotations
 
+import asyncio
 import bisect
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import plyvel
 
 from ehrnode.core.errors import ConfigError, Unavailable
 
+T = TypeVar("T")
+
 
 class KV(Protocol):
     def get(self, key: bytes) -> bytes | None: ...
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking work on this database off the event loop (``close`` waits for it)."""
+        ...
 
     def write(self, changes: Mapping[bytes, bytes | None], *, sync: bool = True) -> None: ...
 
@@ -37,10 +45,15 @@ class KV(Protocol):
 
 
 class LevelKV:
-    """One LevelDB database in ``path``."""
+    """One LevelDB database in ``path``.
+
+    Blocking work (synced batches) runs on this database's own worker threads via ``run``;
+    ``close`` waits for that work to finish first, so no thread ever touches a closed DB.
+    """
 
     def __init__(self, path: Path, *, cache_mb: int = 64) -> None:
         path.mkdir(parents=True, exist_ok=True)
+        self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="leveldb")
         try:
             self._db = plyvel.DB(
                 str(path),
@@ -59,6 +72,9 @@ class LevelKV:
     def get(self, key: bytes) -> bytes | None:
         value: bytes | None = self._db.get(key)
         return value
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._workers, fn, *args)
 
     def write(self, changes: Mapping[bytes, bytes | None], *, sync: bool = True) -> None:
         with self._db.write_batch(sync=sync) as batch:
@@ -93,6 +109,7 @@ class LevelKV:
         self._db.compact_range(start=start, stop=stop)
 
     def close(self) -> None:
+        self._workers.shutdown(wait=True)
         self._db.close()
 
 
@@ -116,6 +133,9 @@ class MemoryKV:
 
     def get(self, key: bytes) -> bytes | None:
         return self._data.get(key)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return fn(*args)
 
     def write(self, changes: Mapping[bytes, bytes | None], *, sync: bool = True) -> None:
         for key, value in changes.items():

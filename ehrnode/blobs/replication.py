@@ -1,0 +1,262 @@
+"""Blob replication: every validator keeps a full replica of every record's ciphertext, and a
+write is acknowledged only once a write quorum of nodes hold it.
+
+- A node that stores a blob announces it (``blob_have``). Peers that lack it fetch it from
+  the announcer over HTTP (``GET /p2p/blobs/{hash}``, signed with the fetcher's node key,
+  served only to connected peers), check its hash while streaming it to disk, and announce
+  it in turn. So each node learns who holds what (``holders``).
+- ``wait_quorum`` lets the RPC hold a client's write until ``quorum`` nodes (ourselves
+  included) hold the blob: default f+1, so losing any f nodes loses no acknowledged record.
+- A committed record whose blob this node lacks (it was down, or the writer's node is
+  slow) is put on the missing list (table ``b"Q" + hash``, so it survives restarts) and
+  asked for (``blob_want``) until some peer delivers it.
+- Erased blobs are tombstoned by the blob store and never fetched or accepted again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from ehrnode.blobs.store import BlobStore, parse_hash
+from ehrnode.consensus.driver import Committed
+from ehrnode.core import request
+from ehrnode.core.errors import EhrError, InvalidEncoding, NotAuthorised, NotFound
+from ehrnode.p2p.switch import Peer, Switch
+from ehrnode.store.db import KV
+
+log = logging.getLogger(__name__)
+
+T_MISSING = b"Q"
+MAX_TRACKED = 200_000
+FETCH_CONCURRENCY = 4
+RETRY_MISSING_S = 5.0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Replication:
+    def __init__(
+        self,
+        switch: Switch,
+        blobs: BlobStore,
+        kv: KV,
+        *,
+        quorum: int,
+        replicate: bool,
+    ) -> None:
+        self.switch = switch
+        self.blobs = blobs
+        self.kv = kv
+        self.quorum = quorum
+        self.replicate = replicate
+        self.me = switch.me
+        self.holders: OrderedDict[bytes, set[bytes]] = OrderedDict()
+        self.missing: set[bytes] = {k[len(T_MISSING) :] for k, _ in kv.scan(T_MISSING)}
+        self._waiters: dict[bytes, list[asyncio.Event]] = {}
+        self._fetching: set[bytes] = set()
+        self._semaphore = asyncio.Semaphore(FETCH_CONCURRENCY)
+        self._announce: list[bytes] = []
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._retry: asyncio.Task[None] | None = None
+        switch.handlers["blob_have"] = self._on_have
+        switch.handlers["blob_want"] = self._on_want
+        switch.routes.append(web.get("/p2p/blobs/{hash}", self._serve))
+        switch.on_connect.append(self._on_connect)
+
+    def start(self) -> None:
+        self._retry = asyncio.get_running_loop().create_task(self._retry_missing())
+
+    async def stop(self) -> None:
+        tasks = [*self._tasks, *([self._retry] if self._retry else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- who holds what ---------------------------------------------------------------------
+
+    def _holders(self, blob: bytes) -> set[bytes]:
+        holders = self.holders.get(blob)
+        if holders is None:
+            holders = self.holders[blob] = set()
+            while len(self.holders) > MAX_TRACKED:
+                self.holders.popitem(last=False)
+        return holders
+
+    def replicas(self, blob: bytes) -> list[bytes]:
+        found = set(self.holders.get(blob, set()))
+        if self.blobs.has(blob):
+            found.add(self.me)
+        return sorted(found)
+
+    async def wait_quorum(self, blob: bytes, timeout: float) -> int:
+        """Wait until ``quorum`` nodes hold ``blob`` (or ``timeout``); return how many do."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            count = len(self.replicas(blob))
+            remaining = deadline - asyncio.get_running_loop().time()
+            if count >= self.quorum or remaining <= 0:
+                return count
+            event = asyncio.Event()
+            self._waiters.setdefault(blob, []).append(event)
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                return len(self.replicas(blob))
+            finally:
+                waiters = self._waiters.get(blob, [])
+                if event in waiters:
+                    waiters.remove(event)
+                if not waiters:
+                    self._waiters.pop(blob, None)
+
+    def _wake(self, blob: bytes) -> None:
+        for event in self._waiters.get(blob, []):
+            event.set()
+
+    # --- announcing -------------------------------------------------------------------------
+
+    def stored(self, hashes: list[bytes]) -> None:
+        """We now hold these blobs: tell the peers (batched per event-loop turn)."""
+        for blob in hashes:
+            self._wake(blob)
+            if blob in self.missing:
+                self.missing.discard(blob)
+                self.kv.write({T_MISSING + blob: None}, sync=False)
+        if not self._announce:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._announce.extend(hashes)
+
+    def _flush(self) -> None:
+        batch, self._announce = self._announce, []
+        for start in range(0, len(batch), 4096):
+            self.switch.broadcast("blob_have", hashes=batch[start : start + 4096])
+
+    def _on_connect(self, peer: Peer) -> None:
+        if self.missing:
+            self.switch.send(peer, "blob_want", hashes=sorted(self.missing)[:4096])
+
+    def on_commit(self, committed: Committed) -> None:
+        """A committed record whose blob we lack goes on the missing list."""
+        new = []
+        for tx in committed.txs:
+            if tx.kind != "record":
+                continue
+            blob = tx.body["blob"]
+            if not self.blobs.has(blob) and blob not in self.missing and not self.erased(blob):
+                new.append(blob)
+        if new:
+            self.missing.update(new)
+            self.kv.write({T_MISSING + b: b"" for b in new}, sync=False)
+            self.switch.broadcast("blob_want", hashes=new[:4096])
+            for blob in new:
+                for holder in self.holders.get(blob, set()):
+                    peer = self.switch.peers.get(holder)
+                    if peer is not None:
+                        self._schedule_fetch(peer, blob)
+                        break
+
+    def erased(self, blob: bytes) -> bool:
+        return self.blobs.erased(blob)
+
+    # --- peers' messages --------------------------------------------------------------------
+
+    def _on_have(self, peer: Peer, fields: dict[str, Any]) -> None:
+        for blob in fields["hashes"]:
+            self._holders(blob).add(peer.key)
+            self._wake(blob)
+            wanted = blob in self.missing or self.replicate
+            if wanted and not self.blobs.has(blob) and not self.erased(blob):
+                self._schedule_fetch(peer, blob)
+
+    def _on_want(self, peer: Peer, fields: dict[str, Any]) -> None:
+        held = [blob for blob in fields["hashes"] if self.blobs.has(blob)]
+        if held:
+            self.switch.send(peer, "blob_have", hashes=held)
+
+    async def _retry_missing(self) -> None:
+        while True:
+            await asyncio.sleep(RETRY_MISSING_S)
+            if self.missing and self.switch.peers:
+                self.switch.broadcast("blob_want", hashes=sorted(self.missing)[:4096])
+
+    # --- fetching and serving ---------------------------------------------------------------
+
+    def _schedule_fetch(self, peer: Peer, blob: bytes) -> None:
+        if blob in self._fetching:
+            return
+        self._fetching.add(blob)
+        task = asyncio.get_running_loop().create_task(self._fetch(peer, blob))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _fetch(self, peer: Peer, blob: bytes) -> None:
+        try:
+            async with self._semaphore:
+                if self.blobs.has(blob) or self.erased(blob):
+                    return
+                path = f"/p2p/blobs/{blob.hex()}"
+                auth = request.authorization(
+                    self.switch.identity, self.switch.genesis.chain_id, "GET", path, now_ms()
+                )
+                url = f"http://{peer.address}{path}"
+                async with self.switch.session.get(url, headers={"Authorization": auth}) as resp:
+                    if resp.status != 200:
+                        log.debug(
+                            "peer %s could not serve blob %s (%d)",
+                            peer.short,
+                            blob.hex()[:12],
+                            resp.status,
+                        )
+                        return
+                    await self.blobs.put_stream(
+                        resp.content.iter_chunked(256 * 1024), expected=blob
+                    )
+            self.stored([blob])
+        except (aiohttp.ClientError, OSError, TimeoutError) as err:
+            log.info("fetching blob %s from %s failed: %s", blob.hex()[:12], peer.short, err)
+        except EhrError as err:
+            log.warning("peer %s sent a bad blob %s: %s", peer.short, blob.hex()[:12], err)
+        finally:
+            self._fetching.discard(blob)
+
+    async def _serve(self, req: web.Request) -> web.StreamResponse:
+        try:
+            signed = request.verify(
+                req.headers.get("Authorization"),
+                self.switch.genesis.chain_id,
+                req.method,
+                req.path_qs,
+                now_ms(),
+            )
+            if signed.key not in self.switch.peers:
+                raise NotAuthorised("only connected peers may fetch blobs")
+            blob = parse_hash(req.match_info["hash"])
+            info = self.blobs.info(blob)
+            if info is None:
+                raise NotFound("this node does not hold that blob")
+        except (NotAuthorised, NotFound, InvalidEncoding) as err:
+            return web.json_response(
+                {"error": {"code": err.code, "message": err.message}}, status=err.http_status
+            )
+        response = web.StreamResponse(
+            headers={"Content-Type": "application/octet-stream", "Content-Length": str(info.size)}
+        )
+        await response.prepare(req)
+        async for chunk in self.blobs.read_stream(blob):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+
+def default_quorum(validators: int) -> int:
+    """f + 1 for n = 3f + 1 (+ spares): enough copies that losing any f nodes loses none."""
+    return (validators - 1) // 3 + 1

@@ -1,0 +1,106 @@
+"""Consensus and transaction gossip over the switch.
+
+Validators are fully meshed, so every message goes straight from its author to every peer
+and nobody forwards: a validator's own proposals and votes (sent again by the engine's
+rebroadcast timer until the round moves on), and the transactions a node admitted from its
+clients (batched into one ``txs`` frame per event-loop turn). Duplicates are harmless: the
+engine ignores a vote it has, the mempool a transaction it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from ehrnode.admission import Admission
+from ehrnode.consensus.driver import Driver
+from ehrnode.core.block import Proposal, Vote
+from ehrnode.core.errors import EhrError, InvalidEncoding, PeerError
+from ehrnode.core.tx import Tx
+from ehrnode.p2p.switch import Peer, Switch
+
+log = logging.getLogger(__name__)
+
+
+class ConsensusGossip:
+    """The driver's ``Network``: signed consensus messages to and from the peers."""
+
+    def __init__(self, switch: Switch, max_block_bytes: int) -> None:
+        self.switch = switch
+        self.max_block_bytes = max_block_bytes
+        self.driver: Driver | None = None
+        switch.handlers["proposal"] = self._on_proposal
+        switch.handlers["vote"] = self._on_vote
+        switch.handlers["evidence"] = self._on_evidence
+
+    def broadcast_proposal(self, proposal: Proposal) -> None:
+        self.switch.broadcast("proposal", proposal=proposal.to_wire())
+
+    def broadcast_vote(self, vote: Vote) -> None:
+        self.switch.broadcast("vote", vote=vote.to_wire())
+
+    def broadcast_evidence(self, first: Vote, second: Vote) -> None:
+        self.switch.broadcast("evidence", a=first.to_wire(), b=second.to_wire())
+
+    def _on_proposal(self, peer: Peer, fields: dict[str, Any]) -> None:
+        try:
+            proposal = Proposal.from_wire(fields["proposal"], max_block_bytes=self.max_block_bytes)
+        except (InvalidEncoding, EhrError) as err:
+            raise PeerError(f"malformed proposal: {err}") from err
+        if self.driver is not None:
+            self.driver.submit_proposal(proposal)
+
+    def _on_vote(self, peer: Peer, fields: dict[str, Any]) -> None:
+        try:
+            vote = Vote.from_wire(fields["vote"])
+        except InvalidEncoding as err:
+            raise PeerError(f"malformed vote: {err}") from err
+        if self.driver is not None:
+            self.driver.submit_vote(vote)
+
+    def _on_evidence(self, peer: Peer, fields: dict[str, Any]) -> None:
+        try:
+            first, second = Vote.from_wire(fields["a"]), Vote.from_wire(fields["b"])
+        except InvalidEncoding as err:
+            raise PeerError(f"malformed evidence: {err}") from err
+        if self.driver is not None:
+            self.driver.submit_evidence(first, second)
+
+
+class TxGossip:
+    """Relays transactions admitted from clients; admits transactions peers relay."""
+
+    def __init__(self, switch: Switch, admission: Admission) -> None:
+        self.switch = switch
+        self.admission = admission
+        self._pending: list[bytes] = []
+        switch.handlers["txs"] = self._on_txs
+        admission.relays.append(self.relay)
+
+    def relay(self, txs: list[Tx]) -> None:
+        if not self.switch.peers:
+            return
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._pending.extend(tx.raw for tx in txs)
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if batch:
+            self.switch.broadcast("txs", txs=batch)
+
+    def _on_txs(self, peer: Peer, fields: dict[str, Any]) -> None:
+        rejected = 0
+        for raw in fields["txs"]:
+            try:
+                self.admission.submit(raw, relay=False, from_peer=True)
+            except EhrError:
+                rejected += 1  # already pending, or raced with a commit: not the peer's fault
+        if rejected:
+            log.debug(
+                "%d of %d relayed txs from %s not admitted",
+                rejected,
+                len(fields["txs"]),
+                peer.short,
+            )

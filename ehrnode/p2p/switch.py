@@ -1,0 +1,324 @@
+"""Authenticated peer links over aiohttp websockets, and the switch that owns them.
+
+A link: both ends send ``hello`` at once (chain id, genesis hash, node key, a fresh nonce,
+their advertised listen address), then ``auth``: a signature over the *other* end's nonce
+(``messages.auth_bytes``). A link is used only after both signatures verify and both ends
+agree on the chain id and the genesis hash; a dialer also insists the other end holds the
+key written in its peer list (``<key hex>@host:port``). If two links join the same pair,
+both ends keep the one dialed by the smaller key.
+
+Every frame after that is rate limited, size limited (aiohttp's ``max_msg_size``) and
+parsed by ``messages.decode``; a peer that sends a malformed frame is disconnected with the
+reason logged. Outgoing frames go through a bounded per-peer queue, so a slow peer cannot
+stall the node: when its queue is full it is dropped. Dialers reconnect with exponential
+backoff and jitter; websocket heartbeats detect dead links.
+
+Peers also fetch blobs from each other over HTTP on the same port (``/p2p/blobs/{hash}``),
+signed with the node key; only connected peers are served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from ehrnode.config import P2pConfig, split_address
+from ehrnode.core import crypto
+from ehrnode.core.errors import ConfigError, EhrError, InvalidEncoding, PeerError
+from ehrnode.core.genesis import Genesis
+from ehrnode.p2p import messages
+from ehrnode.rpc.limits import RateLimiter
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_TIMEOUT = 5.0
+HEARTBEAT = 5.0
+MAX_QUEUED_BYTES = 256 * 1024 * 1024
+BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
+
+Handler = Callable[["Peer", dict[str, Any]], Awaitable[None] | None]
+
+
+def parse_peer(text: str) -> tuple[bytes, str]:
+    """``<64 hex>@host:port`` -> (key, address)."""
+    key_hex, sep, address = text.partition("@")
+    if not sep:
+        raise ConfigError(f"peer '{text}' must be <public id>@host:port")
+    try:
+        key = crypto.from_hex(key_hex, what="peer public id")
+    except InvalidEncoding as err:
+        raise ConfigError(str(err)) from err
+    split_address(address, f"peer '{text}'")
+    return key, address
+
+
+class Peer:
+    def __init__(self, key: bytes, address: str, ws: Any, dialer_key: bytes) -> None:
+        self.key = key
+        self.address = address  # where its p2p server listens (from its hello)
+        self.ws = ws
+        self.dialer_key = dialer_key
+        self.height = 0
+        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._queued_bytes = 0
+        self._writer: asyncio.Task[None] | None = None
+        self.closed = False
+
+    @property
+    def short(self) -> str:
+        return self.key.hex()[:12]
+
+    def start_writer(self) -> None:
+        self._writer = asyncio.create_task(self._write(), name=f"peer-writer-{self.short}")
+
+    def send(self, frame: bytes) -> bool:
+        if self.closed:
+            return False
+        if self._queued_bytes + len(frame) > MAX_QUEUED_BYTES:
+            log.warning("peer %s is too slow (send queue full); disconnecting", self.short)
+            self.close()
+            return False
+        self._queued_bytes += len(frame)
+        self._queue.put_nowait(frame)
+        return True
+
+    async def _write(self) -> None:
+        try:
+            while True:
+                frame = await self._queue.get()
+                if frame is None:
+                    return
+                self._queued_bytes -= len(frame)
+                await self.ws.send_bytes(frame)
+        except (ConnectionError, RuntimeError, aiohttp.ClientError):
+            self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._queue.put_nowait(None)
+            asyncio.get_running_loop().create_task(self.ws.close())
+
+
+class Switch:
+    def __init__(self, identity: crypto.Identity, genesis: Genesis, config: P2pConfig) -> None:
+        self.identity = identity
+        self.genesis = genesis
+        self.genesis_hash = genesis.hash()
+        self.config = config
+        self.me = identity.public_key
+        self.peers: dict[bytes, Peer] = {}
+        self.handlers: dict[str, Handler] = {}
+        self.on_connect: list[Callable[[Peer], None]] = []
+        self.routes: list[web.RouteDef] = []
+        self.height: Callable[[], int] = lambda: 0
+        self.listen_address = config.listen
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopping = False
+        self.configured = [parse_peer(p) for p in config.peers]
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=1024 * 1024)
+        app.router.add_get("/p2p", self._accept)
+        app.router.add_routes(self.routes)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        host, port = split_address(self.config.listen, "p2p.listen")
+        site = web.TCPSite(self._runner, host, port, reuse_address=True)
+        await site.start()
+        sockets = getattr(site._server, "sockets", None) or []
+        if sockets:
+            self.listen_address = f"{host}:{sockets[0].getsockname()[1]}"
+        self._session = aiohttp.ClientSession()
+        for key, address in self.configured:
+            if key != self.me:
+                self._spawn(self._dial_forever(key, address), f"dial-{key.hex()[:12]}")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for peer in list(self.peers.values()):
+            peer.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None
+        return self._session
+
+    # --- sending --------------------------------------------------------------------------
+
+    def broadcast(self, kind: str, **fields: Any) -> None:
+        if not self.peers:
+            return
+        frame = messages.encode(kind, **fields)
+        for peer in list(self.peers.values()):
+            peer.send(frame)
+
+    def send(self, peer: Peer, kind: str, **fields: Any) -> None:
+        peer.send(messages.encode(kind, **fields))
+
+    # --- links ----------------------------------------------------------------------------
+
+    async def _dial_forever(self, key: bytes, address: str) -> None:
+        backoff = BACKOFF_MIN
+        url = f"http://{address}/p2p"
+        while not self._stopping:
+            if key in self.peers:
+                await asyncio.sleep(BACKOFF_MAX * random.uniform(0.5, 1.0))
+                continue
+            try:
+                ws = await self.session.ws_connect(
+                    url, max_msg_size=self.config.max_message_bytes, heartbeat=HEARTBEAT
+                )
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
+                backoff = min(BACKOFF_MAX, backoff * 2)
+                continue
+            backoff = BACKOFF_MIN
+            await self._run_link(ws, expected=key, dialer=True)
+
+    async def _accept(self, request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse(max_msg_size=self.config.max_message_bytes, heartbeat=HEARTBEAT)
+        await ws.prepare(request)
+        await self._run_link(ws, expected=None, dialer=False)
+        return ws
+
+    async def _run_link(self, ws: Any, *, expected: bytes | None, dialer: bool) -> None:
+        remote = "?"
+        try:
+            peer = await self._handshake(ws, expected, dialer)
+            remote = peer.short
+        except PeerError as err:
+            log_refusal = log.debug if "duplicate link" in str(err) else log.warning
+            log_refusal("refused a peer link (%s)", err)
+            await ws.close(
+                code=aiohttp.WSCloseCode.POLICY_VIOLATION, message=str(err)[:100].encode()
+            )
+            return
+        except (TimeoutError, ConnectionError, aiohttp.ClientError) as err:
+            log.info("peer handshake failed: %s", err or type(err).__name__)
+            await ws.close()
+            return
+        try:
+            await self._read(peer, ws)
+        except PeerError as err:
+            log.warning("disconnecting peer %s: %s", remote, err)
+        finally:
+            peer.close()
+            if self.peers.get(peer.key) is peer:
+                del self.peers[peer.key]
+                log.info("peer %s disconnected", remote)
+
+    async def _receive(self, ws: Any) -> tuple[str, dict[str, Any]]:
+        message = await asyncio.wait_for(ws.receive(), HANDSHAKE_TIMEOUT)
+        if message.type != aiohttp.WSMsgType.BINARY:
+            raise PeerError(
+                f"expected a binary frame during the handshake, got {message.type.name}"
+            )
+        return messages.decode(message.data, self.config.max_message_bytes)
+
+    async def _handshake(self, ws: Any, expected: bytes | None, dialer: bool) -> Peer:
+        nonce = secrets.token_bytes(32)
+        chain = self.genesis.chain_id
+        await ws.send_bytes(
+            messages.encode(
+                "hello",
+                chain=chain,
+                genesis=self.genesis_hash,
+                node=self.me,
+                nonce=nonce,
+                height=self.height(),
+                version=messages.PROTOCOL_VERSION,
+                listen=self.listen_address,
+            )
+        )
+        kind, hello = await self._receive(ws)
+        if kind != "hello":
+            raise PeerError(f"expected hello, got {kind}")
+        if hello["chain"] != chain:
+            raise PeerError(f"peer is on chain '{hello['chain']}', we are on '{chain}'")
+        if hello["genesis"] != self.genesis_hash:
+            raise PeerError("peer's genesis differs from ours")
+        if hello["version"] != messages.PROTOCOL_VERSION:
+            raise PeerError(f"peer speaks protocol version {hello['version']}")
+        them = hello["node"]
+        if them == self.me:
+            raise PeerError("connected to ourselves")
+        if expected is not None and them != expected:
+            raise PeerError(f"expected node {expected.hex()[:12]}, peer is {them.hex()[:12]}")
+        sig = self.identity.sign(
+            b"", messages.auth_bytes(chain, self.genesis_hash, self.me, them, hello["nonce"])
+        )
+        await ws.send_bytes(messages.encode("auth", sig=sig))
+        kind, auth = await self._receive(ws)
+        if kind != "auth":
+            raise PeerError(f"expected auth, got {kind}")
+        if not crypto.verify(
+            them,
+            b"",
+            messages.auth_bytes(chain, self.genesis_hash, them, self.me, nonce),
+            auth["sig"],
+        ):
+            raise PeerError(
+                f"peer {them.hex()[:12]} failed to prove its key (bad handshake signature)"
+            )
+        peer = Peer(them, hello["listen"], ws, self.me if dialer else them)
+        peer.height = hello["height"]
+        existing = self.peers.get(them)
+        if existing is not None and not existing.closed:
+            # Keep the link dialed by the smaller key, so both ends make the same choice; a
+            # redial by the same dialer replaces its old link (which it knows is dead).
+            if peer.dialer_key > existing.dialer_key:
+                raise PeerError("duplicate link to a connected peer")
+            existing.close()
+        self.peers[them] = peer
+        peer.start_writer()
+        log.info("peer %s connected (%s)", peer.short, "outbound" if dialer else "inbound")
+        for callback in self.on_connect:
+            callback(peer)
+        return peer
+
+    async def _read(self, peer: Peer, ws: Any) -> None:
+        limiter = RateLimiter(self.config.rate_per_s, burst=self.config.rate_per_s * 2)
+        async for message in ws:
+            if message.type != aiohttp.WSMsgType.BINARY:
+                if message.type in (aiohttp.WSMsgType.ERROR, aiohttp.WSMsgType.CLOSE):
+                    return
+                raise PeerError(f"unexpected {message.type.name} frame")
+            if not limiter.allow("peer"):
+                raise PeerError("message rate limit exceeded")
+            kind, fields = messages.decode(message.data, self.config.max_message_bytes)
+            handler = self.handlers.get(kind)
+            if handler is None:
+                raise PeerError(f"unexpected '{kind}' after the handshake")
+            try:
+                result = handler(peer, fields)
+                if result is not None:
+                    await result
+            except PeerError:
+                raise
+            except EhrError as err:
+                raise PeerError(f"invalid '{kind}': {err}") from err

@@ -1,0 +1,153 @@
+"""Block sync: a node that is behind fetches blocks with their certificates from a peer that
+is ahead, checks them and commits them, then goes on with consensus.
+
+Peers tell each other their head (``status``) when a link opens and after every commit.
+While some peer is ahead, one task asks one such peer for up to 256 blocks at a time
+(``get_blocks`` / ``blocks``). Each block must be the next height, its certificate must be
+for that very block and carry more than 2/3 of the current validators' power, and then it
+must apply to our state (``Driver.apply_certified``). A peer that sends a block or a
+certificate that does not verify is disconnected; a peer that does not answer in time is
+skipped for another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from typing import Any
+
+from ehrnode.consensus.driver import Committed, Driver
+from ehrnode.core import codec, state
+from ehrnode.core.block import Block, Certificate
+from ehrnode.core.errors import EhrError, InvalidBlock, InvalidEncoding, PeerError
+from ehrnode.p2p.switch import Peer, Switch
+from ehrnode.store.chain import Chain
+
+log = logging.getLogger(__name__)
+
+BATCH = 256
+RESPONSE_TIMEOUT = 15.0
+
+
+class BlockSync:
+    def __init__(
+        self, switch: Switch, chain: Chain, driver: Driver, max_message_bytes: int
+    ) -> None:
+        self.switch = switch
+        self.chain = chain
+        self.driver = driver
+        self.max_response_bytes = max(1024 * 1024, max_message_bytes - 1024 * 1024)
+        self._task: asyncio.Task[None] | None = None
+        self._pending: tuple[Peer, asyncio.Future[list[Any]]] | None = None
+        self.synced_blocks = 0
+        switch.handlers["status"] = self._on_status
+        switch.handlers["get_blocks"] = self._on_get_blocks
+        switch.handlers["blocks"] = self._on_blocks
+        switch.on_connect.append(self._greet)
+        switch.height = lambda: chain.head.height
+        driver.listeners.append(self._on_commit)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    # --- status ---------------------------------------------------------------------------
+
+    def _greet(self, peer: Peer) -> None:
+        head = self.chain.head
+        self.switch.send(peer, "status", height=head.height, head=head.id)
+
+    def _on_commit(self, committed: Committed) -> None:
+        head = self.chain.head
+        self.switch.broadcast("status", height=head.height, head=head.id)
+
+    def _on_status(self, peer: Peer, fields: dict[str, Any]) -> None:
+        peer.height = fields["height"]
+        if peer.height > self.chain.head.height and (self._task is None or self._task.done()):
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="block-sync")
+
+    @property
+    def syncing(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    # --- fetching -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            ours = self.chain.head.height
+            ahead = [p for p in self.switch.peers.values() if p.height > ours and not p.closed]
+            if not ahead:
+                return
+            peer = random.choice(ahead)
+            count = min(BATCH, peer.height - ours)
+            future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+            self._pending = (peer, future)
+            self.switch.send(peer, "get_blocks", **{"from": ours + 1, "count": count})
+            try:
+                items = await asyncio.wait_for(future, RESPONSE_TIMEOUT)
+            except TimeoutError:
+                log.info("peer %s did not answer a block request in time", peer.short)
+                peer.height = ours  # try someone else until it reports again
+                continue
+            finally:
+                self._pending = None
+            if not items:
+                peer.height = ours
+                continue
+            try:
+                await self._apply(items)
+            except PeerError as err:
+                log.warning("disconnecting peer %s: %s", peer.short, err)
+                peer.close()
+            except InvalidBlock as err:
+                log.error("block sync stopped: %s", err)
+                return
+
+    async def _apply(self, items: list[Any]) -> None:
+        chain_id = self.chain.genesis.chain_id
+        max_block = self.chain.genesis.params.max_block_bytes
+        for raw_block, raw_cert in items:
+            expected = self.chain.head.height + 1
+            try:
+                block = Block.decode(raw_block, max_bytes=max_block)
+                cert = Certificate.from_wire(codec.decode(raw_cert))
+            except (InvalidEncoding, InvalidBlock) as err:
+                raise PeerError(f"sent a malformed block: {err}") from err
+            height = block.header.height
+            if height < expected:
+                continue
+            if height != expected:
+                raise PeerError(f"sent block {height} when {expected} was next")
+            if cert.block != block.id or cert.height != height:
+                raise PeerError(f"sent a certificate that is not for block {height}")
+            try:
+                cert.verify(chain_id, state.validators(self.chain.state))
+            except InvalidBlock as err:
+                raise PeerError(f"sent block {height} with a bad certificate: {err}") from err
+            await self.driver.apply_certified(block, cert)
+            self.synced_blocks += 1
+
+    def _on_blocks(self, peer: Peer, fields: dict[str, Any]) -> None:
+        if self._pending is not None and self._pending[0] is peer and not self._pending[1].done():
+            self._pending[1].set_result(fields["items"])
+
+    # --- serving --------------------------------------------------------------------------
+
+    def _on_get_blocks(self, peer: Peer, fields: dict[str, Any]) -> None:
+        first = fields["from"]
+        last = min(self.chain.head.height, first + fields["count"] - 1)
+        items: list[list[bytes]] = []
+        size = 0
+        for height in range(first, last + 1):
+            try:
+                raw = self.chain.block_raw(height)
+                cert = self.chain.certificate(height).encode()
+            except EhrError:
+                break
+            if items and size + len(raw) + len(cert) > self.max_response_bytes:
+                break
+            items.append([raw, cert])
+            size += len(raw) + len(cert)
+        self.switch.send(peer, "blocks", items=items)

@@ -1,0 +1,186 @@
+"""RPC routes for ciphertext: uploading blobs (streamed, or many small ones at once),
+reading a record's content as an authorised reader, and the patient's access log.
+
+Every route here needs a signed request (``core.request``): uploads from a registered
+identity, reads from the patient, the record's author or a grantee in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgpack
+from aiohttp import web
+
+from ehrnode.blobs.replication import Replication
+from ehrnode.blobs.store import BlobStore, parse_hash
+from ehrnode.config import RpcConfig
+from ehrnode.core import crypto, state
+from ehrnode.core.errors import InvalidEncoding, NotAuthorised, NotFound
+from ehrnode.mempool import Mempool
+from ehrnode.rpc import params, views
+from ehrnode.rpc.params import now_ms
+from ehrnode.store.access import AccessLog
+from ehrnode.store.chain import Chain
+
+
+def error_response(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
+class ContentApi:
+    def __init__(
+        self,
+        *,
+        config: RpcConfig,
+        identity: crypto.Identity,
+        chain: Chain,
+        mempool: Mempool,
+        blobs: BlobStore,
+        access: AccessLog,
+        auth: params.RequestAuth,
+        replication: Replication | None,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.chain = chain
+        self.mempool = mempool
+        self.blobs = blobs
+        self.access = access
+        self.auth = auth
+        self.replication = replication
+
+    def add_routes(self, app: web.Application) -> None:
+        r = app.router
+        r.add_get("/v1/records/{id}/content", self.get_record_content)
+        r.add_get("/v1/patients/{key}/access-log", self.get_access_log)
+        r.add_put("/v1/blobs/{hash}", self.put_blob)
+        r.add_post("/v1/blobs", self.post_blobs)
+        r.add_route("HEAD", "/v1/blobs/{hash}", self.head_blob)
+        r.add_get("/v1/blobs/{hash}/replicas", self.get_replicas)
+
+    async def get_record_content(self, req: web.Request) -> web.StreamResponse:
+        """The ciphertext and the reader's wrapped key, for a signed, authorised reader."""
+        signed = self.auth.verify(req)
+        record_id = params.tx_id(req)
+        record = views.committed_record(self.chain, record_id)
+        if record["erased"]:
+            return error_response(
+                410,
+                "record_erased",
+                f"the patient erased this record at height {record.get('erased_at')}; "
+                "only its hash remains",
+            )
+        now = now_ms()
+        if not state.may_read(self.chain.state, record_id, signed.key, now):
+            raise NotAuthorised(
+                "the patient has not granted this key access to this record", code="not_granted"
+            )
+        info = self.blobs.info(record["blob"])
+        if info is None:
+            raise NotFound("this node does not hold the record's ciphertext", code="blob_missing")
+        wrapped = self.chain.state.get(state.P_KEY + record_id + signed.key)
+        await self.access.kv.run(
+            self.access.append, record["patient"], signed.key, record_id, signed.sig, now
+        )
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(info.size),
+                "Ehr-Record-Type": record["type"],
+                "Ehr-Wrapped-Key": "" if wrapped is None else wrapped.hex(),
+            }
+        )
+        await response.prepare(req)
+        async for chunk in self.blobs.read_stream(record["blob"]):
+            await response.write(chunk)
+        await response.write_eof()
+        return response
+
+    async def get_access_log(self, req: web.Request) -> web.Response:
+        signed = self.auth.verify(req)
+        patient = params.key(req)
+        if signed.key != patient:
+            raise NotAuthorised("only the patient can read their access log", code="not_patient")
+        after = params.int_query(req, "after", -1, -1, 1 << 62)
+        limit = params.int_query(req, "limit", 100, 1, views.MAX_PAGE)
+        entries = self.access.entries(patient, after=after, limit=limit)
+        return web.json_response({"patient": patient.hex(), "entries": views.hexify(entries)})
+
+    # --- blobs --------------------------------------------------------------------------
+
+    async def put_blob(self, req: web.Request) -> web.Response:
+        signed = self.auth.verify(req)
+        self._require_registered(signed.key)
+        expected = parse_hash(req.match_info["hash"])
+        info = await self.blobs.put_stream(
+            req.content.iter_chunked(256 * 1024), expected, req.content_length
+        )
+        replicas = await self._replicate([info.hash])
+        return web.json_response(
+            {"hash": info.hash.hex(), "size": info.size, **replicas[0]}, status=201
+        )
+
+    async def post_blobs(self, req: web.Request) -> web.Response:
+        """Many small blobs at once: a msgpack array of byte strings, one synced write."""
+        raw = await params.raw_body(req)
+        signed = self.auth.verify(req, raw)
+        self._require_registered(signed.key)
+        try:
+            items = msgpack.unpackb(raw, raw=False, max_array_len=self.config.max_batch_txs)
+        except Exception as err:
+            raise InvalidEncoding("a blob batch is a msgpack array of byte strings") from err
+        if not isinstance(items, list) or not all(isinstance(i, bytes) for i in items):
+            raise InvalidEncoding("a blob batch is a msgpack array of byte strings")
+        hashes = await self.blobs.kv.run(self.blobs.put_many, items)
+        replicas = await self._replicate(hashes)
+        durable = all(r["durable"] for r in replicas)
+        return web.json_response(
+            {"hashes": [h.hex() for h in hashes], "durable": durable}, status=201
+        )
+
+    async def _replicate(self, hashes: list[bytes]) -> list[dict[str, Any]]:
+        """Announce new blobs and wait until a write quorum holds each (or time runs out)."""
+        if self.replication is None:
+            return [{"replicas": 1, "quorum": 1, "durable": True} for _ in hashes]
+        replication = self.replication
+        replication.stored(hashes)
+        timeout = self.config.commit_timeout_s
+        counts = await asyncio.gather(*(replication.wait_quorum(h, timeout) for h in hashes))
+        return [
+            {"replicas": n, "quorum": replication.quorum, "durable": n >= replication.quorum}
+            for n in counts
+        ]
+
+    async def get_replicas(self, req: web.Request) -> web.Response:
+        """Which nodes hold a blob, and whether that meets the write quorum."""
+        blob = parse_hash(req.match_info["hash"])
+        holders = [self.identity.public_key] if self.blobs.has(blob) else []
+        quorum = 1
+        if self.replication is not None:
+            holders = self.replication.replicas(blob)
+            quorum = self.replication.quorum
+        return web.json_response(
+            {
+                "hash": blob.hex(),
+                "local": self.blobs.has(blob),
+                "holders": [h.hex() for h in holders],
+                "quorum": quorum,
+                "durable": len(holders) >= quorum,
+            }
+        )
+
+    def _require_registered(self, key: bytes) -> None:
+        account = self.chain.load_state(state.P_ACCT + key)
+        pending = state.load(self.mempool.check_state, state.P_ACCT + key)
+        if account is None and pending is None:
+            raise NotAuthorised(
+                "only registered identities may upload ciphertext", code="unregistered_signer"
+            )
+
+    async def head_blob(self, req: web.Request) -> web.Response:
+        info = self.blobs.info(parse_hash(req.match_info["hash"]))
+        if info is None:
+            return web.Response(status=404)
+        return web.Response(status=200, headers={"Ehr-Blob-Size": str(info.size)})

@@ -1,0 +1,65 @@
+"""Parsing what a request carries: ids in the path, query integers, bodies, signatures."""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from ehrnode.core import crypto, request
+from ehrnode.core.errors import InvalidEncoding, NotAuthorised
+from ehrnode.rpc.limits import ReplayCache
+
+MSGPACK = "application/msgpack"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def key(req: web.Request, name: str = "key") -> bytes:
+    return crypto.from_hex(req.match_info[name], what=name)
+
+
+def tx_id(req: web.Request, name: str = "id") -> bytes:
+    return crypto.from_hex(req.match_info[name], what=f"{name} (a 64-hex transaction id)")
+
+
+def int_query(req: web.Request, name: str, default: int, lo: int, hi: int) -> int:
+    raw = req.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError as err:
+        raise InvalidEncoding(f"query parameter {name} must be an integer") from err
+    if not lo <= value <= hi:
+        raise InvalidEncoding(f"query parameter {name} must be from {lo} to {hi}")
+    return value
+
+
+async def raw_body(req: web.Request) -> bytes:
+    if req.content_type not in (MSGPACK, "application/octet-stream"):
+        raise InvalidEncoding(f"send the body as {MSGPACK}")
+    return await req.read()
+
+
+class RequestAuth:
+    """Checks signed requests (``core.request``) and refuses a nonce seen before."""
+
+    def __init__(self, chain_id: str) -> None:
+        self.chain_id = chain_id
+        self.replay = ReplayCache(request.MAX_SKEW_MS * 2)
+
+    def verify(self, req: web.Request, body: bytes | None = None) -> request.SignedRequest:
+        signed = request.verify(
+            req.headers.get("Authorization"),
+            self.chain_id,
+            req.method,
+            req.path_qs,
+            now_ms(),
+            body,
+        )
+        if not self.replay.add(signed.nonce, signed.ts):
+            raise NotAuthorised("this signed request was already used", code="replayed_request")
+        return signed
