@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ehrnode.client.errors import InvalidEncoding, LimitExceeded, NotFound
+from ehrnode.client.errors import InvalidEncoding, LimitExceeded, RecordErased
 from ehrnode.client.values import KeyLike, Submitted, key_bytes, to_ms
 from ehrnode.client.verification import AccessLogChecker, decode_entry, verify_proof
 from ehrnode.core import crypto, tx
@@ -101,7 +101,7 @@ async def erase(client: Client, record_id: KeyLike, *, wait: bool) -> list[Submi
     versions = await client.versions(record_id)
     ids = [bytes.fromhex(v["id"]) for v in versions if not v["erased"]]
     if not ids:
-        raise NotFound("every version of this record is already erased", code="record_erased")
+        raise RecordErased("every version of this record is already erased")
     step = tx.MAX_RECORDS_PER_ERASE
     return [
         await client.submit("erase", {"records": ids[i : i + step]}, wait=wait)

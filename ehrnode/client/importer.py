@@ -1,0 +1,441 @@
+"""Import Synthea patient Bundles (FHIR R4 transaction Bundles) into the network.
+
+Per bundle:
+
+1. Organizations become institutions, endorsed by the importing key (a validator's).
+2. Practitioners become providers, endorsed by their organization's institution (the
+   ``serviceProvider`` of an Encounter they took part in) or else by the importing key.
+3. The Patient becomes a patient identity that registers itself, without a name: names on
+   the chain are public, and a patient's name is health data.
+4. Every other resource, the Patient resource included, is written for that patient by
+   a provider: the first practitioner the resource references, else the practitioner of
+   its Encounter, else a provider of the bundle's first organization (else any provider
+   of the bundle, else the patient). Records go up in batches: blobs in one request,
+   transactions in one ``/v1/txs/batch`` that waits for their commit.
+
+References may be ``urn:uuid:…`` fullUrls, ``Type/id`` or ``Type?identifier=system|value``.
+
+Identities are key files in ``keys_dir`` (``org-<id>.json``, ``practitioner-<id>.json``,
+``patient-<Patient id>.json``) and a manifest per patient (``import-<Patient id>.json``:
+bundle entry fullUrl -> record id). A second run reuses the keys, registers nothing twice
+and skips the entries its manifest already holds, so it is idempotent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ehrnode.client.errors import InvalidResource
+from ehrnode.client.sdk import Client, seal_record, standing_readers
+from ehrnode.core import tx
+from ehrnode.core.crypto import Identity
+from ehrnode.core.errors import ConfigError, EhrError, NotAuthorised
+from ehrnode.keys import load_identity, save_identity
+
+BATCH = 500
+IDENTITY_TYPES = ("Organization", "Practitioner")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+
+Progress = Callable[[int], None]
+
+
+# --- reading bundles ---------------------------------------------------------------------------
+
+
+def bundle_files(paths: list[Path]) -> list[Path]:
+    """Bundle files named or inside the named folders (``*.json``, sorted)."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(path.glob("*.json")))
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ConfigError(f"{path} is neither a bundle file nor a folder")
+    return files
+
+
+def load_bundle(path: Path) -> list[dict[str, Any]]:
+    """The entries of a FHIR Bundle file, each with a ``resource``."""
+    try:
+        bundle = json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise InvalidResource(f"{path}: not a readable JSON file: {err}") from err
+    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+        raise InvalidResource(f"{path}: not a FHIR Bundle")
+    entries = bundle.get("entry") or []
+    if not isinstance(entries, list) or not all(
+        isinstance(e, dict) and isinstance(e.get("resource"), dict) for e in entries
+    ):
+        raise InvalidResource(f"{path}: every Bundle entry must hold a resource")
+    return entries
+
+
+def entry_url(entry: dict[str, Any]) -> str:
+    resource = entry["resource"]
+    return str(entry.get("fullUrl") or f"{resource.get('resourceType')}/{resource.get('id')}")
+
+
+class BundleIndex:
+    """Resolves the references inside one bundle to its entries' resources."""
+
+    def __init__(self, entries: list[dict[str, Any]]) -> None:
+        self.by_url: dict[str, dict[str, Any]] = {}
+        self.by_identifier: dict[tuple[str, str], dict[str, Any]] = {}
+        for entry in entries:
+            resource = entry["resource"]
+            kind = resource.get("resourceType")
+            if entry.get("fullUrl"):
+                self.by_url[entry["fullUrl"]] = resource
+            if resource.get("id"):
+                self.by_url[f"{kind}/{resource['id']}"] = resource
+            for ident in resource.get("identifier") or []:
+                if isinstance(ident, dict) and ident.get("value"):
+                    value = str(ident["value"])
+                    self.by_identifier[(kind, value)] = resource
+                    self.by_identifier[(kind, f"{ident.get('system', '')}|{value}")] = resource
+
+    def resolve(self, reference: str) -> dict[str, Any] | None:
+        if reference in self.by_url:
+            return self.by_url[reference]
+        if "?" in reference:
+            kind, _, query = reference.partition("?")
+            for part in query.split("&"):
+                name, _, value = part.partition("=")
+                if name == "identifier":
+                    return self.by_identifier.get((kind.rsplit("/", 1)[-1], value))
+            return None
+        parts = reference.rstrip("/").split("/")
+        if len(parts) >= 2:  # Type/id, possibly absolute or with /_history/n
+            if len(parts) >= 4 and parts[-2] == "_history":
+                parts = parts[:-2]
+            return self.by_url.get(f"{parts[-2]}/{parts[-1]}")
+        return None
+
+    def references(self, value: Any) -> Iterator[dict[str, Any]]:
+        """Every resource of this bundle that ``value`` references, in document order."""
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key == "reference" and isinstance(item, str):
+                    target = self.resolve(item)
+                    if target is not None:
+                        yield target
+                else:
+                    yield from self.references(item)
+        elif isinstance(value, list):
+            for item in value:
+                yield from self.references(item)
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+@dataclass
+class BundleResult:
+    file: str
+    patient: str
+    patient_resource: str
+    records: dict[str, str] = field(default_factory=dict)
+    counts: Counter[str] = field(default_factory=Counter)
+    skipped: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "file": self.file,
+            "patient": self.patient,
+            "patient_resource": self.patient_resource,
+            "written": sum(self.counts.values()),
+            "skipped": self.skipped,
+            "counts": dict(sorted(self.counts.items())),
+            "records": self.records,
+        }
+
+
+@dataclass
+class ImportResult:
+    bundles: list[BundleResult] = field(default_factory=list)
+    registered: Counter[str] = field(default_factory=Counter)
+
+    @property
+    def counts(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for bundle in self.bundles:
+            total.update(bundle.counts)
+        return total
+
+    def to_json(self) -> dict[str, Any]:
+        counts = self.counts
+        return {
+            "bundles": [b.to_json() for b in self.bundles],
+            "patients": [b.patient for b in self.bundles],
+            "counts": dict(sorted(counts.items())),
+            "written": sum(counts.values()),
+            "skipped": sum(b.skipped for b in self.bundles),
+            "registered": dict(sorted(self.registered.items())),
+        }
+
+
+# --- the import --------------------------------------------------------------------------------
+
+
+def _safe(text: str) -> str:
+    return _UNSAFE.sub("_", text)[:100] or "unnamed"
+
+
+def _practitioner_name(resource: dict[str, Any]) -> str | None:
+    for name in resource.get("name") or []:
+        if not isinstance(name, dict):
+            continue
+        words = [*(name.get("prefix") or []), *(name.get("given") or [])]
+        if name.get("family"):
+            words.append(name["family"])
+        text = " ".join(str(w) for w in words).strip() or str(name.get("text", "")).strip()
+        if text:
+            return text[: tx.MAX_NAME_CHARS]
+    return None
+
+
+def _org_name(resource: dict[str, Any]) -> str | None:
+    name = resource.get("name")
+    return str(name)[: tx.MAX_NAME_CHARS] if isinstance(name, str) and name else None
+
+
+class Importer:
+    """Imports bundles through ``client``, whose identity endorses the institutions."""
+
+    def __init__(
+        self,
+        client: Client,
+        keys_dir: Path,
+        *,
+        batch: int = BATCH,
+        progress: Progress | None = None,
+        grow: Progress | None = None,
+    ) -> None:
+        self.client = client
+        self.keys_dir = keys_dir
+        self.batch = batch
+        self.progress = progress or (lambda n: None)
+        self.grow = grow or (lambda n: None)
+        self.result = ImportResult()
+
+    def identity(self, name: str) -> Identity:
+        """The key file ``name`` in keys_dir, created on first use."""
+        path = self.keys_dir / name
+        if path.exists():
+            return load_identity(path)
+        identity = Identity.generate()
+        save_identity(identity, path)
+        return identity
+
+    async def check_endorser(self) -> None:
+        status = await self.client.transport.get_json("/v1/status")
+        validators = {v["key"] for v in status.get("validators", [])}
+        if self.client.public_id not in validators:
+            raise NotAuthorised(
+                "the import key must be a current validator's (e.g. a node's node_key.json): "
+                "it endorses each Organization as an institution",
+                code="not_endorsed",
+            )
+
+    async def run(self, files: list[Path]) -> ImportResult:
+        await self.check_endorser()
+        for path in files:
+            self.result.bundles.append(await self.import_bundle(path))
+        return self.result
+
+    async def _register(self, batch: list[tuple[Identity, str, dict[str, Any]]]) -> None:
+        """Register those not yet registered, in one batch that waits for commit."""
+        todo = []
+        for identity, kind, body in batch:
+            account = await self.client.account(identity.public_key)
+            if not account["registered"]:
+                todo.append((identity, kind, body))
+            elif account["role"] != body["role"]:
+                raise EhrError(
+                    f"key {identity.public_id[:16]}… is registered as {account['role']}, "
+                    f"not {body['role']}",
+                    code="already_registered",
+                )
+        if todo:
+            await self.client.submit_many(todo)
+            self.result.registered.update(body["role"] for _, _, body in todo)
+
+    async def import_bundle(self, path: Path) -> BundleResult:
+        entries = load_bundle(path)
+        self.grow(len(entries))
+        index = BundleIndex(entries)
+        by_kind: dict[str, list[dict[str, Any]]] = {}
+        for entry in entries:
+            by_kind.setdefault(str(entry["resource"].get("resourceType")), []).append(entry)
+        patients = by_kind.get("Patient", [])
+        if len(patients) != 1:
+            raise InvalidResource(
+                f"{path}: a Synthea bundle holds one Patient, not {len(patients)}"
+            )
+        patient_resource = patients[0]["resource"]
+        patient_rid = str(patient_resource.get("id") or path.stem)
+
+        # 1. institutions
+        orgs: dict[int, Identity] = {}
+        batch: list[tuple[Identity, str, dict[str, Any]]] = []
+        for entry in by_kind.get("Organization", []):
+            org = entry["resource"]
+            identity = self.identity(f"org-{_safe(str(org.get('id') or entry_url(entry)))}.json")
+            orgs[id(org)] = identity
+            body: dict[str, Any] = {
+                "role": "institution",
+                "endorsement": self.client.endorse(identity.public_key, "institution"),
+            }
+            if _org_name(org):
+                body["name"] = _org_name(org)
+            batch.append((identity, "register", body))
+        await self._register(batch)
+
+        # 2. providers, each with the organization it works for
+        works_for: dict[int, dict[str, Any]] = {}
+        for entry in by_kind.get("Encounter", []):
+            encounter = entry["resource"]
+            org = self._first(index, encounter.get("serviceProvider"), "Organization")
+            if org is None:
+                continue
+            for participant in encounter.get("participant") or []:
+                prac = self._first(index, participant, "Practitioner")
+                if prac is not None:
+                    works_for.setdefault(id(prac), org)
+        providers: dict[int, Identity] = {}
+        batch = []
+        for entry in by_kind.get("Practitioner", []):
+            prac = entry["resource"]
+            identity = self.identity(
+                f"practitioner-{_safe(str(prac.get('id') or entry_url(entry)))}.json"
+            )
+            providers[id(prac)] = identity
+            org = works_for.get(id(prac))
+            endorser = orgs[id(org)] if org is not None else self.client.identity
+            body = {
+                "role": "provider",
+                "endorsement": tx.endorse(
+                    endorser, self.client.chain_id, "provider", identity.public_key
+                ),
+            }
+            if _practitioner_name(prac):
+                body["name"] = _practitioner_name(prac)
+            batch.append((identity, "register", body))
+        # 3. the patient, self-registered and nameless
+        patient = self.identity(f"patient-{_safe(patient_rid)}.json")
+        batch.append((patient, "register", {"role": "patient"}))
+        await self._register(batch)
+        self.progress(sum(len(by_kind.get(k, [])) for k in IDENTITY_TYPES))
+
+        # 4. records
+        first_org = by_kind.get("Organization", [{}])[0].get("resource")
+        default = self._default_writer(providers, works_for, first_org, patient)
+        manifest_path = self.keys_dir / f"import-{_safe(patient_rid)}.json"
+        result = BundleResult(str(path), patient.public_id, patient_rid)
+        result.records = self._load_manifest(manifest_path, patient.public_id)
+        todo = []
+        for entry in entries:
+            if entry["resource"].get("resourceType") in IDENTITY_TYPES:
+                continue
+            if entry_url(entry) in result.records:
+                result.skipped += 1
+                self.progress(1)
+                continue
+            todo.append(entry)
+        grants = await self.client.grants(patient.public_key)
+        for start in range(0, len(todo), self.batch):
+            chunk = todo[start : start + self.batch]
+            writers = [self._writer(index, e["resource"], providers, default) for e in chunk]
+            await self._write(patient.public_key, chunk, writers, grants, result)
+            self._save_manifest(manifest_path, patient.public_id, result.records)
+            self.progress(len(chunk))
+        return result
+
+    @staticmethod
+    def _first(index: BundleIndex, value: Any, kind: str) -> dict[str, Any] | None:
+        for target in index.references(value):
+            if target.get("resourceType") == kind:
+                return target
+        return None
+
+    @staticmethod
+    def _default_writer(
+        providers: dict[int, Identity],
+        works_for: dict[int, dict[str, Any]],
+        first_org: dict[str, Any] | None,
+        patient: Identity,
+    ) -> Identity:
+        if first_org is not None:
+            for prac_key, org in works_for.items():
+                if org is first_org and prac_key in providers:
+                    return providers[prac_key]
+        return next(iter(providers.values()), patient)
+
+    def _writer(
+        self,
+        index: BundleIndex,
+        resource: dict[str, Any],
+        providers: dict[int, Identity],
+        default: Identity,
+    ) -> Identity:
+        for target in index.references(resource):
+            if id(target) in providers:
+                return providers[id(target)]
+        encounter = self._first(index, resource.get("encounter"), "Encounter")
+        if encounter is not None:
+            for target in index.references(encounter.get("participant")):
+                if id(target) in providers:
+                    return providers[id(target)]
+        return default
+
+    async def _write(
+        self,
+        patient: bytes,
+        entries: list[dict[str, Any]],
+        writers: list[Identity],
+        grants: list[dict[str, Any]],
+        result: BundleResult,
+    ) -> None:
+        sealed = []
+        for entry, writer in zip(entries, writers, strict=True):
+            resource = entry["resource"]
+            try:
+                kind = str(resource.get("resourceType"))
+                readers = {patient, writer.public_key} | standing_readers(grants, kind)
+                sealed.append(seal_record(patient, resource, readers))
+            except InvalidResource as err:
+                raise InvalidResource(f"{result.file}: entry {entry_url(entry)}: {err}") from err
+        await self.client.upload_many([s.blob for s in sealed])
+        submitted = await self.client.submit_many(
+            [(w, "record", s.body) for w, s in zip(writers, sealed, strict=True)]
+        )
+        for entry, done in zip(entries, submitted, strict=True):
+            result.records[entry_url(entry)] = done.id
+            result.counts[str(entry["resource"]["resourceType"])] += 1
+
+    @staticmethod
+    def _load_manifest(path: Path, patient: str) -> dict[str, str]:
+        if not path.exists():
+            return {}
+        try:
+            manifest = json.loads(path.read_text())
+            records = manifest["records"]
+            if manifest["patient"] != patient or not isinstance(records, dict):
+                raise ValueError("it belongs to another patient key")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"import manifest {path} cannot be used: {err}") from err
+        return {str(k): str(v) for k, v in records.items()}
+
+    @staticmethod
+    def _save_manifest(path: Path, patient: str, records: dict[str, str]) -> None:
+        part = path.with_name(path.name + ".part")
+        part.write_text(json.dumps({"patient": patient, "records": records}, indent=1) + "\n")
+        os.replace(part, path)

@@ -1,0 +1,297 @@
+"""The SDK against a running node: a doctor writes, the patient reads, consent decides who
+else can, erasure shreds, and the audit trail and proofs check out on the client."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ehrnode.client import Client, RecordErased
+from ehrnode.client.errors import (
+    AuditLogBroken,
+    InvalidBlock,
+    InvalidResource,
+    InvalidTransaction,
+    NotAuthorised,
+    NotFound,
+)
+from ehrnode.client.sdk import seal_record
+from ehrnode.client.verification import AccessLogChecker, decode_entry, verify_proof
+from ehrnode.core import codec
+from ehrnode.core.crypto import Identity
+from ehrnode.core.errors import EhrError
+from ehrnode.node import Node
+
+
+def observation(text: str, value: float = 72.0) -> dict[str, Any]:
+    return {
+        "resourceType": "Observation",
+        "status": "final",
+        "code": {"text": text},
+        "valueQuantity": {"value": value, "unit": "/min"},
+    }
+
+
+CONDITION = {
+    "resourceType": "Condition",
+    "code": {"text": "Asthma"},
+    "subject": {"reference": "Patient/1"},
+}
+
+
+@dataclass
+class Cast:
+    validator: Client
+    doctor: Client
+    patient: Client
+    other: Client  # a second provider: a stranger to the patient until granted
+
+
+@pytest.fixture
+async def cast(node: Node) -> AsyncIterator[Cast]:
+    async with Client(node.rpc_url, node.identity) as validator:
+        doctor = validator.as_identity(Identity.generate())
+        patient = validator.as_identity(Identity.generate())
+        other = validator.as_identity(Identity.generate())
+        await patient.register("patient")
+        for provider, name in ((doctor, "Dr Who"), (other, "Dr No")):
+            await provider.register(
+                "provider", name, validator.endorse(provider.public_key, "provider")
+            )
+        yield Cast(validator, doctor, patient, other)
+
+
+async def key_holders(client: Client, record_id: str) -> set[str]:
+    reply = await client.transport.get_json(f"/v1/txs/{record_id}")
+    return {pair[0] for pair in reply["tx"]["body"]["keys"]}
+
+
+async def test_doctor_writes_patient_reads_and_a_stranger_cannot(cast: Cast) -> None:
+    resource = observation("Heart rate")
+    written = await cast.doctor.put(cast.patient.public_id, resource)
+    assert written.status == "committed" and written.height is not None
+
+    assert await cast.patient.read(written.id) == resource
+    assert await cast.doctor.read(written.id) == resource  # the author keeps a key
+    record = await cast.patient.record(written.id)
+    assert record["author"] == cast.doctor.public_id and record["type"] == "Observation"
+
+    with pytest.raises(NotAuthorised) as caught:
+        await cast.other.read(written.id)
+    assert caught.value.code == "not_granted"
+
+    # Even with the ciphertext and every wrapped key, the stranger opens nothing.
+    reply = await cast.other.transport.get_json(f"/v1/txs/{written.id}")
+    pairs = reply["tx"]["body"]["keys"]
+    assert {p[0] for p in pairs} == {cast.patient.public_id, cast.doctor.public_id}
+    for _holder, wrapped in pairs:
+        with pytest.raises(NotAuthorised):
+            cast.other.identity.unwrap_key(bytes.fromhex(wrapped))
+
+
+async def test_listed_grant_lets_the_grantee_read_until_revoked(cast: Cast) -> None:
+    shared = await cast.doctor.put(cast.patient.public_id, observation("Shared"))
+    private = await cast.doctor.put(cast.patient.public_id, observation("Private"))
+
+    grant = await cast.patient.grant(cast.other.public_id, [shared.id])
+    assert await cast.other.read(shared.id) == observation("Shared")
+    with pytest.raises(NotAuthorised):
+        await cast.other.read(private.id)
+    [view] = await cast.patient.grants()
+    assert view["id"] == grant.id and view["scope"] == "records" and view["in_force"]
+
+    await cast.patient.revoke(grant.id)
+    with pytest.raises(NotAuthorised) as caught:
+        await cast.other.read(shared.id)
+    assert caught.value.code == "not_granted" and caught.value.http_status == 403
+
+
+async def test_standing_grant_wraps_new_records_and_revoke_ends_it(cast: Cast) -> None:
+    patient, grantee = cast.patient, cast.other
+    before = await cast.doctor.put(patient.public_id, observation("Before the grant"))
+    grant = await patient.grant(grantee.public_id, standing=True, types=["Observation"])
+
+    # Existing records of the granted type were re-wrapped in the grant itself.
+    assert await grantee.read(before.id) == observation("Before the grant")
+    # A new record is wrapped to the standing grantee by the writer, automatically.
+    after = await cast.doctor.put(patient.public_id, observation("After the grant"))
+    assert grantee.public_id in await key_holders(cast.doctor, after.id)
+    assert await grantee.read(after.id) == observation("After the grant")
+    # Other types are not covered.
+    condition = await cast.doctor.put(patient.public_id, CONDITION)
+    assert grantee.public_id not in await key_holders(cast.doctor, condition.id)
+    with pytest.raises(NotAuthorised):
+        await grantee.read(condition.id)
+
+    await patient.revoke(grant.id)
+    with pytest.raises(NotAuthorised) as caught:
+        await grantee.read(after.id)
+    assert caught.value.code == "not_granted"
+    late = await cast.doctor.put(patient.public_id, observation("After the revoke"))
+    assert await key_holders(cast.doctor, late.id) == {patient.public_id, cast.doctor.public_id}
+    with pytest.raises(NotAuthorised):
+        await grantee.read(late.id)
+
+
+async def test_a_writer_that_skips_a_standing_grantee_is_rejected(cast: Cast) -> None:
+    """The rule the SDK follows is enforced by the chain: leave a grantee out, lose."""
+    await cast.patient.grant(cast.other.public_id, standing=True)
+    sealed = seal_record(
+        cast.patient.public_key, observation("x"), {cast.patient.public_key, cast.doctor.public_key}
+    )
+    await cast.doctor.upload(sealed.blob)
+    with pytest.raises(InvalidTransaction) as caught:
+        await cast.doctor.submit("record", sealed.body)
+    assert caught.value.code == "missing_grantee_key"
+    # The failed submission did not wedge the doctor's nonce count.
+    assert (await cast.doctor.put(cast.patient.public_id, observation("y"))).status == "committed"
+
+
+async def test_erase_shreds_every_version(cast: Cast, node: Node) -> None:
+    first = await cast.doctor.put(cast.patient.public_id, observation("v1", 1.0))
+    second = await cast.doctor.put(cast.patient.public_id, observation("v2", 2.0), first.id)
+    versions = await cast.patient.versions(first.id)
+    assert [v["id"] for v in versions] == [first.id, second.id]
+    assert await cast.patient.read(second.id) == observation("v2", 2.0)
+
+    [erased] = await cast.patient.erase(second.id)
+    assert erased.status == "committed"
+    for record_id in (first.id, second.id):
+        with pytest.raises(RecordErased) as caught:
+            await cast.patient.read(record_id)
+        assert caught.value.code == "record_erased" and isinstance(caught.value, NotFound)
+    assert all(v["erased"] for v in await cast.patient.versions(first.id))
+    for version in versions:
+        assert not node.blobs.has(bytes.fromhex(version["blob"]))
+    with pytest.raises(RecordErased):
+        await cast.patient.erase(first.id)
+
+
+async def test_verify_checks_the_proof_and_a_tampered_proof_fails(cast: Cast, node: Node) -> None:
+    written = await cast.doctor.put(cast.patient.public_id, observation("Proven"))
+    assert await cast.patient.verify(written.id) == written.height
+
+    tx_id = bytes.fromhex(written.id)
+    raw = await cast.patient.transport.get_bytes(f"/v1/txs/{written.id}/proof?format=msgpack")
+    chain, powers = node.genesis.chain_id, node.genesis.powers
+    assert verify_proof(raw, tx_id, chain, powers) == written.height
+    proof = codec.decode(raw)
+
+    def tampered(change: Any) -> bytes:
+        wire = copy.deepcopy(proof)
+        change(wire)
+        return codec.encode(wire)
+
+    def flip_tx(w: Any) -> None:
+        w["tx"] = w["tx"][:-1] + bytes([w["tx"][-1] ^ 1])
+
+    def flip_root(w: Any) -> None:
+        w["header"]["txs"] = bytes(32)
+
+    def forge_sig(w: Any) -> None:
+        key, _sig = w["certificate"]["sigs"][0]
+        w["certificate"]["sigs"][0] = [key, bytes(64)]
+
+    def drop_sigs(w: Any) -> None:
+        w["certificate"]["sigs"] = []
+
+    def other_height(w: Any) -> None:
+        w["header"]["height"] += 1
+
+    for change in (flip_tx, flip_root, forge_sig, drop_sigs, other_height):
+        with pytest.raises(InvalidBlock):
+            verify_proof(tampered(change), tx_id, chain, powers)
+    with pytest.raises(InvalidBlock):  # another network's validators
+        verify_proof(raw, tx_id, chain, {Identity.generate().public_key: 1})
+    with pytest.raises(InvalidBlock):  # the proof of another transaction
+        verify_proof(raw, bytes(32), chain, powers)
+    with pytest.raises(InvalidBlock):
+        verify_proof(b"\x00garbage", tx_id, chain, powers)
+
+
+async def test_audit_shows_every_read_in_a_verified_chain(cast: Cast, node: Node) -> None:
+    written = await cast.doctor.put(cast.patient.public_id, observation("Audited"))
+    await cast.patient.grant(cast.other.public_id, [written.id])
+    await cast.doctor.read(written.id)
+    await cast.other.read(written.id)
+
+    entries = await cast.patient.audit()
+    readers = [e["reader"] for e in entries]
+    # The patient read its own key once to re-wrap it for the grant.
+    assert readers == [cast.patient.public_id, cast.doctor.public_id, cast.other.public_id]
+    assert {e["record"] for e in entries} == {written.id}
+    assert {e["node"] for e in entries} == {node.identity.public_id}
+    assert [e["seq"] for e in entries] == [0, 1, 2]
+
+    decoded = [decode_entry(e) for e in entries]
+    AccessLogChecker(node.identity.public_key).check(decoded)
+    for index, field in ((1, "reader"), (2, "time"), (0, "prev")):
+        broken = copy.deepcopy(decoded)
+        value = broken[index][field]
+        broken[index][field] = value + 1 if isinstance(value, int) else b"\x01" * len(value)
+        with pytest.raises(AuditLogBroken):
+            AccessLogChecker(node.identity.public_key).check(broken)
+    with pytest.raises(AuditLogBroken):  # an entry dropped from the middle
+        AccessLogChecker(node.identity.public_key).check([decoded[0], decoded[2]])
+    with pytest.raises(AuditLogBroken):  # signed by a node other than the one asked
+        AccessLogChecker(Identity.generate().public_key).check(decoded)
+
+    with pytest.raises(NotAuthorised):  # only the patient reads their log
+        await cast.doctor.transport.get_json(
+            f"/v1/patients/{cast.patient.public_id}/access-log", signer=cast.doctor.identity
+        )
+
+
+async def test_attachment_streams_in_and_out(cast: Cast, tmp_path: Path) -> None:
+    source = tmp_path / "scan.dcm"
+    data = random.Random(5).randbytes(5 * 64 * 1024 + 777)
+    source.write_bytes(data)
+    written = await cast.doctor.put_attachment(cast.patient.public_id, source, "application/dicom")
+    record = await cast.patient.record(written.id)
+    assert record["type"] == "Binary" and record["size"] > len(data)
+
+    out = tmp_path / "copy.dcm"
+    meta = await cast.patient.read(written.id, out)
+    assert meta == {"resourceType": "Binary", "contentType": "application/dicom"}
+    assert out.read_bytes() == data
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".part")] == []
+    with pytest.raises(EhrError) as caught:
+        await cast.patient.read(written.id)
+    assert caught.value.code == "output_required"
+
+
+async def test_invalid_resources_never_leave_the_client(cast: Cast) -> None:
+    with pytest.raises(InvalidResource, match="code: Field required"):
+        await cast.doctor.put(cast.patient.public_id, {"resourceType": "Observation"})
+    with pytest.raises(InvalidResource, match="no resourceType"):
+        await cast.doctor.put(cast.patient.public_id, {"status": "final"})
+    assert await cast.patient.records() == []
+
+
+async def test_concurrent_writes_of_one_writer_all_commit_in_nonce_order(cast: Cast) -> None:
+    results = await asyncio.gather(
+        *(cast.doctor.put(cast.patient.public_id, observation(f"n{i}", i)) for i in range(8))
+    )
+    assert all(r.status == "committed" for r in results)
+    records = await cast.patient.records(type="Observation")
+    assert {r["id"] for r in records} == {r.id for r in results}
+    account = await cast.doctor.account()
+    assert account["nonce"] == 9  # register + 8 records
+
+
+async def test_node_errors_map_to_the_exception_tree(cast: Cast) -> None:
+    with pytest.raises(NotFound) as caught:
+        await cast.patient.read(bytes(32).hex())
+    assert caught.value.code == "unknown_record"
+    with pytest.raises(InvalidTransaction) as rejected:  # not a registered patient
+        await cast.doctor.put(cast.other.public_id, observation("x"))
+    assert rejected.value.code == "unknown_patient"
+    with pytest.raises(EhrError):
+        await cast.doctor.read("not-hex")

@@ -1,0 +1,84 @@
+"""FHIR R4 validation on the client: each bad resource gets an error naming the problem,
+and the plaintext form of a resource is canonical JSON that reads back equal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ehrnode.client import fhir
+from ehrnode.client.errors import InvalidResource
+from ehrnode.core.errors import EhrError, InvalidEncoding
+
+DATA = Path(__file__).parent / "data"
+
+OBSERVATION: dict[str, Any] = {
+    "resourceType": "Observation",
+    "status": "final",
+    "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}], "text": "Heart rate"},
+    "valueQuantity": {"value": 72.5, "unit": "/min"},
+}
+
+
+def test_a_valid_resource_passes_and_names_its_type() -> None:
+    assert fhir.validate(OBSERVATION) == "Observation"
+
+
+def test_every_resource_of_the_sample_bundle_validates() -> None:
+    bundle = json.loads((DATA / "1480536-bundle.json").read_text())
+    kinds = {fhir.validate(entry["resource"]) for entry in bundle["entry"]}
+    assert {"Patient", "Observation", "Encounter", "Claim"} <= kinds
+
+
+@pytest.mark.parametrize(
+    ("resource", "expected"),
+    [
+        ({"status": "final"}, "no resourceType"),
+        ([1, 2], "JSON object"),
+        ("Patient", "JSON object"),
+        ({"resourceType": 5}, "not a FHIR resource type name"),
+        ({"resourceType": "observation"}, "not a FHIR resource type name"),
+        ({"resourceType": "Nonsense"}, "'Nonsense' is not a FHIR R4 resource type"),
+        ({"resourceType": "HumanName"}, "data type, not a resource"),
+        ({"resourceType": "Observation", "status": "final"}, "code: Field required"),
+        ({**OBSERVATION, "valueQuantity": {"value": "lots"}}, "valueQuantity.value"),
+        ({"resourceType": "Patient", "favouriteColour": "blue"}, "favouriteColour"),
+        ({"resourceType": "Patient", "gender": 7}, "gender"),
+        ({"resourceType": "Patient", "birthDate": "yesterday"}, "birthDate"),
+    ],
+)
+def test_invalid_resources_are_refused_naming_the_problem(resource: Any, expected: str) -> None:
+    with pytest.raises(InvalidResource) as caught:
+        fhir.validate(resource)
+    assert expected in str(caught.value)
+    assert caught.value.code == "invalid_resource"
+    assert isinstance(caught.value, InvalidEncoding) and isinstance(caught.value, EhrError)
+    assert "\n" not in str(caught.value)
+
+
+def test_many_problems_are_summarised() -> None:
+    bad = {"resourceType": "Patient", **{f"extra{i}": i for i in range(9)}}
+    with pytest.raises(InvalidResource, match="and 4 more"):
+        fhir.validate(bad)
+
+
+def test_canonical_json_is_sorted_compact_and_reads_back_equal() -> None:
+    resource = {"resourceType": "Patient", "name": [{"given": ["Zoë"]}], "active": True}
+    encoded = fhir.encode(resource)
+    assert encoded == '{"active":true,"name":[{"given":["Zoë"]}],"resourceType":"Patient"}'.encode()
+    assert fhir.encode(dict(reversed(list(resource.items())))) == encoded
+    assert fhir.decode(encoded) == resource
+    float_resource = {**OBSERVATION, "valueQuantity": {"value": 0.0805149386188746}}
+    assert fhir.decode(fhir.encode(float_resource)) == float_resource
+
+
+def test_values_json_cannot_hold_are_refused() -> None:
+    with pytest.raises(InvalidResource):
+        fhir.encode({"resourceType": "Observation", "value": float("nan")})
+    with pytest.raises(InvalidResource):
+        fhir.decode(b"[1]")
+    with pytest.raises(InvalidResource):
+        fhir.decode(b"\xff")
