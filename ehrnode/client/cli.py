@@ -141,7 +141,7 @@ def parse_time(text: str) -> datetime:
 
 
 async def cmd_grant(client: Client, args: argparse.Namespace) -> Output:
-    expires = parse_time(args.expires) if args.expires else None
+    expires = parse_time(args.expires) if args.expires else None  # checked before connecting
     done = await client.grant(
         args.grantee,
         None if args.standing else args.records,
@@ -287,8 +287,11 @@ async def _run(args: argparse.Namespace) -> Output:
         identity = Identity.generate()
         save_identity(identity, Path(args.out))
         return {"public_id": identity.public_id, "key_file": args.out}, identity.public_id
-    if args.command == "grant" and args.types and not args.standing:
-        raise UsageError("--types applies only with --standing")
+    if args.command == "grant":
+        if args.types and not args.standing:
+            raise UsageError("--types applies only with --standing")
+        if args.expires:
+            parse_time(args.expires)
     identity = _identity(args)
     genesis = Genesis.from_json(Path(args.genesis).read_text()) if args.genesis else None
     node = args.node or os.environ.get("EHR_NODE") or DEFAULT_NODE

@@ -1,0 +1,191 @@
+"""Importing a Synthea bundle through the ``ehr`` CLI: every resource reads back equal, the
+organizations and practitioners become endorsed identities, a second run changes nothing,
+and no plaintext reaches the node's disk."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import string
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ehrnode.client import Client
+from ehrnode.client.cli import main
+from ehrnode.client.importer import BundleIndex
+from ehrnode.config import KEY_FILE
+from ehrnode.core.crypto import Identity
+from ehrnode.keys import load_identity
+from ehrnode.node import Node
+from ehrnode.testing import local_node
+
+BUNDLE = Path(__file__).parent / "data" / "1480536-bundle.json"
+IDENTITY_TYPES = {"Organization", "Practitioner"}
+
+
+async def ehr(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """Run the CLI in a worker thread (it runs its own event loop) while the node serves."""
+    code = await asyncio.to_thread(main, list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def import_args(node: Node, keys: Path, *extra: str) -> list[str]:
+    home = node.config.home
+    return ["--node", node.rpc_url, "--key", str(home / KEY_FILE), *extra, "import"]
+
+
+def bundle_entries() -> list[dict[str, Any]]:
+    entries: list[dict[str, Any]] = json.loads(BUNDLE.read_text())["entry"]
+    return entries
+
+
+async def test_a_bundle_imports_and_reads_back_resource_by_resource(
+    node: Node, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys = tmp_path / "keys"
+    args = [*import_args(node, keys, "--json"), "--keys-dir", str(keys), str(BUNDLE)]
+    code, out, err = await ehr(capsys, *args)
+    assert code == 0, err
+    assert err == ""  # no progress bar: stderr is not a terminal
+    doc = json.loads(out)  # exactly one JSON document
+    entries = bundle_entries()
+    records = [e for e in entries if e["resource"]["resourceType"] not in IDENTITY_TYPES]
+    [bundle] = doc["bundles"]
+    assert set(bundle["records"]) == {e["fullUrl"] for e in records}
+    assert doc["counts"] == dict(Counter(e["resource"]["resourceType"] for e in records))
+    assert doc["registered"] == {"institution": 2, "provider": 2, "patient": 1}
+
+    [patient_entry] = [e for e in entries if e["resource"]["resourceType"] == "Patient"]
+    patient = load_identity(keys / f"patient-{patient_entry['resource']['id']}.json")
+    assert doc["patients"] == [patient.public_id]
+    async with Client(node.rpc_url, patient) as client:
+        for entry in records:
+            record_id = bundle["records"][entry["fullUrl"]]
+            assert await client.read(record_id) == entry["resource"], entry["fullUrl"]
+        assert len(await client.records()) == len(records)
+        patient_account = await client.account()
+        assert patient_account["role"] == "patient" and patient_account["name"] is None
+
+        # Each organization is an institution endorsed by the validator; each practitioner
+        # a provider endorsed by the organization of the encounters they took part in.
+        index = BundleIndex(entries)
+        for entry in entries:
+            resource = entry["resource"]
+            if resource["resourceType"] == "Organization":
+                org = load_identity(keys / f"org-{resource['id']}.json")
+                account = await client.account(org.public_key)
+                assert account["role"] == "institution"
+                assert account["endorsed_by"] == node.identity.public_id
+            if resource["resourceType"] == "Encounter":
+                author = (await client.record(bundle["records"][entry["fullUrl"]]))["author"]
+                [practitioner] = [
+                    t for t in index.references(resource) if t["resourceType"] == "Practitioner"
+                ]
+                provider = load_identity(keys / f"practitioner-{practitioner['id']}.json")
+                assert author == provider.public_id
+                org_ref = resource["serviceProvider"]["reference"]
+                org = load_identity(keys / f"org-{index.resolve(org_ref)['id']}.json")  # type: ignore[index]
+                account = await client.account(provider.public_key)
+                assert account["role"] == "provider"
+                assert account["endorsed_by"] == org.public_id
+
+    # A second run reuses every key, registers nothing and writes nothing.
+    code, out, err = await ehr(capsys, *args)
+    assert code == 0, err
+    again = json.loads(out)
+    assert again["written"] == 0 and again["registered"] == {}
+    assert again["bundles"][0]["skipped"] == len(records)
+    assert again["bundles"][0]["records"] == bundle["records"]
+
+    human = [a for a in args if a != "--json"]
+    code, out, err = await ehr(capsys, *human)
+    assert code == 0 and "0 record(s) written" in out and err == ""
+
+
+async def test_import_needs_a_validator_key(
+    node: Node, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stranger = tmp_path / "stranger.json"
+    assert await ehr(capsys, "keygen", "--out", str(stranger)) == (
+        0,
+        load_identity(stranger).public_id + "\n",
+        "",
+    )
+    code, out, err = await ehr(
+        capsys, "--node", node.rpc_url, "--key", str(stranger), "import", str(BUNDLE)
+    )
+    assert code == 1 and out == ""
+    assert "validator" in err and len(err.strip().splitlines()) == 1
+
+
+def marker() -> str:
+    alphabet = string.ascii_letters + string.digits
+    return "PLAINTEXT" + "".join(secrets.choice(alphabet) for _ in range(40))
+
+
+def files_holding(home: Path, needles: list[bytes]) -> list[str]:
+    found = []
+    for path in home.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            found += [f"{path.relative_to(home)}: {n!r}" for n in needles if n in data]
+    return found
+
+
+async def test_no_plaintext_reaches_the_node_home(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    home = tmp_path / "node"
+    text_marker, file_marker = marker(), marker()
+    patient_resource = next(
+        e["resource"] for e in bundle_entries() if e["resource"]["resourceType"] == "Patient"
+    )
+    ssn = next(
+        i["value"]
+        for i in patient_resource["identifier"]
+        if i.get("type", {}).get("text") == "Social Security Number"
+    )
+    family = patient_resource["name"][0]["family"]
+    practitioner_name = next(
+        e["resource"]["name"][0]["family"]
+        for e in bundle_entries()
+        if e["resource"]["resourceType"] == "Practitioner"
+    )
+    needles = [text_marker.encode(), file_marker.encode(), ssn.encode(), family.encode()]
+    async with local_node(home) as node:
+        code, _out, err = await ehr(
+            capsys,
+            *import_args(node, tmp_path / "keys"),
+            "--keys-dir",
+            str(tmp_path / "keys"),
+            str(BUNDLE),
+        )
+        assert code == 0, err
+        async with Client(node.rpc_url, node.identity) as validator:
+            doctor = validator.as_identity(Identity.generate())
+            patient = validator.as_identity(Identity.generate())
+            await patient.register("patient")
+            await doctor.register(
+                "provider", None, validator.endorse(doctor.public_key, "provider")
+            )
+            note = {
+                "resourceType": "Observation",
+                "status": "final",
+                "code": {"text": text_marker},
+            }
+            written = await doctor.put(patient.public_id, note)
+            attachment = tmp_path / "report.txt"
+            attachment.write_bytes((file_marker + "\n").encode() * 5000)
+            attached = await doctor.put_attachment(patient.public_id, attachment, "text/plain")
+            assert await patient.read(written.id) == note
+            await patient.read(attached.id, tmp_path / "report-copy.txt")
+            assert (tmp_path / "report-copy.txt").read_bytes() == attachment.read_bytes()
+        assert files_holding(home, needles) == []
+    assert files_holding(home, needles) == []  # and after the node flushed and closed
+    # The scan does see what is stored: a practitioner's name is public on the chain.
+    assert files_holding(home, [practitioner_name.encode()]) != []
