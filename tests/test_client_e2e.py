@@ -27,6 +27,7 @@ from ehrnode.client.verification import AccessLogChecker, decode_entry, verify_p
 from ehrnode.core import codec
 from ehrnode.core.crypto import Identity
 from ehrnode.core.errors import EhrError
+from ehrnode.core.genesis import Genesis, ValidatorInfo
 from ehrnode.node import Node
 
 
@@ -295,3 +296,17 @@ async def test_node_errors_map_to_the_exception_tree(cast: Cast) -> None:
     assert rejected.value.code == "unknown_patient"
     with pytest.raises(EhrError):
         await cast.doctor.read("not-hex")
+
+
+async def test_a_pinned_genesis_refuses_another_network(node: Node) -> None:
+    other = Genesis(
+        chain_id=node.genesis.chain_id,
+        genesis_time=node.genesis.genesis_time,
+        validators=(ValidatorInfo(Identity.generate().public_key, 1, "elsewhere"),),
+    )
+    with pytest.raises(EhrError) as caught:
+        async with Client(node.rpc_url, Identity.generate(), genesis=other):
+            pass
+    assert caught.value.code == "wrong_network"
+    async with Client(node.rpc_url, Identity.generate(), genesis=node.genesis) as client:
+        assert client.chain_id == node.genesis.chain_id

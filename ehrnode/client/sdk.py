@@ -56,9 +56,12 @@ def seal_record(
     resource: dict[str, Any],
     readers: Iterable[bytes],
     amends: bytes | None = None,
+    *,
+    kind: str | None = None,
 ) -> SealedRecord:
-    """Validate, encrypt with a fresh data key and wrap that key for each reader."""
-    kind = fhir.validate(resource)
+    """Validate (unless ``kind`` says the caller did), encrypt with a fresh data key and
+    wrap that key for each reader."""
+    kind = kind or fhir.validate(resource)
     data_key = crypto.new_data_key()
     blob = envelope.seal_resource(data_key, fhir.encode(resource))
     body = record_body(patient, crypto.sha256(blob), len(blob), kind, data_key, readers, amends)
@@ -202,14 +205,14 @@ class Client:
         self, items: list[tuple[Identity, str, dict[str, Any]]], *, wait: bool = True
     ) -> list[Submitted]:
         """Sign and submit many transactions (of any signers) in one batch, in order."""
+        keys = [signer.public_key for signer, _kind, _body in items]  # derived once each
         counts: dict[bytes, int] = {}
-        for signer, _kind, _body in items:
-            counts[signer.public_key] = counts.get(signer.public_key, 0) + 1
+        for key in keys:
+            counts[key] = counts.get(key, 0) + 1
         async with self.transport.nonces.reserve(counts) as first:
             used = dict.fromkeys(counts, 0)
             raws = []
-            for signer, kind, body in items:
-                key = signer.public_key
+            for key, (signer, kind, body) in zip(keys, items, strict=True):
                 raws.append(tx.make(signer, self.chain_id, kind, first[key] + used[key], body))
                 used[key] += 1
             results = await self.transport.post_batch([t.raw for t in raws], wait=wait)
@@ -247,7 +250,7 @@ class Client:
         kind = fhir.validate(resource)
         readers = await self.readers_for(patient, kind)
         amended = None if amends is None else key_bytes(amends, "record id")
-        sealed = seal_record(patient, resource, readers, amended)
+        sealed = seal_record(patient, resource, readers, amended, kind=kind)
         await self.upload(sealed.blob)
         return await self.submit("record", sealed.body, wait=wait)
 
