@@ -17,7 +17,7 @@ from ehrnode.blobs.erasure import Eraser
 from ehrnode.blobs.replication import Replication, default_quorum
 from ehrnode.blobs.store import BlobStore
 from ehrnode.consensus.driver import Driver
-from ehrnode.consensus.engine import Timeouts
+from ehrnode.consensus.engine import STEP_NAMES, Timeouts
 from ehrnode.consensus.execution import Executor, next_context
 from ehrnode.core.crypto import Identity
 from ehrnode.core.errors import ConfigError
@@ -128,7 +128,9 @@ class Node:
 
     async def _serve_rpc(self) -> None:
         host, port = cfg.split_address(self.config.rpc.listen, "rpc.listen")
-        self._runner = web.AppRunner(self.api.app(), access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            self.api.app(), access_log=None, handle_signals=False, shutdown_timeout=5.0
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
         await site.start()
@@ -150,6 +152,11 @@ class Node:
                 for p in self.switch.peers.values()
             ],
             "syncing": self.sync.syncing,
+            "consensus": {
+                "height": self.driver.engine.height,
+                "round": self.driver.engine.round,
+                "step": STEP_NAMES[self.driver.engine.step],
+            },
             "write_quorum": self.replication.quorum,
             "blobs_missing": len(self.replication.missing),
         }
@@ -164,12 +171,15 @@ class Node:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+            log.debug("rpc stopped")
         driver = getattr(self, "driver", None)
         if driver is not None:
             await driver.stop()
+            log.debug("consensus stopped")
         for part in (getattr(self, "sync", None), getattr(self, "replication", None), self.switch):
             if part is not None:
                 await part.stop()
+                log.debug("%s stopped", type(part).__name__)
         self.switch = None
         if self.kv is not None:
             self.kv.close()

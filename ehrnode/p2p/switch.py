@@ -123,6 +123,7 @@ class Switch:
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._inbound: set[web.WebSocketResponse] = set()
         self._stopping = False
         self.configured = [parse_peer(p) for p in config.peers]
 
@@ -132,7 +133,9 @@ class Switch:
         app = web.Application(client_max_size=1024 * 1024)
         app.router.add_get("/p2p", self._accept)
         app.router.add_routes(self.routes)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=2.0
+        )
         await self._runner.setup()
         host, port = split_address(self.config.listen, "p2p.listen")
         site = web.TCPSite(self._runner, host, port, reuse_address=True)
@@ -149,6 +152,8 @@ class Switch:
         self._stopping = True
         for peer in list(self.peers.values()):
             peer.close()
+        for ws in list(self._inbound):  # links still in their handshake
+            await ws.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -200,10 +205,16 @@ class Switch:
             backoff = BACKOFF_MIN
             await self._run_link(ws, expected=key, dialer=True)
 
-    async def _accept(self, request: web.Request) -> web.WebSocketResponse:
+    async def _accept(self, request: web.Request) -> web.StreamResponse:
+        if self._stopping:
+            return web.Response(status=503, text="node is stopping")
         ws = web.WebSocketResponse(max_msg_size=self.config.max_message_bytes, heartbeat=HEARTBEAT)
         await ws.prepare(request)
-        await self._run_link(ws, expected=None, dialer=False)
+        self._inbound.add(ws)
+        try:
+            await self._run_link(ws, expected=None, dialer=False)
+        finally:
+            self._inbound.discard(ws)
         return ws
 
     async def _run_link(self, ws: Any, *, expected: bytes | None, dialer: bool) -> None:

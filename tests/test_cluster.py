@@ -1,0 +1,213 @@
+"""Four validators in one process over real loopback sockets: a record written anywhere is
+final and readable everywhere, replicas reach every validator, bad peers are refused,
+and a validator restarted mid-round never signs two different votes."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from ehrnode import config as cfg
+from ehrnode.client.errors import NotAuthorised
+from ehrnode.client.sdk import Client
+from ehrnode.core import crypto
+from ehrnode.core.block import PREVOTE, Vote
+from ehrnode.node import Node
+from ehrnode.p2p import messages
+from ehrnode.testing import cluster, validator_identity, wait_for
+
+OBSERVATION = {
+    "resourceType": "Observation",
+    "status": "final",
+    "code": {"text": "Heart rate"},
+    "valueQuantity": {"value": 72, "unit": "beats/minute"},
+}
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path) -> AsyncIterator[list[Node]]:
+    async with cluster(tmp_path, n=4) as running:
+        yield running
+
+
+async def actors(nodes: list[Node]) -> dict[str, Any]:
+    """A provider endorsed by validator 0's institution, a patient and a second doctor."""
+    institution = validator_identity(nodes[0].config.home)
+    provider, patient, doctor = (crypto.Identity.generate() for _ in range(3))
+    async with Client(nodes[0].rpc_url, institution) as c:
+        endorsement = c.endorse(provider.public_key, "provider")
+        endorsement2 = c.endorse(doctor.public_key, "provider")
+        await c.as_identity(provider).register("provider", "Dr A", endorsement)
+        await c.as_identity(doctor).register("provider", "Dr B", endorsement2)
+        await c.as_identity(patient).register("patient")
+    return {"provider": provider, "patient": patient, "doctor": doctor}
+
+
+async def test_written_on_one_node_read_through_another(nodes: list[Node]) -> None:
+    people = await actors(nodes)
+    async with Client(nodes[0].rpc_url, people["provider"]) as writer:
+        written = await writer.put(people["patient"].public_key, OBSERVATION)
+    assert written.status == "committed"
+    record = bytes.fromhex(written.id)
+
+    # Final everywhere: every node has the same block at that height.
+    height = written.height
+    assert height is not None
+    await wait_for(lambda: all(n.chain.head.height >= height for n in nodes), 10, "all heads")
+    assert len({n.chain.block(height).id for n in nodes}) == 1
+
+    # Every validator pulls a replica.
+    blob = nodes[0].chain.load_state(b"rec" + record)["blob"]
+    await wait_for(lambda: all(n.blobs.has(blob) for n in nodes), 10, "replicas on all nodes")
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{nodes[2].rpc_url}/v1/blobs/{blob.hex()}/replicas") as response:
+            replicas = await response.json()
+    assert replicas["durable"] and len(replicas["holders"]) == 4
+
+    # The grantee reads and decrypts through node 4; before the grant it cannot.
+    async with Client(nodes[3].rpc_url, people["doctor"]) as doctor:
+        with pytest.raises(NotAuthorised):
+            await doctor.read(record)
+        async with Client(nodes[3].rpc_url, people["patient"]) as patient:
+            await patient.grant(people["doctor"].public_key, [record])
+        assert await doctor.read(record) == OBSERVATION
+
+
+async def test_a_peer_with_another_chain_or_a_bad_signature_is_refused(
+    nodes: list[Node], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    target = nodes[0]
+    assert target.switch is not None
+    url = f"http://{target.switch.listen_address}/p2p"
+    stranger = crypto.Identity.generate()
+
+    def hello(**changes: Any) -> bytes:
+        fields: dict[str, Any] = {
+            "chain": target.genesis.chain_id,
+            "genesis": target.genesis.hash(),
+            "node": stranger.public_key,
+            "nonce": secrets.token_bytes(32),
+            "height": 0,
+            "version": messages.PROTOCOL_VERSION,
+            "listen": "127.0.0.1:9",
+        }
+        fields.update(changes)
+        return messages.encode("hello", **fields)
+
+    async with aiohttp.ClientSession() as http:
+        async with http.ws_connect(url) as ws:
+            await ws.receive()  # the node's hello
+            await ws.send_bytes(hello(chain="another-chain"))
+            assert (await ws.receive()).type == aiohttp.WSMsgType.CLOSE
+        async with http.ws_connect(url) as ws:
+            await ws.receive()
+            await ws.send_bytes(hello())
+            await ws.receive()  # the node's auth
+            await ws.send_bytes(messages.encode("auth", sig=bytes(64)))
+            assert (await ws.receive()).type == aiohttp.WSMsgType.CLOSE
+        async with http.ws_connect(url) as ws:
+            their_hello = messages.decode((await ws.receive()).data, 1 << 20)[1]
+            ours = hello()
+            await ws.send_bytes(ours)
+            await ws.receive()
+            sig = stranger.sign(
+                b"",
+                messages.auth_bytes(
+                    target.genesis.chain_id,
+                    target.genesis.hash(),
+                    stranger.public_key,
+                    target.identity.public_key,
+                    their_hello["nonce"],
+                ),
+            )
+            await ws.send_bytes(messages.encode("auth", sig=sig))
+            await wait_for(lambda: stranger.public_key in target.switch.peers, 5, "admission")
+            await ws.send_bytes(b"\xc1 not msgpack")
+            while (await ws.receive()).type not in (
+                aiohttp.WSMsgType.CLOSE,
+                aiohttp.WSMsgType.CLOSED,
+            ):
+                pass
+    text = caplog.text
+    assert "peer is on chain 'another-chain'" in text
+    assert "failed to prove its key (bad handshake signature)" in text
+    assert "malformed frame" in text
+    assert stranger.public_key not in target.switch.peers
+
+    # And the network goes on committing.
+    async with Client(target.rpc_url, crypto.Identity.generate()) as c:
+        assert (await c.register("patient")).status == "committed"
+
+
+async def test_a_validator_restarted_mid_round_never_double_signs(nodes: list[Node]) -> None:
+    victim = nodes[0]
+    home = victim.config.home
+    key = victim.identity.public_key
+    seen: dict[tuple[int, int, int], set[bytes | None]] = {}
+
+    def spy(node: Node) -> None:
+        assert node.switch is not None
+        original = node.switch.handlers["vote"]
+
+        def capture(peer: Any, fields: dict[str, Any]) -> Any:
+            vote = Vote.from_wire(fields["vote"])
+            if vote.validator == key:
+                seen.setdefault((vote.height, vote.round, vote.type), set()).add(vote.block)
+            return original(peer, fields)
+
+        node.switch.handlers["vote"] = capture
+
+    for node in nodes[1:]:
+        spy(node)
+
+    # Freeze the victim right after it prevotes at a new height: from then on it hears no
+    # consensus message, so it sits mid-round (prevoted, not precommitted) until stopped.
+    start = victim.chain.head.height
+    frozen = False
+    assert victim.switch is not None
+    broadcast = victim.driver.network.broadcast_vote
+    deliver = dict(victim.switch.handlers)
+
+    def watch(vote: Vote) -> None:
+        nonlocal frozen
+        broadcast(vote)
+        if vote.height > start and vote.type == PREVOTE and not frozen:
+            frozen = True
+            engine = victim.driver.engine  # also drop what is already queued for it
+            engine.on_vote = lambda vote: []  # type: ignore[method-assign]
+            engine.on_proposal = lambda proposal: []  # type: ignore[method-assign]
+
+    def gate(kind: str) -> Any:
+        return lambda peer, fields: None if frozen else deliver[kind](peer, fields)
+
+    victim.driver.network.broadcast_vote = watch  # type: ignore[method-assign]
+    for kind in ("vote", "proposal"):
+        victim.switch.handlers[kind] = gate(kind)
+
+    async with Client(nodes[1].rpc_url, crypto.Identity.generate()) as c:
+        await c.register("patient")
+        await wait_for(lambda: frozen, 10, "the victim to prevote")
+        last = victim.driver.signing.last
+        assert last is not None
+        assert (last["step"], last["height"]) == (PREVOTE, victim.chain.head.height + 1)
+        await victim.stop()
+        restarted = Node(cfg.load(home))
+        nodes[0] = restarted  # so the fixture stops it
+        await restarted.start()
+        for _ in range(3):
+            async with Client(nodes[3].rpc_url, crypto.Identity.generate()) as more:
+                await more.register("patient")
+        final = nodes[3].chain.head.height
+        await wait_for(lambda: restarted.chain.head.height >= final, 15, "the restarted node")
+    assert restarted.chain.block(final).id == nodes[3].chain.block(final).id
+    double = {slot: blocks for slot, blocks in seen.items() if len(blocks) > 1}
+    assert not double, f"validator signed conflicting votes: {double}"
+    assert all(not n.driver.evidence for n in nodes)
+    assert any(h > start for h, _, _ in seen), "the spy saw none of the victim's votes"
