@@ -214,15 +214,30 @@ async def cmd_import(client: Client, args: argparse.Namespace) -> Output:
 
 
 def parser() -> argparse.ArgumentParser:
+    def common(parser: argparse.ArgumentParser, default: Any) -> None:
+        # On the main parser and on each command, so they may come before or after it.
+        parser.add_argument(
+            "--node", default=default, help=f"node RPC URL (EHR_NODE; default {DEFAULT_NODE})"
+        )
+        parser.add_argument("--key", default=default, help="your key file (EHR_KEY)")
+        parser.add_argument(
+            "--json",
+            action="store_true",
+            default=False if default is None else default,
+            help="print one JSON document",
+        )
+        parser.add_argument(
+            "--genesis", default=default, help="genesis file the node must match (pins the network)"
+        )
+
     p = _Parser(prog="ehr", description="Write, read and share encrypted FHIR health records.")
-    p.add_argument("--node", help=f"node RPC URL (EHR_NODE; default {DEFAULT_NODE})")
-    p.add_argument("--key", help="your key file (EHR_KEY)")
-    p.add_argument("--json", action="store_true", help="print one JSON document")
-    p.add_argument("--genesis", help="genesis file the node must match (pins the network)")
+    common(p, None)
+    shared = _Parser(add_help=False)
+    common(shared, argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
     def command(name: str, func: Command | None, text: str) -> argparse.ArgumentParser:
-        c = sub.add_parser(name, help=text, description=text)
+        c = sub.add_parser(name, help=text, description=text, parents=[shared])
         c.set_defaults(func=func)
         return c
 
