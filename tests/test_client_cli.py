@@ -91,6 +91,10 @@ def test_keygen_writes_a_key_and_refuses_to_overwrite(
     assert main(["keygen", "--out", str(key)]) == 1
     out, err = capsys.readouterr()
     assert out == "" and "refusing to overwrite" in one_line(err)
+    # Global options may also follow the command.
+    other = tmp_path / "other.json"
+    assert main(["keygen", "--out", str(other), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["public_id"] == load_identity(other).public_id
 
 
 def test_failures_exit_1_with_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

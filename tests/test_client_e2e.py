@@ -310,3 +310,10 @@ async def test_a_pinned_genesis_refuses_another_network(node: Node) -> None:
     assert caught.value.code == "wrong_network"
     async with Client(node.rpc_url, Identity.generate(), genesis=node.genesis) as client:
         assert client.chain_id == node.genesis.chain_id
+
+
+async def test_put_without_waiting_returns_pending_then_commits(cast: Cast, node: Node) -> None:
+    written = await cast.doctor.put(cast.patient.public_id, observation("async"), wait=False)
+    assert written.status == "pending" and written.height is None
+    assert await node.admission.wait_committed(bytes.fromhex(written.id), timeout=10) is not None
+    assert await cast.patient.read(written.id) == observation("async")
