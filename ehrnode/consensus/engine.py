@@ -16,9 +16,12 @@ What the driver must guarantee:
 
 Beyond the paper: (1) at round 0 a height waits for transactions before it proposes or
 starts its propose timer (no empty blocks when idle); (2) a ``rebroadcast`` timer asks
-the driver to resend our messages for the current round, which gives liveness over lossy
-links once they heal; (3) a validator's two different votes for one (height, round, type)
-come out as ``Evidence``.
+the driver to resend our messages for the current round and to relay what peers may have
+missed (the round's messages, the previous round's precommits, the polka behind our valid
+value): the paper's gossip assumption, which gives liveness over lossy links once they
+heal; (3) a validator's two different votes for one (height, round, type) come out as
+``Evidence``, and each counts for its own value, as the paper counts messages; (4) after a
+restart, ``Restored`` hands back our last signed message and the polka kept with our lock.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ PROPOSE, PREVOTE_STEP, PRECOMMIT_STEP = 0, 1, 2
 STEP_NAMES = {PROPOSE: "propose", PREVOTE_STEP: "prevote", PRECOMMIT_STEP: "precommit"}
 MAX_FUTURE_MESSAGES = 10_000
 MAX_ROUND_AHEAD = 1_000
+MAX_VALUES_PER_VOTER = 4  # distinct values one validator's votes of one (round, type) count for
 
 
 # --- actions ------------------------------------------------------------------------------
@@ -64,7 +68,8 @@ class SignProposal:
 
 @dataclass(frozen=True)
 class SignVote:
-    """Sign and send a vote. A precommit for a block also sets our lock to ``lock``."""
+    """Sign and send a vote. A precommit for a block also sets our lock to ``lock``; ``pol``
+    holds the prevotes that justify it, to be kept with the lock (see ``Restored``)."""
 
     type: int
     height: int
@@ -72,6 +77,7 @@ class SignVote:
     block_id: bytes | None
     lock: Block | None = None
     lock_round: int = -1
+    pol: tuple[Vote, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -97,8 +103,16 @@ class Evidence:
 
 @dataclass(frozen=True)
 class Rebroadcast:
+    """Resend our own messages of (height, round), and ``relay``: what a peer may have missed
+    (the paper assumes gossip delivers to every correct process whatever one of them
+    received): this round's proposal and votes, ours and others'; the previous round's
+    precommits, which let a node still in that round time out and follow us; and the
+    prevotes that justify our valid value, which a later proposal of it names as pol_round.
+    Ours are in ``relay`` too, because after a restart the driver no longer holds them."""
+
     height: int
     round: int
+    relay: tuple[Proposal | Vote, ...] = ()
 
 
 Action = RequestBlock | SignProposal | SignVote | ScheduleTimeout | Decide | Evidence | Rebroadcast
@@ -130,21 +144,34 @@ class Timeouts:
 
 @dataclass
 class Restored:
-    """What the signing record says after a restart, for the height being resumed."""
+    """What the signing record says after a restart, for the height being resumed.
+
+    ``messages``: the last message we signed and the prevotes kept with our lock (its POL).
+    The engine counts them again: our own vote, or the polka behind our lock, may be known
+    to no one else, and without it the others can wait for us forever or never accept our
+    locked block when we re-propose it."""
 
     round: int = 0
     step: int = PROPOSE
     locked_round: int = -1
     locked_block: Block | None = None
+    messages: tuple[Proposal | Vote, ...] = ()
 
 
 @dataclass
 class _Tally:
-    """Votes of one (round, type): who voted what, and power per value."""
+    """Votes of one (round, type): who voted what, power per value, and the power of the
+    distinct voters. An equivocator's conflicting votes each count for their own value, as
+    the paper counts messages: that is no more than it could get by sending each peer a
+    different vote, and without it a polka that needs its vote may never be seen by a node
+    that heard the other vote first."""
 
-    votes: dict[bytes, Vote] = field(default_factory=dict)
+    votes: dict[bytes, dict[bytes | None, Vote]] = field(default_factory=dict)
     power: dict[bytes | None, int] = field(default_factory=dict)
     total: int = 0
+
+    def for_value(self, block_id: bytes | None) -> list[Vote]:
+        return [by[block_id] for by in self.votes.values() if block_id in by]
 
 
 class Engine:
@@ -200,29 +227,37 @@ class Engine:
             self.valid_value = restored.locked_block
             self.valid_round = restored.locked_round
         start_round = 0 if restored is None else restored.round
-        self._start_round(start_round)
-        if restored is not None and restored.round == start_round and restored.step > PROPOSE:
-            self.step = restored.step  # already voted in this round before the restart
-        for message in future:
+        mine = () if restored is None else restored.messages
+        for message in mine:
+            if isinstance(message, Proposal) and message.height == height:
+                self._proposals.setdefault(message.round, message)  # do not propose again
+        self._start_round(start_round, PROPOSE if restored is None else restored.step)
+        for message in (*mine, *future):
             self._receive(message)
         return self._flush()
 
-    def _start_round(self, round_: int) -> None:  # StartRound, lines 11-21
+    def _start_round(self, round_: int, step: int = PROPOSE) -> None:  # StartRound, 11-21
+        """``step`` > PROPOSE: resuming a round in which we voted before a restart, so we
+        neither propose (we may have proposed something else) nor wait for a proposal."""
         self.round = round_
-        self.step = PROPOSE
-        self.idle = round_ == 0 and not self.has_txs
+        self.step = step
+        self.idle = (
+            round_ == 0 and not self.has_txs and step == PROPOSE and round_ not in self._proposals
+        )
         self._out.append(
             ScheduleTimeout(
                 "rebroadcast", self.height, round_, self.timeouts.delay("rebroadcast", round_)
             )
         )
-        if not self.idle:
+        if not self.idle and step == PROPOSE:
             self._begin_propose()
 
     def _begin_propose(self) -> None:
         self.idle = False
         if self.vals.proposer(self.height, self.round) == self.me:
-            if self.valid_value is not None:
+            if self.round in self._proposals:
+                pass  # we signed it before a restart; it is counted already
+            elif self.valid_value is not None:
                 self._out.append(
                     SignProposal(self.height, self.round, self.valid_round, self.valid_value)
                 )
@@ -286,7 +321,7 @@ class Engine:
         elif kind == "precommit" and round_ == self.round:  # lines 65-67
             self._start_round(self.round + 1)
         elif kind == "rebroadcast" and round_ == self.round:
-            self._out.append(Rebroadcast(height, round_))
+            self._out.append(Rebroadcast(height, round_, self._relay()))
             self._out.append(
                 ScheduleTimeout(
                     "rebroadcast", height, round_, self.timeouts.delay("rebroadcast", round_)
@@ -294,6 +329,20 @@ class Engine:
             )
         self._apply_rules()
         return self._flush()
+
+    def _relay(self) -> tuple[Proposal | Vote, ...]:
+        r = self.round
+        out: list[Proposal | Vote] = []
+        proposal = self._proposals.get(r)
+        if proposal is not None:
+            out.append(proposal)
+        for key in ((r, PREVOTE), (r, PRECOMMIT), (r - 1, PRECOMMIT)):
+            for by_value in self._tallies.get(key, _Tally()).votes.values():
+                out.extend(by_value.values())
+        if self.valid_value is not None and 0 <= self.valid_round < r:
+            pol = self._tallies.get((self.valid_round, PREVOTE), _Tally())
+            out.extend(pol.for_value(self.valid_value.id))
+        return tuple(out)
 
     def _flush(self) -> list[Action]:
         out, self._out = self._out, []
@@ -331,16 +380,19 @@ class Engine:
         if vote.validator not in self.vals:
             return
         tally = self._tallies.setdefault((vote.round, vote.type), _Tally())
-        previous = tally.votes.get(vote.validator)
-        if previous is not None:
-            if previous.block != vote.block:
-                self._out.append(Evidence(previous, vote))
-            return
+        by_value = tally.votes.setdefault(vote.validator, {})
+        if vote.block in by_value:
+            return  # a duplicate
         power = self.vals.power(vote.validator)
-        tally.votes[vote.validator] = vote
+        if by_value:
+            if len(by_value) >= MAX_VALUES_PER_VOTER:
+                return  # reported already; a flood of values must not cost us memory
+            self._out.append(Evidence(next(iter(by_value.values())), vote))
+        else:
+            tally.total += power
+            self._count_sender(vote.round, vote.validator)
+        by_value[vote.block] = vote
         tally.power[vote.block] = tally.power.get(vote.block, 0) + power
-        tally.total += power
-        self._count_sender(vote.round, vote.validator)
         if self.idle and vote.round == 0:
             self.has_txs = True
             self._begin_propose()
@@ -367,10 +419,12 @@ class Engine:
 
     def _vote(self, vote_type: int, block_id: bytes | None, lock: Block | None = None) -> None:
         if self.me in self.vals:
+            pol: tuple[Vote, ...] = ()
+            if lock is not None:
+                pol = tuple(self._tallies[(self.round, PREVOTE)].for_value(lock.id))
+            lock_round = -1 if lock is None else self.round
             self._out.append(
-                SignVote(
-                    vote_type, self.height, self.round, block_id, lock, self.round if lock else -1
-                )
+                SignVote(vote_type, self.height, self.round, block_id, lock, lock_round, pol)
             )
 
     def _first(self, name: str, round_: int) -> bool:
@@ -394,11 +448,7 @@ class Engine:
             if self.vals.is_quorum(self._power(round_, PRECOMMIT, p.block.id)) and self._valid(
                 p.block
             ):
-                votes = [
-                    v
-                    for v in self._tallies[(round_, PRECOMMIT)].votes.values()
-                    if v.block == p.block.id
-                ]
+                votes = self._tallies[(round_, PRECOMMIT)].for_value(p.block.id)
                 self.decided = p.block
                 self._out.append(Decide(h, p.block, make_certificate(votes)))
                 return False

@@ -33,6 +33,9 @@ class Scenario:
     gst: float = 6.0  # virtual seconds
     heights_after_gst: int = 3  # liveness: each honest node decides this many more heights
     liveness_bound: float = 120.0  # ... within this many virtual seconds after GST
+    # Short timeouts, often shorter than a message's delay before GST, so that rounds end
+    # with nodes holding different views: that is where locking has to do its work.
+    timeout: float = 0.2  # every base timeout and per-round increment, propose's doubled
 
 
 SCENARIOS = {
@@ -40,7 +43,9 @@ SCENARIOS = {
     for s in (
         Scenario("lossy", 4, loss=0.25, duplicate=0.15, reorder=0.1, delay=0.15),
         Scenario("partition-crash", 4, loss=0.05, reorder=0.05, partitions=2, crashes=2),
-        Scenario("equivocate", 4, loss=0.1, duplicate=0.05, reorder=0.05, equivocators=1),
+        Scenario(
+            "equivocate", 4, loss=0.1, duplicate=0.05, reorder=0.05, crashes=1, equivocators=1
+        ),
         Scenario(
             "faulty7",
             7,
@@ -48,6 +53,7 @@ SCENARIOS = {
             duplicate=0.05,
             reorder=0.05,
             partitions=1,
+            crashes=1,
             equivocators=1,
             dead=1,
         ),
@@ -109,7 +115,9 @@ def plan_faults(scenario: Scenario, rng: random.Random) -> FaultPlan:
     for _ in range(scenario.partitions):
         start = rng.uniform(0.0, gst * 0.8)
         size = rng.randint(1, n // 2)
-        partitions.append(Partition(start, rng.uniform(start, gst), frozenset(rng.sample(range(n), size))))
+        partitions.append(
+            Partition(start, rng.uniform(start, gst), frozenset(rng.sample(range(n), size)))
+        )
     return FaultPlan(equivocators, tuple(partitions), tuple(crashes))
 
 

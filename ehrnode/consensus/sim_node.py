@@ -46,7 +46,7 @@ class SigningMemory:
 
     last: tuple[int, int, int, bytes | None] | None = None
     msg: Message | None = None
-    lock: tuple[int, int, Block] | None = None
+    lock: tuple[int, int, Block, tuple[Vote, ...]] | None = None  # with its POL prevotes
 
     def check(self, height: int, round_: int, step: int, block_id: bytes | None) -> Message | bool:
         """True: may sign. A message: already signed exactly this, resend it. False: refuse."""
@@ -57,18 +57,20 @@ class SigningMemory:
             return self.msg
         return False
 
-    def save(self, message: Message, lock: Block | None) -> None:
+    def save(self, message: Message, lock: Block | None, pol: tuple[Vote, ...] = ()) -> None:
         self.last = (message.height, message.round, step_of(message), block_of(message))
         self.msg = message
         if lock is not None:
-            self.lock = (message.height, message.round, lock)
+            self.lock = (message.height, message.round, lock, pol)
 
     def restored(self, height: int) -> eng.Restored | None:
         if self.last is None or self.last[0] != height:
             return None
-        restored = eng.Restored(round=self.last[1], step=self.last[2])
+        assert self.msg is not None
+        restored = eng.Restored(round=self.last[1], step=self.last[2], messages=(self.msg,))
         if self.lock is not None and self.lock[0] == height:
-            restored.locked_round, restored.locked_block = self.lock[1], self.lock[2]
+            _, restored.locked_round, restored.locked_block, pol = self.lock
+            restored.messages += pol
         return restored
 
 
@@ -128,3 +130,19 @@ class SimNode:
 def lock_of(action: eng.SignVote) -> Block | None:
     return action.lock if action.type == PRECOMMIT else None
 
+
+def describe_restored(restored: eng.Restored | None) -> str:
+    if restored is None:
+        return "nothing"
+    lock = "none" if restored.locked_block is None else restored.locked_block.id.hex()[:8]
+    return (
+        f"round {restored.round} step {restored.step} lock {lock} (round {restored.locked_round})"
+    )
+
+
+def describe(message: Message) -> str:
+    block = block_of(message)
+    what = "nil" if block is None else block.hex()[:8]
+    kind = {0: "proposal", 1: "prevote", 2: "precommit"}[step_of(message)]
+    pol = f" pol {message.pol_round}" if isinstance(message, Proposal) else ""
+    return f"{kind} h{message.height} r{message.round} {what}{pol}"
