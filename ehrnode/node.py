@@ -5,8 +5,10 @@ rpc / p2p  ->  admission  ->  mempool  ->  consensus driver  ->  core.state  -> 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from aiohttp import web
@@ -18,6 +20,7 @@ from ehrnode.blobs.replication import Replication, default_quorum
 from ehrnode.blobs.store import BlobStore
 from ehrnode.consensus.driver import Driver
 from ehrnode.consensus.engine import STEP_NAMES, Timeouts
+from ehrnode.consensus.evidence import EvidenceReporter
 from ehrnode.consensus.execution import Executor, next_context
 from ehrnode.core.crypto import Identity
 from ehrnode.core.errors import ConfigError
@@ -34,6 +37,7 @@ from ehrnode.store.chain import Chain
 from ehrnode.store.db import KV, LevelKV
 
 log = logging.getLogger(__name__)
+STOP_TIMEOUT = 10.0
 
 
 def now_ms() -> int:
@@ -66,7 +70,6 @@ class Node:
                 Limits(max_txs=c.mempool.max_txs, max_bytes=c.mempool.max_bytes),
             )
             self.executor = executor = Executor(chain, mempool, now_ms)
-            validator = self.identity if self.identity.public_key in self.genesis.powers else None
             timeouts = Timeouts(
                 propose=c.consensus.timeout_propose_s,
                 propose_delta=c.consensus.timeout_propose_delta_s,
@@ -78,10 +81,11 @@ class Node:
             )
             self.switch = switch = Switch(self.identity, self.genesis, c.p2p)
             gossip = ConsensusGossip(switch, self.genesis.params.max_block_bytes)
-            self.driver = driver = Driver(validator, executor, kv, gossip, timeouts)
+            self.driver = driver = Driver(self.identity, executor, kv, gossip, timeouts)
             gossip.driver = driver
             self.admission = admission = Admission(chain, mempool, blobs, driver.txs_available)
             TxGossip(switch, admission)
+            driver.evidence_listeners.append(EvidenceReporter(self.identity, admission).report)
             self.sync = BlockSync(switch, chain, driver, c.p2p.max_message_bytes)
             quorum = c.blobs.write_quorum or default_quorum(len(self.genesis.validators))
             self.replication = replication = Replication(
@@ -168,22 +172,30 @@ class Node:
         return self.metrics.render()
 
     async def stop(self) -> None:
+        """Stop serving, then consensus, then the network; each part gets a bounded time so
+        one stuck part cannot keep the node (and its database) from closing."""
         if self._runner is not None:
-            await self._runner.cleanup()
-            self._runner = None
-            log.debug("rpc stopped")
+            runner, self._runner = self._runner, None
+            await self._stop_part("rpc", runner.cleanup())
         driver = getattr(self, "driver", None)
         if driver is not None:
-            await driver.stop()
-            log.debug("consensus stopped")
-        for part in (getattr(self, "sync", None), getattr(self, "replication", None), self.switch):
+            await self._stop_part("consensus", driver.stop())
+        for name in ("sync", "replication"):
+            part = getattr(self, name, None)
             if part is not None:
-                await part.stop()
-                log.debug("%s stopped", type(part).__name__)
-        self.switch = None
+                await self._stop_part(name, part.stop())
+        if self.switch is not None:
+            switch, self.switch = self.switch, None
+            await self._stop_part("p2p", switch.stop())
         if self.kv is not None:
             self.kv.close()
             self.kv = None
+
+    async def _stop_part(self, name: str, stopping: Awaitable[None]) -> None:
+        try:
+            await asyncio.wait_for(stopping, STOP_TIMEOUT)
+        except TimeoutError:
+            log.error("%s did not stop within %s s; closing anyway", name, STOP_TIMEOUT)
 
 
 def _read(path: Any, what: str) -> str:

@@ -17,10 +17,10 @@ from ehrnode import config as cfg
 from ehrnode.client.errors import NotAuthorised
 from ehrnode.client.sdk import Client
 from ehrnode.core import crypto
-from ehrnode.core.block import PREVOTE, Vote
+from ehrnode.core.block import PREVOTE, Vote, sign_vote
 from ehrnode.node import Node
 from ehrnode.p2p import messages
-from ehrnode.testing import cluster, validator_identity, wait_for
+from ehrnode.testing import cluster, free_port, validator_identity, wait_for
 
 OBSERVATION = {
     "resourceType": "Observation",
@@ -171,6 +171,7 @@ async def test_a_validator_restarted_mid_round_never_double_signs(nodes: list[No
     # consensus message, so it sits mid-round (prevoted, not precommitted) until stopped.
     start = victim.chain.head.height
     frozen = False
+    frozen_at = -1
     assert victim.switch is not None
     broadcast = victim.driver.network.broadcast_vote
     deliver = dict(victim.switch.handlers)
@@ -178,8 +179,10 @@ async def test_a_validator_restarted_mid_round_never_double_signs(nodes: list[No
     def watch(vote: Vote) -> None:
         nonlocal frozen
         broadcast(vote)
+        nonlocal frozen_at
         if vote.height > start and vote.type == PREVOTE and not frozen:
             frozen = True
+            frozen_at = victim.chain.head.height
             engine = victim.driver.engine  # also drop what is already queued for it
             engine.on_vote = lambda vote: []  # type: ignore[method-assign]
             engine.on_proposal = lambda proposal: []  # type: ignore[method-assign]
@@ -188,7 +191,7 @@ async def test_a_validator_restarted_mid_round_never_double_signs(nodes: list[No
         return lambda peer, fields: None if frozen else deliver[kind](peer, fields)
 
     victim.driver.network.broadcast_vote = watch  # type: ignore[method-assign]
-    for kind in ("vote", "proposal"):
+    for kind in ("vote", "proposal", "status", "blocks"):
         victim.switch.handlers[kind] = gate(kind)
 
     async with Client(nodes[1].rpc_url, crypto.Identity.generate()) as c:
@@ -196,7 +199,7 @@ async def test_a_validator_restarted_mid_round_never_double_signs(nodes: list[No
         await wait_for(lambda: frozen, 10, "the victim to prevote")
         last = victim.driver.signing.last
         assert last is not None
-        assert (last["step"], last["height"]) == (PREVOTE, victim.chain.head.height + 1)
+        assert (last["step"], last["height"]) == (PREVOTE, frozen_at + 1)
         await victim.stop()
         restarted = Node(cfg.load(home))
         nodes[0] = restarted  # so the fixture stops it
@@ -211,3 +214,70 @@ async def test_a_validator_restarted_mid_round_never_double_signs(nodes: list[No
     assert not double, f"validator signed conflicting votes: {double}"
     assert all(not n.driver.evidence for n in nodes)
     assert any(h > start for h, _, _ in seen), "the spy saw none of the victim's votes"
+
+
+async def test_validators_vote_a_new_validator_in_and_it_carries_the_quorum(
+    nodes: list[Node], tmp_path: Path
+) -> None:
+    genesis = nodes[0].genesis
+    home = tmp_path / "newcomer"
+    peers = tuple(
+        f"{n.identity.public_id}@{n.switch.listen_address}" for n in nodes if n.switch is not None
+    )
+    cfg.init_home(
+        home,
+        genesis=genesis,
+        rpc=f"127.0.0.1:{free_port()}",
+        p2p=f"127.0.0.1:{free_port()}",
+        peers=peers,
+        moniker="newcomer",
+    )
+    newcomer = Node(cfg.load(home))
+    await newcomer.start()
+    try:
+        key = newcomer.identity.public_key
+        change = {"action": "add", "key": key, "power": 1}
+        for node in nodes[:3]:
+            async with Client(node.rpc_url, node.identity) as validator:
+                await validator.submit("validator", change)
+        async with aiohttp.ClientSession() as http:
+
+            async def in_the_set() -> bool:
+                async with http.get(f"{nodes[0].rpc_url}/v1/validators") as response:
+                    listed = (await response.json())["validators"]
+                return key.hex() in {v["key"] for v in listed}
+
+            await wait_for(in_the_set, 15, "the new validator to enter the set")
+        # With five validators a quorum is four: stop one of the founders, and blocks can
+        # only be final if the newcomer signs.
+        await nodes[3].stop()
+        async with Client(nodes[1].rpc_url, crypto.Identity.generate()) as c:
+            done = await c.register("patient")
+        assert done.status == "committed" and done.height is not None
+        cert = nodes[0].chain.certificate(done.height)
+        assert key in {signer for signer, _ in cert.sigs}
+        await wait_for(lambda: newcomer.chain.head.height >= done.height, 10, "newcomer head")
+    finally:
+        await newcomer.stop()
+
+
+async def test_a_double_vote_ends_up_on_chain_as_evidence(nodes: list[Node]) -> None:
+    cheat = nodes[3].identity
+    chain_id = nodes[0].genesis.chain_id
+    first = sign_vote(cheat, chain_id, PREVOTE, 1, 0, b"\x01" * 32)
+    second = sign_vote(cheat, chain_id, PREVOTE, 1, 0, b"\x02" * 32)
+    assert nodes[0].switch is not None
+    peer = next(iter(nodes[0].switch.peers.values()))
+    nodes[0].switch.handlers["evidence"](peer, {"a": first.to_wire(), "b": second.to_wire()})
+    async with aiohttp.ClientSession() as http:
+
+        async def recorded() -> list[Any]:
+            async with http.get(f"{nodes[2].rpc_url}/v1/evidence") as response:
+                found: list[Any] = (await response.json())["evidence"]
+                return found
+
+        await wait_for(recorded, 15, "the evidence to be committed")
+        (entry,) = await recorded()
+    assert entry["validator"] == cheat.public_id
+    assert (entry["height"], entry["round"], entry["type"]) == (1, 0, PREVOTE)
+    assert entry["reporter"] == nodes[0].identity.public_id

@@ -250,7 +250,7 @@ def test_record_without_the_patient_key() -> None:
     assert info.value.code == "missing_patient_key"
 
 
-@pytest.mark.parametrize("kind", ["transfer", "validator", "", "Register"])
+@pytest.mark.parametrize("kind", ["transfer", "slash", "", "Register"])
 def test_unknown_kind(kind: str) -> None:
     with pytest.raises(InvalidTransaction) as info:
         tx.make(SIGNER, CHAIN, kind, 1, {})

@@ -204,7 +204,7 @@ class Driver:
         actions = self.engine.start_height(
             head.height + 1,
             self.executor.validators(),
-            has_txs=len(self.mempool) > 0,
+            has_txs=self._work_waiting(),
             restored=restored,
         )
         if restored is not None:
@@ -497,11 +497,16 @@ class Driver:
             (time.perf_counter() - started) * 1000,
         )
 
+    def _work_waiting(self) -> bool:
+        """Transactions to commit, or a validator-set change that needs blocks to take
+        effect (it installs two blocks after its quorum)."""
+        return len(self.mempool) > 0 or self.executor.set_change_pending()
+
     def _next_height(self) -> list[eng.Action]:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
         head = self.chain.head
         return self.engine.start_height(
-            head.height + 1, self.executor.validators(), has_txs=len(self.mempool) > 0
+            head.height + 1, self.executor.validators(), has_txs=self._work_waiting()
         )

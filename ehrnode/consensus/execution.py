@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from ehrnode.consensus.validators import ValidatorSet
-from ehrnode.core import merkle, state
+from ehrnode.core import authority, merkle, state
 from ehrnode.core import tx as txmod
 from ehrnode.core.block import ZERO_HASH, Block, Certificate, Header
 from ehrnode.core.crypto import sha256
@@ -42,6 +42,9 @@ class Executor:
 
     def validators(self) -> ValidatorSet:
         return ValidatorSet(state.validators(self.chain.state))
+
+    def set_change_pending(self) -> bool:
+        return self.chain.state.get(authority.K_PENDING) is not None
 
     def context(self, height: int, time_ms: int) -> state.BlockContext:
         return block_context(self.chain, height, time_ms)
@@ -73,7 +76,9 @@ class Executor:
             overlay.merge(scratch)
             chosen.append(tx)
             size += tx.size
+        state.finish_block(overlay, ctx)
         vals = ValidatorSet(ctx.validators)
+        next_vals = ValidatorSet(state.validators(overlay))
         raws = [tx.raw for tx in chosen]
         header = Header(
             chain=ctx.chain,
@@ -84,7 +89,7 @@ class Executor:
             txs=merkle.root([tx.id for tx in chosen]),
             ntx=len(chosen),
             vals=vals.hash,
-            next_vals=vals.hash,
+            next_vals=next_vals.hash,
             state=head.state_hash,
             last_commit=ZERO_HASH if last_commit is None else last_commit.hash(),
         )
@@ -133,7 +138,7 @@ class Executor:
             raise InvalidBlock("block time is too far in the future")
         if h.proposer not in vals:
             raise InvalidBlock("block proposer is not a validator")
-        if h.vals != vals.hash or h.next_vals != vals.hash:
+        if h.vals != vals.hash:
             raise InvalidBlock("block names the wrong validator set")
         if h.state != head.state_hash:
             raise InvalidBlock("block's state hash differs from ours: our rules diverge")
@@ -141,11 +146,15 @@ class Executor:
             raise InvalidBlock("block exceeds the size limits")
         block.check_form()
         if block.last_commit is not None:
-            # The previous block was final under the same set (no set changes yet).
-            block.last_commit.verify(genesis.chain_id, vals.powers)
+            previous = self.chain.validators_at(h.height - 1)
+            block.last_commit.verify(genesis.chain_id, previous)
         txs = [self._decode(raw) for raw in block.txs]
         ctx = self.context(h.height, h.time)
         execution = state.execute_block(self.chain.state, ctx, txs, head.digest)
+        after = state.Overlay(self.chain.state)
+        after.changes = execution.changes
+        if h.next_vals != ValidatorSet(state.validators(after)).hash:
+            raise InvalidBlock("block names the wrong next validator set")
         self._remember(block.id, execution, txs)
 
     def _decode(self, raw: bytes) -> Tx:

@@ -5,7 +5,8 @@ State is a key-value map; ``apply_tx`` reads it through ``StateReader`` and writ
 committed in one batch. Every key and value layout is below (values are canonical msgpack).
 
     key                                    value
-    b"vals"                                [[validator key, power], ...] the current set
+    b"vals", b"vfrom"…, b"vvote"…,         validator sets, set-change votes and evidence:
+    b"vpend", b"evid"…                     see core.authority
     b"acct" + key(32)                      {"role", "nonce", "since", "name"?, "by"?, "nrec"}
     b"rec"  + record id(32)                {"patient", "author", "blob", "size", "type",
                                             "height", "root", "ver", "erased", "amends"?,
@@ -21,28 +22,53 @@ committed in one batch. Every key and value layout is below (values are canonica
     b"lgr"  + record id(32) + grantee(32)  [grant id, ...]: the listed grants not revoked that
                                             name that record for that grantee, in order
 
-The state hash is an additive multiset hash (AdHash, Bellare & Micciancio 1997) of all
-entries: the sum, mod 2**2048, of SHAKE-256(len(key) || key || value) read as 256-byte
-integers, then hashed with SHA-256. Adding or removing an entry updates it in O(1), and
-anyone can recompute it from a full scan of the state.
+The state hash is defined in ``core.statekv``.
 
 Pure: no I/O, no clock (time comes from the block header in ``BlockContext``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from ehrnode.core import codec, crypto
+from ehrnode.core import authority, crypto
 from ehrnode.core.errors import InvalidTransaction
 from ehrnode.core.genesis import Genesis
+from ehrnode.core.statekv import (
+    BlockContext as BlockContext,
+)
+from ehrnode.core.statekv import (
+    Overlay as Overlay,
+)
+from ehrnode.core.statekv import (
+    StateReader as StateReader,
+)
+from ehrnode.core.statekv import (
+    digest_of as digest_of,
+)
+from ehrnode.core.statekv import (
+    entry_digest as entry_digest,
+)
+from ehrnode.core.statekv import (
+    load as load,
+)
+from ehrnode.core.statekv import (
+    save as save,
+)
+from ehrnode.core.statekv import (
+    seq_key as seq_key,
+)
+from ehrnode.core.statekv import (
+    state_hash as state_hash,
+)
+from ehrnode.core.statekv import (
+    update_digest as update_digest,
+)
 from ehrnode.core.tx import Tx, endorsement_bytes
 
-K_VALS = b"vals"
+K_VALS = authority.K_VALS
 P_ACCT = b"acct"
 P_REC = b"rec"
 P_PREC = b"prec"
@@ -53,83 +79,6 @@ P_PGR = b"pgr"
 P_STD = b"std"
 P_LGR = b"lgr"
 
-_DIGEST_BYTES = 256
-_MODULUS = 1 << (8 * _DIGEST_BYTES)
-
-
-class StateReader(Protocol):
-    def get(self, key: bytes) -> bytes | None: ...
-
-
-@dataclass(frozen=True)
-class BlockContext:
-    chain: str
-    height: int
-    time: int  # ms since the epoch, from the block header
-    validators: Mapping[bytes, int]
-
-
-class Overlay:
-    """Writes pending over a reader; ``changes`` maps key -> new value (None = deleted)."""
-
-    def __init__(self, base: StateReader) -> None:
-        self.base = base
-        self.changes: dict[bytes, bytes | None] = {}
-
-    def get(self, key: bytes) -> bytes | None:
-        if key in self.changes:
-            return self.changes[key]
-        return self.base.get(key)
-
-    def put(self, key: bytes, value: bytes | None) -> None:
-        self.changes[key] = value
-
-    def child(self) -> Overlay:
-        return Overlay(self)
-
-    def merge(self, child: Overlay) -> None:
-        self.changes.update(child.changes)
-
-
-def seq_key(prefix: bytes, owner: bytes, seq: int) -> bytes:
-    return prefix + owner + struct.pack(">Q", seq)
-
-
-def load(reader: StateReader, key: bytes) -> Any:
-    raw = reader.get(key)
-    return None if raw is None else codec.decode(raw, max_bytes=1 << 24)
-
-
-def _save(overlay: Overlay, key: bytes, value: Any) -> None:
-    overlay.put(key, codec.encode(value))
-
-
-# --- state hash ---------------------------------------------------------------------------
-
-
-def entry_digest(key: bytes, value: bytes) -> int:
-    h = hashlib.shake_256(struct.pack(">I", len(key)) + key + value).digest(_DIGEST_BYTES)
-    return int.from_bytes(h, "big")
-
-
-def update_digest(digest: int, key: bytes, old: bytes | None, new: bytes | None) -> int:
-    if old is not None:
-        digest -= entry_digest(key, old)
-    if new is not None:
-        digest += entry_digest(key, new)
-    return digest % _MODULUS
-
-
-def digest_of(entries: Iterable[tuple[bytes, bytes]]) -> int:
-    total = 0
-    for key, value in entries:
-        total += entry_digest(key, value)
-    return total % _MODULUS
-
-
-def state_hash(digest: int) -> bytes:
-    return crypto.sha256(b"ehrnode/state/v1\x00" + digest.to_bytes(_DIGEST_BYTES, "big"))
-
 
 # --- genesis ------------------------------------------------------------------------------
 
@@ -137,14 +86,12 @@ def state_hash(digest: int) -> bytes:
 def genesis_changes(genesis: Genesis) -> dict[bytes, bytes | None]:
     """The state before block 1: the validator set, each validator an institution."""
     overlay = Overlay(_Empty())
-    _save(
-        overlay, K_VALS, [[v.key, v.power] for v in sorted(genesis.validators, key=lambda v: v.key)]
-    )
+    authority.genesis_entries(overlay, genesis.powers)
     for v in genesis.validators:
         account: dict[str, Any] = {"role": "institution", "nonce": 0, "since": 0, "nrec": 0}
         if v.name:
             account["name"] = v.name
-        _save(overlay, P_ACCT + v.key, account)
+        save(overlay, P_ACCT + v.key, account)
     return overlay.changes
 
 
@@ -154,7 +101,8 @@ class _Empty:
 
 
 def validators(reader: StateReader) -> dict[bytes, int]:
-    return {key: power for key, power in load(reader, K_VALS) or []}
+    """The set that votes on the next block."""
+    return authority.validators(reader)
 
 
 # --- apply ----------------------------------------------------------------------------------
@@ -197,7 +145,7 @@ def apply_tx(overlay: Overlay, ctx: BlockContext, tx: Tx) -> None:
         _APPLY[tx.kind](scratch, ctx, tx, account)
         account = load(scratch, P_ACCT + tx.signer)  # a record may have bumped "nrec"
     account["nonce"] = tx.nonce
-    _save(scratch, P_ACCT + tx.signer, account)
+    save(scratch, P_ACCT + tx.signer, account)
     overlay.merge(scratch)
 
 
@@ -292,7 +240,7 @@ def _record(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]
         entry.update(root=tx.id, ver=1, head=tx.id, nver=1)
         seq = patient_account["nrec"]
         patient_account["nrec"] = seq + 1
-        _save(scratch, P_ACCT + patient, patient_account)
+        save(scratch, P_ACCT + patient, patient_account)
         scratch.put(seq_key(P_PREC, patient, seq), tx.id)
         scratch.put(seq_key(P_VER, tx.id, 0), tx.id)
     else:
@@ -314,9 +262,9 @@ def _record(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]
         root.update(head=tx.id, nver=version)
         if previous["root"] == tx.id:  # pragma: no cover - ids are unique
             raise _reject("unknown_record", "a record cannot amend itself")
-        _save(scratch, P_REC + previous["root"], root)
+        save(scratch, P_REC + previous["root"], root)
         scratch.put(seq_key(P_VER, previous["root"], version - 1), tx.id)
-    _save(scratch, P_REC + tx.id, entry)
+    save(scratch, P_REC + tx.id, entry)
     for reader, wrapped in body["keys"]:
         scratch.put(P_KEY + tx.id + reader, wrapped)
 
@@ -353,7 +301,7 @@ def _grant(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any])
             # A list, not one id: an earlier grant of the same record (say, without expiry)
             # stays in force when a later one expires or is revoked.
             in_force = load(scratch, P_LGR + record_id + grantee) or []
-            _save(scratch, P_LGR + record_id + grantee, [*in_force, tx.id])
+            save(scratch, P_LGR + record_id + grantee, [*in_force, tx.id])
     if body["scope"] == "records":
         entry["records"] = listed
     else:
@@ -362,8 +310,8 @@ def _grant(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any])
             entry["types"] = sorted(types)
         standing = standing_grants(scratch, tx.signer)
         standing.append([grantee, tx.id, entry.get("types"), expires])
-        _save(scratch, P_STD + tx.signer, standing)
-    _save(scratch, P_GRANT + tx.id, entry)
+        save(scratch, P_STD + tx.signer, standing)
+    save(scratch, P_GRANT + tx.id, entry)
     scratch.put(P_PGR + tx.signer + tx.id, b"")
 
 
@@ -377,11 +325,11 @@ def _revoke(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]
             "already_revoked", f"the grant was already revoked at height {grant['revoked']}"
         )
     grant["revoked"] = ctx.height
-    _save(scratch, P_GRANT + grant_id, grant)
+    save(scratch, P_GRANT + grant_id, grant)
     if grant["scope"] == "standing":
         standing = [s for s in standing_grants(scratch, tx.signer) if s[1] != grant_id]
         if standing:
-            _save(scratch, P_STD + tx.signer, standing)
+            save(scratch, P_STD + tx.signer, standing)
         else:
             scratch.put(P_STD + tx.signer, None)
     else:
@@ -389,7 +337,7 @@ def _revoke(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]
             key = P_LGR + record_id + grant["grantee"]
             in_force = [g for g in load(scratch, key) or [] if g != grant_id]
             if in_force:
-                _save(scratch, key, in_force)
+                save(scratch, key, in_force)
             else:
                 scratch.put(key, None)
 
@@ -403,10 +351,25 @@ def _erase(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any])
             raise _reject("record_erased", f"record {record_id.hex()[:16]}… was already erased")
         record["erased"] = True
         record["erased_at"] = ctx.height
-        _save(scratch, P_REC + record_id, record)
+        save(scratch, P_REC + record_id, record)
 
 
-_APPLY = {"record": _record, "grant": _grant, "revoke": _revoke, "erase": _erase}
+def _validator(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]) -> None:
+    authority.apply_validator(scratch, ctx, tx)
+
+
+def _evidence(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]) -> None:
+    authority.apply_evidence(scratch, ctx, tx)
+
+
+_APPLY = {
+    "record": _record,
+    "grant": _grant,
+    "revoke": _revoke,
+    "erase": _erase,
+    "validator": _validator,
+    "evidence": _evidence,
+}
 
 
 # --- reading rules (used by the node to serve ciphertext; not consensus) ---------------------
@@ -454,7 +417,13 @@ def execute_block(
     overlay = Overlay(reader)
     for tx in txs:
         apply_tx(overlay, ctx, tx)
+    finish_block(overlay, ctx)
     return Execution(overlay.changes, digest_after(reader, overlay.changes, digest))
+
+
+def finish_block(overlay: Overlay, ctx: BlockContext) -> None:
+    """What happens at the end of every block, after its transactions."""
+    authority.finish_block(overlay, ctx)
 
 
 def digest_after(reader: StateReader, changes: Mapping[bytes, bytes | None], digest: int) -> int:

@@ -35,7 +35,7 @@ MAX_BLOB_BYTES = 1 << 40  # 1 TiB: far above any attachment, far below int overf
 MAX_NONCE = (1 << 63) - 1
 
 ROLES = ("patient", "provider", "institution")
-KINDS = ("register", "record", "grant", "revoke", "erase")
+KINDS = ("register", "record", "grant", "revoke", "erase", "validator", "evidence")
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}$")
 _CHAIN_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
@@ -144,6 +144,17 @@ def _endorsement(name: str, value: Any) -> None:
     _bin(64)(name + ".sig", value["sig"])
 
 
+def _power(name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 1000:
+        raise _fail(name, "must be an integer from 1 to 1000")
+
+
+def _vote(name: str, value: Any) -> None:
+    # The full check (and the signature) is in core.authority; here only the shape.
+    if not isinstance(value, dict) or len(value) != 6:
+        raise _fail(name, "must be a vote: a map of type, height, round, block, validator, sig")
+
+
 Spec = Mapping[str, tuple[bool, Check]]
 
 BODY_SPECS: dict[str, Spec] = {
@@ -172,6 +183,15 @@ BODY_SPECS: dict[str, Spec] = {
     },
     "erase": {
         "records": (True, _ids(MAX_RECORDS_PER_ERASE)),
+    },
+    "validator": {
+        "action": (True, _one_of("add", "remove")),
+        "key": (True, _bin(32)),
+        "power": (False, _power),
+    },
+    "evidence": {
+        "a": (True, _vote),
+        "b": (True, _vote),
     },
 }
 

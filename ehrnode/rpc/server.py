@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,7 +24,8 @@ from ehrnode.blobs.replication import Replication
 from ehrnode.blobs.store import BlobStore
 from ehrnode.config import RpcConfig
 from ehrnode.consensus.driver import Committed, Driver
-from ehrnode.core import codec, crypto, state
+from ehrnode.core import authority, codec, crypto, state
+from ehrnode.core.block import validator_set_hash
 from ehrnode.core.errors import (
     EhrError,
     InvalidEncoding,
@@ -111,6 +113,8 @@ class Api:
         r.add_get("/v1/patients/{key}/grants", self.get_patient_grants)
         r.add_get("/v1/records/{id}", self.get_record)
         r.add_get("/v1/records/{id}/versions", self.get_record_versions)
+        r.add_get("/v1/validators", self.get_validators)
+        r.add_get("/v1/evidence", self.get_evidence)
         r.add_get("/v1/status", self.get_status)
         r.add_get("/v1/health", self.get_health)
         r.add_get("/v1/genesis", self.get_genesis)
@@ -375,6 +379,42 @@ class Api:
         if self.status_extra is not None:
             body.update(self.status_extra())
         return web.json_response(body)
+
+    async def get_validators(self, req: web.Request) -> web.Response:
+        """The set that voted on block ``height`` (default: the set voting on the next one)."""
+        head = self.chain.head.height
+        height = params.int_query(req, "height", head + 1, 1, head + 1)
+        powers = (
+            state.validators(self.chain.state)
+            if height == head + 1
+            else self.chain.validators_at(height)
+        )
+        return web.json_response(
+            {
+                "height": height,
+                "hash": validator_set_hash(powers).hex(),
+                "validators": [{"key": k.hex(), "power": p} for k, p in sorted(powers.items())],
+            }
+        )
+
+    async def get_evidence(self, req: web.Request) -> web.Response:
+        """Double votes recorded on chain."""
+        out = []
+        for key, value in self.chain.state.scan(authority.P_EVIDENCE, limit=views.MAX_PAGE):
+            validator = key[len(authority.P_EVIDENCE) : len(authority.P_EVIDENCE) + 32]
+            height, round_, vote_type = struct.unpack(">QIB", key[len(authority.P_EVIDENCE) + 32 :])
+            entry = codec.decode(value)
+            out.append(
+                {
+                    "validator": validator.hex(),
+                    "height": height,
+                    "round": round_,
+                    "type": vote_type,
+                    "recorded_at": entry["height"],
+                    "reporter": entry["reporter"].hex(),
+                }
+            )
+        return web.json_response({"evidence": out})
 
     async def get_health(self, req: web.Request) -> web.Response:
         return web.json_response({"ok": True, "height": self.chain.head.height})

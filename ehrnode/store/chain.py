@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from ehrnode.core import codec, merkle, state
+from ehrnode.core import authority, codec, merkle, state
 from ehrnode.core.block import ZERO_HASH, Block, Certificate, InclusionProof
 from ehrnode.core.errors import ConfigError, NotFound
 from ehrnode.core.genesis import Genesis
@@ -201,6 +201,14 @@ class Chain:
             header=block.header,
             certificate=self.certificate(location.height),
         )
+
+    def validators_at(self, height: int) -> dict[bytes, int]:
+        """The validator set that voted on the block at ``height``."""
+        start = authority.P_FROM + struct.pack(">Q", height + 1)
+        for _key, value in self.state.scan(authority.P_FROM, start=start, reverse=True, limit=1):
+            found: dict[bytes, int] = authority.decode_set(codec.decode(value))
+            return found
+        raise NotFound(f"no validator set is recorded for height {height}")
 
     def load_state(self, key: bytes) -> Any:
         return state.load(self.state, key)

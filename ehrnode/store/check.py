@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ehrnode.core import state
 from ehrnode.core.block import ZERO_HASH
 from ehrnode.core.errors import EhrError
 from ehrnode.store.chain import Chain
@@ -32,7 +31,6 @@ def check_chain(chain: Chain, *, last_blocks: int | None = None) -> Report:
     head = chain.head
     report = Report(height=head.height)
     chain_id = chain.genesis.chain_id
-    powers = state.validators(chain.state)
     first = 1 if last_blocks is None else max(1, head.height - last_blocks + 1)
     previous_id = ZERO_HASH
     if first > 1:
@@ -42,11 +40,12 @@ def check_chain(chain: Chain, *, last_blocks: int | None = None) -> Report:
             block = chain.block(height)
             if block.header.prev != previous_id:
                 report.problems.append(f"block {height} does not link to block {height - 1}")
+            powers = chain.validators_at(height)
             chain.certificate(height).verify(chain_id, powers)
             if chain.certificate(height).block != block.id:
                 report.problems.append(f"certificate {height} is for another block")
             if block.last_commit is not None:
-                block.last_commit.verify(chain_id, powers)
+                block.last_commit.verify(chain_id, chain.validators_at(height - 1))
         except EhrError as err:
             report.problems.append(f"block {height}: {err}")
             break

@@ -1,0 +1,97 @@
+"""The state as the rules see it: a key-value reader, an overlay of pending writes, the
+block context, and the state hash.
+
+The state hash is an additive multiset hash (AdHash, Bellare & Micciancio 1997) of all
+entries: the sum, mod 2**2048, of SHAKE-256(len(key) || key || value) read as 256-byte
+integers, then hashed with SHA-256. Adding or removing an entry updates it in O(1), and
+anyone can recompute it from a full scan of the state.
+
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ehrnode.core import codec, crypto
+
+_DIGEST_BYTES = 256
+_MODULUS = 1 << (8 * _DIGEST_BYTES)
+
+
+class StateReader(Protocol):
+    def get(self, key: bytes) -> bytes | None: ...
+
+
+@dataclass(frozen=True)
+class BlockContext:
+    chain: str
+    height: int
+    time: int  # ms since the epoch, from the block header
+    validators: Mapping[bytes, int]
+
+
+class Overlay:
+    """Writes pending over a reader; ``changes`` maps key -> new value (None = deleted)."""
+
+    def __init__(self, base: StateReader) -> None:
+        self.base = base
+        self.changes: dict[bytes, bytes | None] = {}
+
+    def get(self, key: bytes) -> bytes | None:
+        if key in self.changes:
+            return self.changes[key]
+        return self.base.get(key)
+
+    def put(self, key: bytes, value: bytes | None) -> None:
+        self.changes[key] = value
+
+    def child(self) -> Overlay:
+        return Overlay(self)
+
+    def merge(self, child: Overlay) -> None:
+        self.changes.update(child.changes)
+
+
+def seq_key(prefix: bytes, owner: bytes, seq: int) -> bytes:
+    return prefix + owner + struct.pack(">Q", seq)
+
+
+def load(reader: StateReader, key: bytes) -> Any:
+    raw = reader.get(key)
+    return None if raw is None else codec.decode(raw, max_bytes=1 << 24)
+
+
+def save(overlay: Overlay, key: bytes, value: Any) -> None:
+    overlay.put(key, codec.encode(value))
+
+
+# --- state hash ---------------------------------------------------------------------------
+
+
+def entry_digest(key: bytes, value: bytes) -> int:
+    h = hashlib.shake_256(struct.pack(">I", len(key)) + key + value).digest(_DIGEST_BYTES)
+    return int.from_bytes(h, "big")
+
+
+def update_digest(digest: int, key: bytes, old: bytes | None, new: bytes | None) -> int:
+    if old is not None:
+        digest -= entry_digest(key, old)
+    if new is not None:
+        digest += entry_digest(key, new)
+    return digest % _MODULUS
+
+
+def digest_of(entries: Iterable[tuple[bytes, bytes]]) -> int:
+    total = 0
+    for key, value in entries:
+        total += entry_digest(key, value)
+    return total % _MODULUS
+
+
+def state_hash(digest: int) -> bytes:
+    return crypto.sha256(b"ehrnode/state/v1\x00" + digest.to_bytes(_DIGEST_BYTES, "big"))
