@@ -300,6 +300,23 @@ def test_a_reproposal_naming_a_polka_we_never_saw_gets_no_prevote() -> None:
     assert [a.block_id for a in _votes_cast(actions, PREVOTE)] == [None]
 
 
+def test_a_lock_outranks_an_older_polka_for_another_block() -> None:
+    me = _bystander(0, 1, 2)
+    driver = Driver(me)
+    driver.start()
+    v, w = _block(1), _block(2)
+    driver.votes(PREVOTE, 0, w.id, _others(me))  # a polka for w in round 0 (we saw no proposal)
+    driver.timeout("propose", 0)
+    _next_round(driver, 0)
+    driver.proposal(1, v)
+    driver.votes(PREVOTE, 1, v.id, _others(me)[:2])
+    assert (driver.engine.locked_value, driver.engine.locked_round) == (v, 1)
+    _next_round(driver, 1)
+    # w with its (real) round-0 polka: older than our round-1 lock, so nil.
+    actions = driver.proposal(2, w, pol_round=0)
+    assert [a.block_id for a in _votes_cast(actions, PREVOTE)] == [None]
+
+
 def test_a_proposer_with_a_valid_value_proposes_it_again() -> None:
     me = _proposer(1, 1)
     driver = Driver(me)

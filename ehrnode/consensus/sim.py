@@ -5,14 +5,15 @@ the engine asks (behind an in-memory copy of the driver's double-sign guard), se
 a simulated network (``sim_faults``: loss, delay, duplication, reordering, partitions),
 fires timeouts on a virtual clock, builds blocks, hands decided blocks and certificates to
 nodes that fall behind (block sync), crashes and restarts nodes (restoring them from their
-signing record, as the driver does), and lets one validator equivocate. After the global
-stabilisation time (GST) every fault stops.
+signing record, as the driver does), and lets one validator equivocate (``sim_byzantine``).
+After the global stabilisation time (GST) every fault stops.
 
-Throughout a run it checks agreement, validity and that no honest validator signs two
-different messages for one (height, round, step); at the end, liveness (each honest node
-decides ``heights_after_gst`` more heights within ``liveness_bound`` virtual seconds of
-GST). A broken property raises AssertionError naming the seed and the command that replays
-it with a trace:
+Throughout a run it checks (``sim_checks``) agreement, validity, that no honest validator
+signs two different messages for one (height, round, step), that an honest engine never
+asks its guard for a conflicting signature and that evidence names only the equivocator;
+at the end, liveness (each honest node decides ``heights_after_gst`` more heights within
+``liveness_bound`` virtual seconds of GST). A broken property raises AssertionError naming
+the seed and the command that replays it with a trace:
 
     python -m ehrnode.consensus.sim --seed 7 --validators 4 --scenario lossy
 
@@ -34,6 +35,7 @@ from functools import partial
 from typing import NoReturn
 
 from ehrnode.consensus import engine as eng
+from ehrnode.consensus.sim_byzantine import Equivocator
 from ehrnode.consensus.sim_checks import Checks
 from ehrnode.consensus.sim_faults import SCENARIOS, Link, Scenario, plan_faults
 from ehrnode.consensus.sim_node import (
@@ -49,7 +51,6 @@ from ehrnode.consensus.sim_node import (
 )
 from ehrnode.consensus.validators import ValidatorSet
 from ehrnode.core.block import (
-    PRECOMMIT,
     Block,
     Certificate,
     Proposal,
@@ -60,9 +61,7 @@ from ehrnode.core.block import (
 from ehrnode.core.crypto import Identity
 
 MAX_EVENTS = 2_000_000
-BOTH_VERSIONS = 0.2  # how often the equivocator sends one peer a second version
 SLOW_SYNC = 3.0  # before GST, block sync may take up to this long
-WITHHOLD = 0.2  # how often it sends a peer nothing at all
 
 
 @dataclass
@@ -94,8 +93,6 @@ class Simulation:
         self.nodes = [SimNode(i, Identity(self.rng.randbytes(32))) for i in range(n)]
         self.vals = ValidatorSet({node.key: 1 for node in self.nodes})
         self.plan = plan_faults(scenario, self.rng)
-        for i in self.plan.equivocators:
-            self.nodes[i].byzantine = True
         self.honest = set(self.plan.honest(n))
         self.link = Link(scenario, self.plan, self.rng)
         t = scenario.timeout
@@ -111,9 +108,13 @@ class Simulation:
         self.targets: dict[int, int] = {}  # set at GST: node -> height it must reach
         self.waiting: set[int] = set()  # honest nodes still short of their target
         self._verified: dict[bytes, tuple[object, ...]] = {}
-        # the equivocator's view and what it sent to whom, for its rebroadcasts
-        self._byz_seen: dict[tuple[int, int], set[bytes | None]] = {}
-        self._byz_sent: dict[tuple[int, int, int], list[tuple[SimNode, Message]]] = {}
+        self.equivocators: dict[int, Equivocator] = {}
+        for i in sorted(self.plan.equivocators):
+            node = self.nodes[i]
+            node.byzantine = True
+            peers = [peer for peer in self.nodes if peer is not node]
+            send = partial(self._send_one, node)
+            self.equivocators[i] = Equivocator(node, peers, self.rng, self.checks, send)
 
     # --- running ------------------------------------------------------------------------
 
@@ -194,8 +195,9 @@ class Simulation:
             f"n{node.index} boots at height {node.height}, restored {describe_restored(restored)}"
         )
         actions = node.engine.start_height(node.height, self.vals, has_txs=True, restored=restored)
-        if restored is not None and node.signing.msg is not None:
-            self._broadcast(node, node.signing.msg)  # as Driver._resend_recorded
+        if restored is not None:  # as the driver does with its recorded messages
+            for message in node.signing.height_messages:
+                self._broadcast(node, message)
         self._perform(node, actions)
 
     def _crash(self, node: SimNode) -> None:
@@ -250,8 +252,8 @@ class Simulation:
                     self._broadcast(node, message)
             for message in action.relay:
                 self._relay(node, message)
-            for peer, message in self._byz_sent.get((node.index, action.height, action.round), []):
-                self._send(node, peer, message)
+            if node.byzantine:
+                self.equivocators[node.index].rebroadcast(action.height, action.round)
         return []
 
     def _index(self, key: bytes) -> int:
@@ -259,7 +261,8 @@ class Simulation:
 
     def _sign_proposal(self, node: SimNode, action: eng.SignProposal) -> Proposal | None:
         if node.byzantine:
-            return self._equivocate_proposal(node, action)
+            other_block = node.build(self.rng, self.now, self.vals)
+            return self.equivocators[node.index].propose(action, other_block)
         verdict = node.signing.check(action.height, action.round, STEP_PROPOSAL, action.block.id)
         if verdict is False:
             self._refuse(node, action)
@@ -278,7 +281,7 @@ class Simulation:
 
     def _sign_vote(self, node: SimNode, action: eng.SignVote) -> Vote | None:
         if node.byzantine:
-            return self._equivocate_vote(node, action)
+            return self.equivocators[node.index].vote(action)
         verdict = node.signing.check(action.height, action.round, action.type, action.block_id)
         if verdict is False:
             self._refuse(node, action)
@@ -349,6 +352,12 @@ class Simulation:
             if peer is not node and peer.key != signer:
                 self._send(node, peer, message)
 
+    def _send_one(self, node: SimNode, peer: SimNode, message: Message) -> None:
+        """The equivocator's sends: each one to one peer."""
+        if self.trace is not None:
+            self._log(f"n{node.index} sends n{peer.index} {describe(message)}")
+        self._send(node, peer, message)
+
     def _send(self, node: SimNode, peer: SimNode, message: Message) -> None:
         for when in self.link.arrivals(self.now, node.index, peer.index):
             self._at(when, partial(self._deliver, peer, message))
@@ -363,7 +372,7 @@ class Simulation:
             when = self.now + self.rng.uniform(0.05, SLOW_SYNC if slow else 0.3)
             self._at(when, partial(self._sync, node, node.incarnation))
         if node.byzantine:
-            self._byz_seen.setdefault((message.height, message.round), set()).add(block_of(message))
+            self.equivocators[node.index].heard(message)
         if isinstance(message, Proposal):
             self._perform(node, node.engine.on_proposal(message))
         else:
@@ -399,57 +408,6 @@ class Simulation:
             self._perform(node, node.engine.on_certified_block(block, certificate))
             if node.height == height:
                 self._fail(f"n{node.index} did not take certified block {height}")
-
-    # --- the equivocating validator ---------------------------------------------------------
-
-    def _equivocate_proposal(self, node: SimNode, action: eng.SignProposal) -> Proposal:
-        ours = sign_proposal(node.identity, CHAIN, action.round, action.pol_round, action.block)
-        other_block = node.build(self.rng, self.now, self.vals)
-        other = sign_proposal(node.identity, CHAIN, action.round, -1, other_block)
-        self._byz_seen.setdefault((action.height, action.round), set()).add(other_block.id)
-        self._spread(node, [ours, other])
-        return ours
-
-    def _equivocate_vote(self, node: SimNode, action: eng.SignVote) -> Vote:
-        """Vote for what the engine chose, and for every other value seen this round."""
-        h, r = action.height, action.round
-        seen = self._byz_seen.get((h, r), set()) | {None}
-        others = sorted(b or b"" for b in seen if b != action.block_id)
-        if not others:
-            others = [self.rng.randbytes(32)]
-        ours = sign_vote(node.identity, CHAIN, action.type, h, r, action.block_id)
-        versions = [ours] + [
-            sign_vote(node.identity, CHAIN, action.type, h, r, b or None) for b in others
-        ]
-        self._spread(node, versions)
-        return ours
-
-    def _spread(self, node: SimNode, versions: Sequence[Message]) -> None:
-        """Each peer gets one version (each version goes to someone); some get a second one,
-        some get nothing. A precommit for a block goes to one peer only: it may let that one
-        decide while the others, locked but undecided, go on to later rounds, which is where
-        a lock that does not hold would show. Rebroadcasts repeat the same choice."""
-        peers = [peer for peer in self.nodes if peer is not node]
-        self.rng.shuffle(peers)
-        ours, others = versions[0], versions[1:]
-        only_one = isinstance(ours, Vote) and ours.type == PRECOMMIT and ours.block is not None
-        plan = []
-        for i, peer in enumerate(peers):
-            if i > len(others) and self.rng.random() < WITHHOLD:
-                continue
-            if i <= len(others):
-                plan.append((peer, versions[i]))
-            else:
-                plan.append((peer, self.rng.choice(others if only_one else versions)))
-            if self.rng.random() < BOTH_VERSIONS:
-                plan.append((peer, self.rng.choice(others if only_one else versions)))
-        for message in versions:
-            self.checks.sent(node.index, node.key, message, honest=False)
-        self._byz_sent.setdefault((node.index, ours.height, ours.round), []).extend(plan)
-        for peer, message in plan:
-            if self.trace is not None:
-                self._log(f"n{node.index} sends n{peer.index} {describe(message)}")
-            self._send(node, peer, message)
 
 
 def run(

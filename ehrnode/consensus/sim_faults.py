@@ -44,7 +44,7 @@ SCENARIOS = {
         Scenario("lossy", 4, loss=0.25, duplicate=0.15, reorder=0.1, delay=0.15),
         Scenario("partition-crash", 4, loss=0.05, reorder=0.05, partitions=2, crashes=2),
         Scenario(
-            "equivocate", 4, loss=0.1, duplicate=0.05, reorder=0.05, crashes=1, equivocators=1
+            "equivocate", 4, loss=0.1, duplicate=0.05, reorder=0.05, crashes=2, equivocators=1
         ),
         Scenario(
             "faulty7",

@@ -42,11 +42,15 @@ def block_of(message: Message) -> bytes | None:
 
 @dataclass
 class SigningMemory:
-    """``driver.SigningRecord`` without the disk: survives a simulated crash."""
+    """``driver.SigningRecord`` without the disk: survives a simulated crash. Like the
+    driver's ``Vmsg`` keys it keeps every message signed at the latest height, so that a
+    restarted node can send them again and count them again: a vote only its signer knew
+    of, lost with a crash, can leave everyone waiting for it."""
 
     last: tuple[int, int, int, bytes | None] | None = None
     msg: Message | None = None
     lock: tuple[int, int, Block, tuple[Vote, ...]] | None = None  # with its POL prevotes
+    height_messages: list[Message] = field(default_factory=list)
 
     def check(self, height: int, round_: int, step: int, block_id: bytes | None) -> Message | bool:
         """True: may sign. A message: already signed exactly this, resend it. False: refuse."""
@@ -58,16 +62,20 @@ class SigningMemory:
         return False
 
     def save(self, message: Message, lock: Block | None, pol: tuple[Vote, ...] = ()) -> None:
+        if self.last is not None and self.last[0] != message.height:
+            self.height_messages = []
         self.last = (message.height, message.round, step_of(message), block_of(message))
         self.msg = message
+        self.height_messages.append(message)
         if lock is not None:
             self.lock = (message.height, message.round, lock, pol)
 
     def restored(self, height: int) -> eng.Restored | None:
         if self.last is None or self.last[0] != height:
             return None
-        assert self.msg is not None
-        restored = eng.Restored(round=self.last[1], step=self.last[2], messages=(self.msg,))
+        restored = eng.Restored(
+            round=self.last[1], step=self.last[2], messages=tuple(self.height_messages)
+        )
         if self.lock is not None and self.lock[0] == height:
             _, restored.locked_round, restored.locked_block, pol = self.lock
             restored.messages += pol
