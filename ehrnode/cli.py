@@ -30,11 +30,6 @@ from ehrnode.store.check import check_chain
 from ehrnode.store.db import LevelKV
 from ehrnode.testnet import run_testnet
 
-try:
-    import uvloop
-except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
-    uvloop = None
-
 log = logging.getLogger("ehrnode")
 
 
@@ -82,9 +77,17 @@ def _cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _install_uvloop() -> None:
+    """A faster event loop where uvloop is installed (a dependency where it builds)."""
+    try:
+        import uvloop  # noqa: PLC0415 - optional
+    except ImportError:
+        return
+    uvloop.install()
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    if uvloop is not None:
-        uvloop.install()
+    _install_uvloop()
     asyncio.run(run_node(Path(args.home)))
     return 0
 

@@ -22,6 +22,7 @@ from ehrnode.core.tx import Tx
 
 MAX_PARKED_PER_SIGNER = 64
 MAX_NONCE_AHEAD = 256
+RECHECK_MAX = 2000
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class Mempool:
         self._txs: dict[bytes, Tx] = {}
         self._bytes = 0
         self._overlay = state.Overlay(reader)
+        self._changes: dict[bytes, dict[bytes, bytes | None]] = {}  # each pending tx's writes
         self._parked: dict[bytes, dict[int, Tx]] = {}
         self._parked_count = 0
 
@@ -92,7 +94,10 @@ class Mempool:
         return admitted
 
     def _admit(self, tx: Tx) -> None:
-        state.apply_tx(self._overlay, self._context(), tx)
+        scratch = self._overlay.child()
+        state.apply_tx(scratch, self._context(), tx)
+        self._overlay.merge(scratch)
+        self._changes[tx.id] = scratch.changes
         self._txs[tx.id] = tx
         self._bytes += tx.size
 
@@ -142,27 +147,45 @@ class Mempool:
             total += tx.size
         return out
 
+    def remove(self, tx_id: bytes) -> Tx | None:
+        """Drop one pending transaction (the block builder found it no longer applies)."""
+        tx = self._txs.pop(tx_id, None)
+        if tx is not None:
+            self._bytes -= tx.size
+            self._changes.pop(tx_id, None)
+        return tx
+
     def update(self, committed: Iterable[bytes]) -> list[tuple[Tx, InvalidTransaction]]:
-        """After a block: drop ``committed``, re-check the rest; return what was dropped."""
+        """After a block: drop ``committed``, bring the rest up to the new state; return
+        what was dropped.
+
+        When the block committed exactly the oldest pending transactions, the rest stand
+        as checked: their writes are laid over the new state unchanged. Otherwise, with a
+        small backlog, every remaining transaction is checked again; with a large one the
+        writes are laid over as they are too, and the block builder leaves out (and drops)
+        any that no longer apply, so a backlog never costs a full re-check per block.
+        """
         done = set(committed)
+        order = list(self._txs)
+        prefix = set(order[: len(done)]) == done
         for tx_id in done:
-            tx = self._txs.pop(tx_id, None)
-            if tx is not None:
-                self._bytes -= tx.size
-        remaining = list(self._txs.values())
-        self._txs.clear()
-        self._bytes = 0
-        self._overlay = state.Overlay(self._reader)
+            self.remove(tx_id)
         dropped: list[tuple[Tx, InvalidTransaction]] = []
-        ctx = self._context()
-        for tx in remaining:
-            try:
-                state.apply_tx(self._overlay, ctx, tx)
-            except InvalidTransaction as err:
-                dropped.append((tx, err))
-                continue
-            self._txs[tx.id] = tx
-            self._bytes += tx.size
+        if prefix or len(self._txs) > RECHECK_MAX:
+            self._overlay = state.Overlay(self._reader)
+            for tx_id in self._txs:
+                self._overlay.changes.update(self._changes[tx_id])
+        else:
+            remaining = list(self._txs.values())
+            self._txs.clear()
+            self._changes.clear()
+            self._bytes = 0
+            self._overlay = state.Overlay(self._reader)
+            for tx in remaining:
+                try:
+                    self._admit(tx)
+                except InvalidTransaction as err:
+                    dropped.append((tx, err))
         for signer in list(self._parked):
             account = state.load(self._overlay, state.P_ACCT + signer)
             expected = 1 if account is None else account["nonce"] + 1

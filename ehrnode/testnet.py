@@ -217,16 +217,20 @@ def hints(manifest: dict[str, Any], directory: Path) -> str:
     for entry in manifest["nodes"]:
         lines.append(f"  {entry['name']}  {entry['rpc']}  {entry['public_id']}")
     lines += [f"Manifest: {directory / MANIFEST}", "", "Try, in another terminal:"]
+    activate = Path(sys.executable).parent / "activate"
+    if activate.exists():
+        lines.append(f"  source {activate}        # puts ehr and ehrnode on PATH")
     url = manifest["nodes"][-1]["rpc"]
-    lines.append(f"  export EHR_NODE={url}")
+    lines.append(f"  export EHR_NODE={url}   # any node will do")
     example = _example_patient(manifest)
     if example is not None:
         key, record = example
         lines += [
-            f"  ehr --key {key} records                # the patient's records",
-            f"  ehr --key {key} read {record}",
-            f"  ehr --key {key} audit                  # who read what",
-            f"  ehr verify {record}                  # inclusion proof, offline",
+            f"  export EHR_KEY={key}   # a sample patient",
+            "  ehr records                      # the patient's records",
+            f"  ehr read {record}",
+            "  ehr audit                        # who read the patient's records, and when",
+            f"  ehr verify {record}   # inclusion proof against the genesis validators",
         ]
     lines += [
         "  ehr keygen --out me.json && ehr --key me.json register patient",

@@ -10,9 +10,14 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 stamp="$venv/.installed"
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
-    echo "installing ehrnode and its dev tools into $venv" >&2
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip >&2
-    "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[dev]" >&2
+    echo "installing ehrnode and its dev tools into $venv (log: $venv/install.log)" >&2
+    if ! { "$venv/bin/python" -m pip install --disable-pip-version-check --upgrade pip &&
+           "$venv/bin/python" -m pip install --disable-pip-version-check -e "$root[dev]"; } \
+           >"$venv/install.log" 2>&1; then
+        tail -n 30 "$venv/install.log" >&2
+        echo "installation failed; the full log is $venv/install.log" >&2
+        exit 1
+    fi
     touch "$stamp"
 fi
 export PATH="$venv/bin:$PATH"

@@ -1,6 +1,8 @@
 """Blob replication: every validator keeps a full replica of every record's ciphertext, and a
 write is acknowledged only once a write quorum of nodes hold it.
 
+- A node that receives small blobs from a client pushes their bytes to its peers at once
+  (``blob_data``, many per frame); peers check and store them in one batch.
 - A node that stores a blob announces it (``blob_have``). Peers that lack it fetch it from
   the announcer over HTTP (``GET /p2p/blobs/{hash}``, signed with the fetcher's node key,
   served only to connected peers), check its hash while streaming it to disk, and announce
@@ -24,9 +26,9 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from ehrnode.blobs.store import BlobStore, parse_hash
+from ehrnode.blobs.store import INLINE_MAX, BlobStore, parse_hash
 from ehrnode.consensus.driver import Committed
-from ehrnode.core import request
+from ehrnode.core import crypto, request
 from ehrnode.core.errors import EhrError, InvalidEncoding, NotAuthorised, NotFound
 from ehrnode.p2p.switch import Peer, Switch
 from ehrnode.store.db import KV
@@ -36,6 +38,7 @@ log = logging.getLogger(__name__)
 T_MISSING = b"Q"
 MAX_TRACKED = 200_000
 FETCH_CONCURRENCY = 4
+PUSH_FRAME_BYTES = 4 * 1024 * 1024
 RETRY_MISSING_S = 5.0
 
 
@@ -69,6 +72,8 @@ class Replication:
         self._retry: asyncio.Task[None] | None = None
         switch.handlers["blob_have"] = self._on_have
         switch.handlers["blob_want"] = self._on_want
+        switch.handlers["blob_data"] = self._on_data
+        self._incoming: set[bytes] = set()
         switch.routes.append(web.get("/p2p/blobs/{hash}", self._serve))
         switch.on_connect.append(self._on_connect)
 
@@ -135,6 +140,46 @@ class Replication:
             asyncio.get_running_loop().call_soon(self._flush)
         self._announce.extend(hashes)
 
+    def push(self, blobs: list[bytes]) -> None:
+        """Send small blobs' bytes to every peer (replicas store them without a fetch)."""
+        if not self.replicate or not self.switch.peers:
+            return
+        frame: list[bytes] = []
+        size = 0
+        for blob in blobs:
+            if len(blob) > INLINE_MAX:
+                continue
+            if frame and size + len(blob) > PUSH_FRAME_BYTES:
+                self.switch.broadcast("blob_data", blobs=frame)
+                frame, size = [], 0
+            frame.append(blob)
+            size += len(blob)
+        if frame:
+            self.switch.broadcast("blob_data", blobs=frame)
+
+    def _on_data(self, peer: Peer, fields: dict[str, Any]) -> None:
+        wanted = []
+        for data in fields["blobs"]:
+            blob = crypto.sha256(data)
+            self._holders(blob).add(peer.key)
+            if not self.blobs.has(blob) and not self.erased(blob) and blob not in self._incoming:
+                wanted.append(data)
+                self._incoming.add(blob)
+        if wanted:
+            task = asyncio.get_running_loop().create_task(self._store_pushed(wanted))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _store_pushed(self, blobs: list[bytes]) -> None:
+        try:
+            hashes = await self.kv.run(self.blobs.put_many, blobs)
+            self.stored(hashes)
+        except EhrError as err:
+            log.info("could not store pushed blobs: %s", err)
+        finally:
+            for data in blobs:
+                self._incoming.discard(crypto.sha256(data))
+
     def _flush(self) -> None:
         batch, self._announce = self._announce, []
         for start in range(0, len(batch), 4096):
@@ -174,7 +219,12 @@ class Replication:
             self._holders(blob).add(peer.key)
             self._wake(blob)
             wanted = blob in self.missing or self.replicate
-            if wanted and not self.blobs.has(blob) and not self.erased(blob):
+            if (
+                wanted
+                and blob not in self._incoming
+                and not self.blobs.has(blob)
+                and not self.erased(blob)
+            ):
                 self._schedule_fetch(peer, blob)
 
     def _on_want(self, peer: Peer, fields: dict[str, Any]) -> None:

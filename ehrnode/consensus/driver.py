@@ -120,6 +120,7 @@ class SigningRecord:
         block_id: bytes | None,
         msg: bytes,
         lock: Block | None,
+        pol: tuple[Vote, ...] = (),
     ) -> None:
         record = {"height": height, "round": round_, "step": step, "block": block_id, "msg": msg}
         batch: dict[bytes, bytes | None] = {
@@ -127,7 +128,14 @@ class SigningRecord:
             _message_key(height, round_, step): msg,
         }
         if lock is not None:
-            batch[K_LOCK] = codec.encode({"height": height, "round": round_, "block": lock.raw})
+            batch[K_LOCK] = codec.encode(
+                {
+                    "height": height,
+                    "round": round_,
+                    "block": lock.raw,
+                    "pol": [vote.to_wire() for vote in pol],
+                }
+            )
         self.kv.write(batch, sync=True)
         self.last = record
 
@@ -135,6 +143,12 @@ class SigningRecord:
         last = self.last
         if last is None or last["height"] != height:
             return None
+        messages: list[Proposal | Vote] = []
+        for wire in self.messages(height):
+            if "pol_round" in wire:
+                messages.append(Proposal.from_wire(wire, max_block_bytes=max_block_bytes))
+            else:
+                messages.append(Vote.from_wire(wire))
         restored = eng.Restored(round=last["round"], step=last["step"])
         raw_lock = self.kv.get(K_LOCK)
         if raw_lock is not None:
@@ -142,6 +156,8 @@ class SigningRecord:
             if lock["height"] == height:
                 restored.locked_round = lock["round"]
                 restored.locked_block = Block.decode(lock["block"], max_bytes=max_block_bytes)
+                messages.extend(Vote.from_wire(wire) for wire in lock.get("pol", []))
+        restored.messages = tuple(messages)
         return restored
 
     def messages(self, height: int) -> list[Any]:
@@ -207,8 +223,9 @@ class Driver:
             has_txs=self._work_waiting(),
             restored=restored,
         )
-        if restored is not None:
-            actions += self._recorded_messages(head.height + 1)
+        if restored is not None:  # what we signed before the restart, for peers that missed it
+            for message in restored.messages:
+                self._send(message)
         self._task = asyncio.create_task(self._run(actions), name="consensus")
 
     async def stop(self) -> None:
@@ -373,7 +390,9 @@ class Driver:
             self._evidence(action.first, action.second)
             return []
         if isinstance(action, eng.Rebroadcast):
-            for message in self._sent.get((action.height, action.round), []):
+            # Our own messages of the round, and what a peer may have missed (``relay``).
+            sent = self._sent.get((action.height, action.round), [])
+            for message in {id(m): m for m in (*sent, *action.relay)}.values():
                 self._send(message)
             return []
         raise TypeError(action)
@@ -443,24 +462,10 @@ class Driver:
             action.block_id,
             codec.encode(vote.to_wire()),
             lock,
+            action.pol if lock is not None else (),
         )
         self._sent.setdefault((action.height, action.round), []).append(vote)
         return vote
-
-    def _recorded_messages(self, height: int) -> list[eng.Action]:
-        """After a restart: send again, and count again, what we signed at this height."""
-        actions: list[eng.Action] = []
-        max_block = self.chain.genesis.params.max_block_bytes
-        for wire in self.signing.messages(height):
-            if "pol_round" in wire:
-                proposal = Proposal.from_wire(wire, max_block_bytes=max_block)
-                self.network.broadcast_proposal(proposal)
-                actions += self.engine.on_proposal(proposal)
-            else:
-                vote = Vote.from_wire(wire)
-                self.network.broadcast_vote(vote)
-                actions += self.engine.on_vote(vote)
-        return actions
 
     # --- committing -----------------------------------------------------------------------
 
@@ -473,7 +478,8 @@ class Driver:
         self.executor.forget()
         if self.identity is not None:
             await self.signing.kv.run(self.signing.prune, block.header.height + 1)
-        dropped = self.mempool.update(block.tx_ids)
+        dropped = self.mempool.update(block.tx_ids) + self.executor.dropped
+        self.executor.dropped = []
         for tx, err in dropped:
             log.info(
                 "dropped pending %s after block %d: %s", tx.id.hex()[:16], block.header.height, err

@@ -39,9 +39,12 @@ class Executor:
         self.now_ms = now_ms
         self._executions: OrderedDict[bytes, tuple[state.Execution, list[Tx]]] = OrderedDict()
         self._verdicts: OrderedDict[bytes, str | None] = OrderedDict()
+        # Pending transactions the builder found no longer apply, reported with the next
+        # commit (so their senders learn why).
+        self.dropped: list[tuple[Tx, InvalidTransaction]] = []
 
     def validators(self) -> ValidatorSet:
-        return ValidatorSet(state.validators(self.chain.state))
+        return ValidatorSet(self.chain.validators())
 
     def set_change_pending(self) -> bool:
         return self.chain.state.get(authority.K_PENDING) is not None
@@ -70,7 +73,9 @@ class Executor:
             try:
                 state.apply_tx(scratch, ctx, tx)
             except InvalidTransaction as err:
-                log.info("leaving %s out of block %d: %s", tx.id.hex()[:16], height, err)
+                log.info("dropping %s, which no longer applies: %s", tx.id.hex()[:16], err)
+                self.mempool.remove(tx.id)
+                self.dropped.append((tx, err))
                 skipped.add(tx.signer)  # its later nonces cannot apply either
                 continue
             overlay.merge(scratch)
@@ -186,9 +191,9 @@ class Executor:
 
 
 def block_context(chain: Chain, height: int, time_ms: int) -> state.BlockContext:
-    return state.BlockContext(
-        chain.genesis.chain_id, height, time_ms, state.validators(chain.state)
-    )
+    # Blocks are only ever built or checked on top of the head: the set voting on them
+    # is the one the head's state names.
+    return state.BlockContext(chain.genesis.chain_id, height, time_ms, chain.validators())
 
 
 def next_context(chain: Chain, now_ms: int) -> state.BlockContext:

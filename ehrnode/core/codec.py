@@ -28,25 +28,29 @@ DEFAULT_MAX_BYTES = 1 << 20
 Value = Any  # nil | bool | int | str | bytes | list[Value] | dict[str, Value]
 
 
+_SCALARS = (type(None), bool, int, str, bytes)
+
+
 def _canonical(obj: Value, depth: int) -> Value:
+    """A copy of ``obj`` whose dicts have their keys in sorted order, checked for types.
+
+    Python orders str by code point, which is the order of their UTF-8 bytes.
+    """
     if depth > MAX_DEPTH:
         raise InvalidEncoding(f"value nests deeper than {MAX_DEPTH} levels")
-    if isinstance(obj, dict):
-        out = {}
-        for key in sorted(obj, key=_key_bytes):
-            out[key] = _canonical(obj[key], depth + 1)
-        return out
-    if isinstance(obj, list | tuple):
-        return [_canonical(item, depth + 1) for item in obj]
-    if obj is None or isinstance(obj, bool | int | str | bytes):
+    kind = type(obj)
+    if kind in _SCALARS:
         return obj
-    raise InvalidEncoding(f"cannot encode a value of type {type(obj).__name__}")
-
-
-def _key_bytes(key: object) -> bytes:
-    if not isinstance(key, str):
-        raise InvalidEncoding(f"map keys must be strings, not {type(key).__name__}")
-    return key.encode()
+    if kind is dict:
+        for key in obj:
+            if type(key) is not str:
+                raise InvalidEncoding(f"map keys must be strings, not {type(key).__name__}")
+        return {key: _canonical(obj[key], depth + 1) for key in sorted(obj)}
+    if kind is list or kind is tuple:
+        return [_canonical(item, depth + 1) for item in obj]
+    if isinstance(obj, _SCALARS):  # subclasses (IntEnum, ...)
+        return obj
+    raise InvalidEncoding(f"cannot encode a value of type {kind.__name__}")
 
 
 def encode(obj: Value) -> bytes:
@@ -62,17 +66,32 @@ def _reject_ext(code: int, data: bytes) -> object:
     raise InvalidEncoding(f"msgpack extension type {code} is not allowed")
 
 
+def _sorted_pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    """Build a map from the wire, refusing keys that are not strictly increasing."""
+    previous = None
+    for key, _ in pairs:
+        if type(key) is not str:
+            raise InvalidEncoding(f"map keys must be strings, not {type(key).__name__}")
+        if previous is not None and key <= previous:
+            raise InvalidEncoding("not in canonical form (map keys unsorted or repeated)")
+        previous = key
+    return dict(pairs)
+
+
 def _check(obj: Value, depth: int) -> None:
-    if depth > MAX_DEPTH:
-        raise InvalidEncoding(f"value nests deeper than {MAX_DEPTH} levels")
-    if isinstance(obj, dict):
-        for value in obj.values():
-            _check(value, depth + 1)
-    elif isinstance(obj, list):
-        for item in obj:
-            _check(item, depth + 1)
-    elif isinstance(obj, float):
-        raise InvalidEncoding("floats are not allowed")
+    """Nesting within MAX_DEPTH, and only the allowed types (no float, no timestamp)."""
+    kind = type(obj)
+    if kind is dict or kind is list:
+        if depth > MAX_DEPTH or (depth == MAX_DEPTH and obj):
+            raise InvalidEncoding(f"value nests deeper than {MAX_DEPTH} levels")
+        for item in obj.values() if kind is dict else obj:
+            item_kind = type(item)
+            if item_kind is dict or item_kind is list:
+                _check(item, depth + 1)
+            elif item_kind not in _SCALARS:
+                raise InvalidEncoding(f"values of type {item_kind.__name__} are not allowed")
+    elif kind not in _SCALARS:
+        raise InvalidEncoding(f"values of type {kind.__name__} are not allowed")
 
 
 def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Value:
@@ -91,6 +110,7 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Value:
             use_list=True,
             strict_map_key=True,
             ext_hook=_reject_ext,
+            object_pairs_hook=_sorted_pairs,
         )
     except InvalidEncoding:
         raise
@@ -99,6 +119,13 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Value:
     except Exception as err:  # msgpack's C parser raises a few other kinds on garbage
         raise InvalidEncoding(f"not valid msgpack: {err}") from err
     _check(obj, 0)
-    if encode(obj) != data:
-        raise InvalidEncoding("not in canonical form (map keys unsorted or not shortest form)")
+    # Keys are sorted and unique (checked while parsing), so packing the parsed value as it
+    # is gives the canonical bytes; any difference is a longer-than-shortest form.
+    if msgpack.packb(obj, use_bin_type=True) != data:
+        raise InvalidEncoding("not in canonical form (a value is not in its shortest form)")
     return obj
+
+
+def decode_trusted(data: bytes) -> Value:
+    """Parse bytes this node wrote itself (its own state entries): no canonical check."""
+    return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)

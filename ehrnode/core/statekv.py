@@ -63,7 +63,8 @@ def seq_key(prefix: bytes, owner: bytes, seq: int) -> bytes:
 
 def load(reader: StateReader, key: bytes) -> Any:
     raw = reader.get(key)
-    return None if raw is None else codec.decode(raw, max_bytes=1 << 24)
+    # Entries are written by this node's own state machine, in canonical form.
+    return None if raw is None else codec.decode_trusted(raw)
 
 
 def save(overlay: Overlay, key: bytes, value: Any) -> None:

@@ -326,13 +326,24 @@ def decode(raw: bytes, *, max_bytes: int = DEFAULT_MAX_TX_BYTES, verify_sig: boo
     if not isinstance(sig, bytes) or len(sig) != crypto.SIGNATURE_BYTES:
         raise InvalidTransaction("'sig' must be a 64-byte signature", code="malformed")
     check_body(kind, body)
-    if verify_sig and not crypto.verify(
-        signer, b"", signing_bytes(chain, kind, signer, nonce, body), sig
-    ):
+    if verify_sig and not crypto.verify(signer, b"", _signing_bytes_of(bytes(raw), sig), sig):
         raise InvalidTransaction(
             "signature does not verify for this signer and content", code="bad_signature"
         )
     return Tx(chain, kind, signer, nonce, body, sig, bytes(raw), crypto.sha256(raw))
+
+
+def _signing_bytes_of(raw: bytes, sig: bytes) -> bytes:
+    """The signing bytes of canonical transaction bytes, cut out of them rather than
+    encoded again: the same 7-key map without its "sig" entry, as a 6-key map.
+
+    The top-level "sig" entry is the last occurrence of its 70 bytes: only the 32-byte
+    "signer" and "v" follow it, too short to hold another.
+    """
+    entry = b"\xa3sig\xc4\x40" + sig
+    at = raw.rindex(entry)
+    assert raw[0] == 0x87, "a canonical transaction is a 7-entry fixmap"
+    return crypto.DOMAIN_TX + b"\x86" + raw[1:at] + raw[at + len(entry) :]
 
 
 def endorsement_bytes(chain: str, role: str, subject: bytes) -> bytes:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from typing import Any
 
 from ehrnode.admission import Admission
@@ -21,6 +22,7 @@ from ehrnode.core.tx import Tx
 from ehrnode.p2p.switch import Peer, Switch
 
 log = logging.getLogger(__name__)
+SEEN_MAX = 50_000
 
 
 class ConsensusGossip:
@@ -30,6 +32,9 @@ class ConsensusGossip:
         self.switch = switch
         self.max_block_bytes = max_block_bytes
         self.driver: Driver | None = None
+        # Signatures of consensus messages already passed on: peers relay each other's
+        # messages, so most arrive more than once; checking a signature once is enough.
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
         switch.handlers["proposal"] = self._on_proposal
         switch.handlers["vote"] = self._on_vote
         switch.handlers["evidence"] = self._on_evidence
@@ -43,7 +48,17 @@ class ConsensusGossip:
     def broadcast_evidence(self, first: Vote, second: Vote) -> None:
         self.switch.broadcast("evidence", a=first.to_wire(), b=second.to_wire())
 
+    def _first_time(self, sig: bytes) -> bool:
+        if sig in self._seen:
+            return False
+        self._seen[sig] = None
+        if len(self._seen) > SEEN_MAX:
+            self._seen.popitem(last=False)
+        return True
+
     def _on_proposal(self, peer: Peer, fields: dict[str, Any]) -> None:
+        if not self._first_time(fields["proposal"].get("sig", b"")):
+            return
         try:
             proposal = Proposal.from_wire(fields["proposal"], max_block_bytes=self.max_block_bytes)
         except (InvalidEncoding, EhrError) as err:
@@ -52,6 +67,8 @@ class ConsensusGossip:
             self.driver.submit_proposal(proposal)
 
     def _on_vote(self, peer: Peer, fields: dict[str, Any]) -> None:
+        if not self._first_time(fields["vote"].get("sig", b"")):
+            return
         try:
             vote = Vote.from_wire(fields["vote"])
         except InvalidEncoding as err:

@@ -14,6 +14,8 @@
     blocks      items [[block bytes, certificate bytes]...]  block sync answer
     blob_have   hashes [bin32...]                       "I hold these blobs"
     blob_want   hashes [bin32...]                       "do you hold these?"
+    blob_data   blobs [bin...]                          small blobs pushed to replicas
+                                                        (each at most 64 KiB)
 
 The auth signature is ed25519 over ``DOMAIN_PEER || encode({"chain", "genesis", "from",
 "to", "nonce"})`` where ``nonce`` is the one the *other* side sent in its hello. Pure: no
@@ -31,6 +33,7 @@ PROTOCOL_VERSION = 1
 MAX_SYNC_BLOCKS = 256
 MAX_HASHES = 4096
 MAX_TXS = 20_000
+MAX_PUSHED_BLOB = 64 * 1024
 
 _FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "hello": {
@@ -52,6 +55,7 @@ _FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
     "blocks": {"items": list},
     "blob_have": {"hashes": list},
     "blob_want": {"hashes": list},
+    "blob_data": {"blobs": list},
 }
 
 
@@ -106,6 +110,14 @@ def _check_lists(kind: str, obj: dict[str, Any]) -> None:
             for i in items
         ):
             raise PeerError("blocks items must be [block bytes, certificate bytes] pairs")
+    elif kind == "blob_data":
+        blobs = obj["blobs"]
+        if len(blobs) > MAX_HASHES or not all(
+            isinstance(b, bytes) and len(b) <= MAX_PUSHED_BLOB for b in blobs
+        ):
+            raise PeerError(
+                f"blob_data holds at most {MAX_HASHES} blobs of {MAX_PUSHED_BLOB} bytes"
+            )
     elif kind in ("blob_have", "blob_want"):
         hashes = obj["hashes"]
         if len(hashes) > MAX_HASHES or not all(

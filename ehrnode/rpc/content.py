@@ -134,6 +134,8 @@ class ContentApi:
         if not isinstance(items, list) or not all(isinstance(i, bytes) for i in items):
             raise InvalidEncoding("a blob batch is a msgpack array of byte strings")
         hashes = await self.blobs.kv.run(self.blobs.put_many, items)
+        if self.replication is not None:
+            self.replication.push(items)
         replicas = await self._replicate(hashes)
         durable = all(r["durable"] for r in replicas)
         return web.json_response(

@@ -166,7 +166,9 @@ class Api:
         raw = await params.raw_body(req)
         tx = self.admission.decode(raw)
         if mode != "async":
-            await self._await_replicas([tx])
+            short = await self._short_of_replicas([tx])
+            if short:
+                raise self._replication_pending(min(short.values()))
         if mode == "async":
             asyncio.get_running_loop().call_soon(self._admit_quietly, tx)
             return web.json_response({"id": tx.id.hex(), "status": "received"}, status=202)
@@ -185,24 +187,41 @@ class Api:
             }
         )
 
-    async def _await_replicas(self, txs: list[Tx]) -> None:
-        """A record is acknowledged only once a write quorum holds its ciphertext."""
+    async def _short_of_replicas(self, txs: list[Tx]) -> dict[bytes, int]:
+        """Wait (up to the commit timeout) until a write quorum holds each record's
+        ciphertext; return the blobs still short of it, with how many nodes hold them.
+
+        A record is acknowledged only once that many nodes hold its ciphertext; a blob this
+        node lacks altogether is left to admission, which refuses the record at once."""
         if self.replication is None:
-            return
+            return {}
         replication = self.replication
-        held = self.admission.blobs.has  # a blob we lack is refused by admission at once
-        blobs = [tx.body["blob"] for tx in txs if tx.kind == "record" and held(tx.body["blob"])]
+        held = self.admission.blobs.has
+        blobs = list({t.body["blob"] for t in txs if t.kind == "record" and held(t.body["blob"])})
         if not blobs:
-            return
+            return {}
         timeout = self.config.commit_timeout_s
         counts = await asyncio.gather(*(replication.wait_quorum(b, timeout) for b in blobs))
-        short = min(counts)
-        if short < replication.quorum:
-            raise Unavailable(
-                f"the record's ciphertext is held by {short} node(s) and {replication.quorum} "
-                "are needed before the record is accepted; retry shortly",
-                code="replication_pending",
-            )
+        return {b: n for b, n in zip(blobs, counts, strict=True) if n < replication.quorum}
+
+    def _admit_one(self, item: Tx | EhrError, short: dict[bytes, int]) -> Tx | EhrError:
+        if isinstance(item, EhrError):
+            return item
+        if item.kind == "record" and item.body["blob"] in short:
+            return self._replication_pending(short[item.body["blob"]])
+        try:
+            self.admission.admit(item)
+        except EhrError as err:
+            return err
+        return item
+
+    def _replication_pending(self, holders: int) -> Unavailable:
+        quorum = self.replication.quorum if self.replication is not None else 1
+        return Unavailable(
+            f"the record's ciphertext is held by {holders} node(s) and {quorum} are needed "
+            "before the record is accepted; retry shortly",
+            code="replication_pending",
+        )
 
     def _admit_quietly(self, tx: Any) -> None:
         # A rejection is remembered in admission.rejected; GET /v1/txs/{id} reports it.
@@ -222,22 +241,24 @@ class Api:
             ) from err
         if not isinstance(items, list) or not all(isinstance(i, bytes) for i in items):
             raise InvalidEncoding("a batch is a msgpack array of byte strings")
-        results: list[dict[str, Any]] = []
-        admitted: list[bytes] = []
-        decodable = []
-        for item in items:
-            with contextlib.suppress(EhrError):
-                decodable.append(self.admission.decode(item))
-        with contextlib.suppress(EhrError):
-            await self._await_replicas(decodable)
+        decoded: list[Tx | EhrError] = []
         for item in items:
             try:
-                tx = self.admission.submit(item)
+                decoded.append(self.admission.decode(item))
             except EhrError as err:
-                results.append({"status": "rejected", "code": err.code, "message": err.message})
+                decoded.append(err)
+        short = await self._short_of_replicas([t for t in decoded if isinstance(t, Tx)])
+        results: list[dict[str, Any]] = []
+        admitted: list[bytes] = []
+        for item in decoded:
+            outcome = self._admit_one(item, short)
+            if isinstance(outcome, EhrError):
+                results.append(
+                    {"status": "rejected", "code": outcome.code, "message": outcome.message}
+                )
                 continue
-            admitted.append(tx.id)
-            results.append({"id": tx.id.hex(), "status": "pending"})
+            admitted.append(outcome.id)
+            results.append({"id": outcome.id.hex(), "status": "pending"})
         if mode == "commit" and admitted:
             deadline = self.config.commit_timeout_s
             locations = await asyncio.gather(

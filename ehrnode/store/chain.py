@@ -95,6 +95,7 @@ class Chain:
         self.kv = kv
         self.genesis = genesis
         self.state = StateView(kv)
+        self._validators: tuple[int, dict[bytes, int]] | None = None
         raw = kv.get(K_HEAD)
         if raw is None:
             self._head = self._init_genesis()
@@ -131,6 +132,12 @@ class Chain:
     @property
     def head(self) -> Head:
         return self._head
+
+    def validators(self) -> dict[bytes, int]:
+        """The set that votes on the next block (cached until the next commit)."""
+        if self._validators is None or self._validators[0] != self._head.height:
+            self._validators = (self._head.height, state.validators(self.state))
+        return self._validators[1]
 
     def commit(self, block: Block, certificate: Certificate, execution: state.Execution) -> Head:
         """Persist a block and everything it changes in one synced batch; return the new head."""

@@ -1,0 +1,73 @@
+"""The machine line and its ceiling: ed25519 verifications per second on one core, and the
+committed-transaction rate that allows for 4 validators sharing this machine's cores
+(each transaction is verified once on every validator)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from ehrnode.core import crypto
+
+VALIDATORS = 4
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "cores": cores(),
+        "cpu": cpu_model(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def commit_id() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parents[2],
+        )
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def verify_rate(seconds: float = 1.0) -> float:
+    """ed25519 verifications per second on one core (this process), signatures made first."""
+    identity = crypto.Identity.generate()
+    messages = [os.urandom(200) for _ in range(256)]
+    signed = [(m, identity.sign(b"", m)) for m in messages]
+    key = identity.public_key
+    count = 0
+    started = time.perf_counter()
+    deadline = started + seconds
+    while time.perf_counter() < deadline:
+        for message, sig in signed:
+            crypto.verify(key, b"", message, sig)
+        count += len(signed)
+    return count / (time.perf_counter() - started)
+
+
+def ceiling(rate_per_core: float) -> float:
+    return cores() * rate_per_core / VALIDATORS
