@@ -1,0 +1,186 @@
+"""``scripts/bench``: run the measurements, print a table, write the figures as JSON.
+
+    scripts/bench [--only NAME ...] [--out FILE] [--smoke]
+
+NAME is one of: ceiling, throughput, latency, import, sync, attachment, query. A figure
+not measured in a run is null, never a guess. ``--smoke`` runs every measurement at a
+size of seconds (for CI: it proves the bench runs and writes valid JSON; its figures mean
+little).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ehrnode.bench import machine, measures, throughput, workload
+from ehrnode.bench.network import Network
+from ehrnode.testing import validator_identity
+
+NAMES = ("ceiling", "throughput", "latency", "import", "sync", "attachment", "query")
+KEYS = (
+    "verify_per_s_per_core",
+    "ceiling_tx_per_s",
+    "tx_per_s",
+    "ratio_to_ceiling",
+    "latency_p50_s",
+    "latency_p99_s",
+    "import_resources_per_s",
+    "sync_speedup",
+    "attachment_mb_per_s",
+    "attachment_peak_rss_mb",
+    "query_p99_ms",
+    "start_s",
+)
+TARGETS = {
+    "tx_per_s": ">= 4000",
+    "ratio_to_ceiling": ">= 0.45",
+    "latency_p50_s": "<= 0.5",
+    "latency_p99_s": "<= 1.5",
+    "import_resources_per_s": ">= 3000",
+    "sync_speedup": ">= 5",
+    "attachment_mb_per_s": ">= 100",
+    "attachment_peak_rss_mb": "<= 256",
+    "query_p99_ms": "<= 20",
+    "start_s": "<= 3",
+}
+
+
+@dataclass(frozen=True)
+class Sizes:
+    throughput_txs: int
+    latency_txs: int
+    sync_txs: int
+    import_bundles: int | None  # None: all
+    attachment_bytes: int
+    chain_records: int
+    chain_patients: int
+    queries: int
+
+
+FULL = Sizes(60_000, 10_000, 100_000, None, 1024**3, 1_000_000, 1000, 2000)
+SMOKE = Sizes(300, 100, 300, 1, 4 * 1024 * 1024, 2000, 20, 50)
+
+
+async def run(names: set[str], sizes: Sizes, workdir: Path) -> dict[str, Any]:
+    figures: dict[str, Any] = dict.fromkeys(KEYS)
+    notes: list[str] = []
+    rate = machine.verify_rate(0.3 if sizes is SMOKE else 2.0)
+    figures["verify_per_s_per_core"] = rate
+    figures["ceiling_tx_per_s"] = machine.ceiling(rate)
+    needs_network = names & {"throughput", "latency", "import", "sync", "attachment"}
+    if needs_network:
+        net = Network(workdir / "net")
+        net.start()
+        try:
+            await _network_measures(net, names, sizes, figures, notes)
+        finally:
+            net.stop()
+    if "query" in names:
+        figures.update(
+            await measures.query_and_start(
+                workdir / "query", sizes.chain_records, sizes.chain_patients, sizes.queries
+            )
+        )
+    figures["notes"] = notes
+    return figures
+
+
+async def _network_measures(
+    net: Network, names: set[str], sizes: Sizes, figures: dict[str, Any], notes: list[str]
+) -> None:
+    chain = "ehr-bench"
+    if names & {"throughput", "latency", "sync"}:
+        total = sizes.throughput_txs + sizes.latency_txs + sizes.sync_txs
+        people = await workload.register_people(
+            net.urls[0], chain, validator_identity(net.homes[0]), 64, 500
+        )
+        resources, source = workload.sample_resources(min(total, 30_000))
+        notes.append(f"workload: {source}")
+        work = workload.seal_and_sign(chain, people, workload.cycle(resources, total), {})
+        await workload.upload_blobs(net.urls[0], chain, people.providers[0], [b for b, _ in work])
+        raws = [raw for _, raw in work]
+        first = raws[: sizes.throughput_txs]
+        second = raws[sizes.throughput_txs : sizes.throughput_txs + sizes.latency_txs]
+        third = raws[sizes.throughput_txs + sizes.latency_txs :]
+        if "throughput" in names or "latency" in names or "sync" in names:
+            result = await throughput.sustained(net.urls, first)
+            figures["tx_per_s"] = result["tx_per_s"]
+            if result["tx_per_s"] and figures["ceiling_tx_per_s"]:
+                figures["ratio_to_ceiling"] = result["tx_per_s"] / figures["ceiling_tx_per_s"]
+        if "latency" in names and figures["tx_per_s"]:
+            with tempfile.TemporaryDirectory() as sent_dir:
+                figures.update(
+                    await throughput.latency(net.urls, second, figures["tx_per_s"] / 2, sent_dir)
+                )
+        if "sync" in names:
+            figures.update(await measures.block_sync(net, third, figures["tx_per_s"]))
+    if "attachment" in names:
+        figures.update(await measures.attachment(net, sizes.attachment_bytes))
+    if "import" in names:
+        files = sorted(workload.SAMPLES.glob("*.json")) if workload.SAMPLES.is_dir() else []
+        if not files:
+            files = sorted(
+                (Path(__file__).resolve().parents[2] / "tests" / "data").glob("*bundle*.json")
+            )
+            notes.append("import: ../shared samples absent; imported the bundle in tests/data")
+        if sizes.import_bundles is not None:
+            files = sorted(files, key=lambda f: f.stat().st_size)[: sizes.import_bundles]
+        with tempfile.TemporaryDirectory() as keys:
+            figures.update(measures.import_bundles(net, files, Path(keys)))
+
+
+def table(figures: dict[str, Any]) -> str:
+    lines = [f"{'figure':28} {'value':>14}  target"]
+    for key in KEYS:
+        value = figures.get(key)
+        shown = (
+            "not measured"
+            if value is None
+            else f"{value:,.3f}"
+            if isinstance(value, float)
+            else str(value)
+        )
+        lines.append(f"{key:28} {shown:>14}  {TARGETS.get(key, '')}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--only", nargs="+", choices=NAMES, help="run only these measurements")
+    parser.add_argument("--out", help="write the figures as JSON to this file")
+    parser.add_argument("--smoke", action="store_true", help="seconds-long sizes (CI)")
+    parser.add_argument("--workdir", help="keep node data here (default: a temporary folder)")
+    args = parser.parse_args(argv)
+    names = set(args.only or NAMES)
+    sizes = SMOKE if args.smoke else FULL
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix="ehr-bench-") as tmp:
+        workdir = Path(args.workdir) if args.workdir else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        figures = asyncio.run(run(names, sizes, workdir))
+    figures["machine"] = machine.machine()
+    figures["commit"] = machine.commit_id()
+    figures["smoke"] = args.smoke
+    figures["seconds"] = time.time() - started
+    m = figures["machine"]
+    print(
+        f"machine: {m['cores']} cores, {m['cpu']}, Python {m['python']}; commit {figures['commit']}"
+    )
+    print(table(figures))
+    for note in figures["notes"]:
+        print(f"note: {note}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

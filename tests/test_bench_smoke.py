@@ -1,0 +1,36 @@
+"""scripts/bench runs end to end at smoke sizes and writes the figures as valid JSON.
+
+Figures are never asserted here: speed is measured by the benchmark, not by tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ehrnode.bench.__main__ import KEYS
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "ehrnode.bench", "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(out.read_text())
+    for key in KEYS:
+        assert key in figures, key
+        assert figures[key] is None or isinstance(figures[key], int | float), key
+    measured = [k for k in KEYS if figures[k] is not None]
+    assert len(measured) == len(KEYS), f"smoke left figures unmeasured: {set(KEYS) - set(measured)}"
+    assert figures["machine"]["cores"] >= 1
+    assert "verify_per_s_per_core" in result.stdout  # the table went to stdout
