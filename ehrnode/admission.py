@@ -90,6 +90,8 @@ class Admission:
                 )
         admitted = self.mempool.add(tx)
         self.rejected.pop(tx.id, None)
+        for evicted, err in self.mempool.drain_evicted():
+            self._remember(evicted.id, err)
         if admitted:
             self.wake()
             if relay:

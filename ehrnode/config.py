@@ -6,8 +6,9 @@
     <home>/data/           the LevelDB database
     <home>/blobs/          large ciphertext blobs
 
-Every setting, its type and default is in ``_SCHEMA``; ``configs/node.toml`` is a commented
-example. A bad file gives a ConfigError that names the file, the key and what is expected.
+Every setting, its type and default is in the dataclasses below; ``configs/node.toml`` is
+a commented example. A bad file gives a ConfigError that names the file, the key and what
+is expected.
 """
 
 from __future__ import annotations

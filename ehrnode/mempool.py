@@ -23,6 +23,8 @@ from ehrnode.core.tx import Tx
 MAX_PARKED_PER_SIGNER = 64
 MAX_NONCE_AHEAD = 256
 RECHECK_MAX = 2000
+MAX_AHEAD_UNREGISTERED = 4
+MAX_PARKED_UNREGISTERED = 1000
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,8 @@ class Mempool:
         self._overlay = state.Overlay(reader)
         self._changes: dict[bytes, dict[bytes, bytes | None]] = {}  # each pending tx's writes
         self._parked: dict[bytes, dict[int, Tx]] = {}
+        self._parked_ids: dict[bytes, Tx] = {}
+        self._evicted: list[tuple[Tx, InvalidTransaction]] = []
         self._parked_count = 0
 
     def __len__(self) -> int:
@@ -57,9 +61,16 @@ class Mempool:
         return self._bytes
 
     def __contains__(self, tx_id: object) -> bool:
-        return tx_id in self._txs or any(
-            t.id == tx_id for parked in self._parked.values() for t in parked.values()
-        )
+        return tx_id in self._txs or tx_id in self._parked_ids
+
+    def waiting(self, tx_id: bytes) -> Tx | None:
+        """A transaction parked until its signer's earlier nonces arrive."""
+        return self._parked_ids.get(tx_id)
+
+    def drain_evicted(self) -> list[tuple[Tx, InvalidTransaction]]:
+        """Parked transactions that failed when their turn came (to report to senders)."""
+        evicted, self._evicted = self._evicted, []
+        return evicted
 
     @property
     def check_state(self) -> state.StateReader:
@@ -103,6 +114,11 @@ class Mempool:
 
     def _park(self, tx: Tx) -> None:
         account = state.load(self._overlay, state.P_ACCT + tx.signer)
+        if account is None and not self._may_park_unregistered(tx):
+            raise InvalidTransaction(
+                f"nonce {tx.nonce} skips ahead; an unregistered signer starts at nonce 1",
+                code="nonce_gap",
+            )
         expected = 1 if account is None else account["nonce"] + 1
         if tx.nonce > expected + MAX_NONCE_AHEAD:
             raise InvalidTransaction(
@@ -118,17 +134,33 @@ class Mempool:
                 "too many transactions waiting for earlier nonces", code="mempool_full"
             )
         parked[tx.nonce] = tx
+        self._parked_ids[tx.id] = tx
         self._parked_count += 1
+
+    def _may_park_unregistered(self, tx: Tx) -> bool:
+        """A signer whose ``register`` has not arrived may park a few transactions (a new
+        patient's register and first grant can arrive out of order), but keys cost nothing
+        to make, so strangers share a small part of the parking area."""
+        if tx.nonce > 1 + MAX_AHEAD_UNREGISTERED:
+            return False
+        strangers = sum(
+            len(parked)
+            for signer, parked in self._parked.items()
+            if state.load(self._overlay, state.P_ACCT + signer) is None
+        )
+        return strangers < MAX_PARKED_UNREGISTERED
 
     def _unpark(self, signer: bytes, nonce: int) -> list[Tx]:
         admitted: list[Tx] = []
         parked = self._parked.get(signer)
         while parked and nonce in parked:
             tx = parked.pop(nonce)
+            self._parked_ids.pop(tx.id, None)
             self._parked_count -= 1
             try:
                 self._admit(tx)
-            except InvalidTransaction:
+            except InvalidTransaction as err:
+                self._evicted.append((tx, err))
                 break
             admitted.append(tx)
             nonce += 1
@@ -192,6 +224,7 @@ class Mempool:
             parked = self._parked[signer]
             for nonce in [n for n in parked if n < expected]:
                 tx = parked.pop(nonce)
+                self._parked_ids.pop(tx.id, None)
                 self._parked_count -= 1
                 # A parked transaction that another node got into the block is committed,
                 # not dropped: reporting it as dropped would tell its sender it failed.

@@ -87,9 +87,12 @@ class Node:
             TxGossip(switch, admission)
             driver.evidence_listeners.append(EvidenceReporter(self.identity, admission).report)
             self.sync = BlockSync(switch, chain, driver, c.p2p.max_message_bytes)
-            quorum = c.blobs.write_quorum or default_quorum(len(self.genesis.validators))
             self.replication = replication = Replication(
-                switch, blobs, kv, quorum=quorum, replicate=c.blobs.replicate
+                switch,
+                blobs,
+                kv,
+                quorum=lambda: c.blobs.write_quorum or default_quorum(len(chain.validators())),
+                replicate=c.blobs.replicate,
             )
             self.access = access = AccessLog(kv, self.identity)
             self.metrics = metrics = NodeMetrics()
@@ -123,7 +126,8 @@ class Node:
             await self.stop()
             raise
         log.info(
-            "node %s serving chain %s at height %d; RPC on %s",
+            "node %s (%s) serving chain %s at height %d; RPC on %s",
+            self.config.moniker,
             self.identity.public_id[:16],
             self.genesis.chain_id,
             chain.head.height,

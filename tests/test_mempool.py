@@ -10,7 +10,13 @@ from helpers_core import CHAIN, World, identity
 
 from ehrnode.core import crypto, state, tx
 from ehrnode.core.errors import Conflict, InvalidTransaction, LimitExceeded
-from ehrnode.mempool import MAX_NONCE_AHEAD, MAX_PARKED_PER_SIGNER, Limits, Mempool
+from ehrnode.mempool import (
+    MAX_AHEAD_UNREGISTERED,
+    MAX_NONCE_AHEAD,
+    MAX_PARKED_PER_SIGNER,
+    Limits,
+    Mempool,
+)
 
 
 @pytest.fixture
@@ -137,23 +143,42 @@ def test_unparking_stops_at_a_gap(w: World) -> None:
     assert [t.nonce for t in mempool.add(standing(w, 3))] == [3, 4]
 
 
+def registered(w: World, *who: crypto.Identity) -> None:
+    """Commit the registration of ``who`` (as patients) to the world's state."""
+    for identity_ in who:
+        w.do(identity_, "register", {"role": "patient"})
+    w.commit()
+
+
 def test_nonce_too_far_ahead(w: World) -> None:
+    registered(w, PATIENT)  # next nonce 2
     mempool = pool(w)
-    assert mempool.add(standing(w, 1 + MAX_NONCE_AHEAD)) == []
+    assert mempool.add(standing(w, 2 + MAX_NONCE_AHEAD)) == []
     with pytest.raises(InvalidTransaction) as info:
-        mempool.add(standing(w, 2 + MAX_NONCE_AHEAD))
+        mempool.add(standing(w, 3 + MAX_NONCE_AHEAD))
+    assert info.value.code == "nonce_gap"
+
+
+def test_an_unregistered_signer_parks_only_just_ahead_of_its_register(w: World) -> None:
+    mempool = pool(w)
+    assert mempool.add(standing(w, 1 + MAX_AHEAD_UNREGISTERED)) == []
+    with pytest.raises(InvalidTransaction) as info:
+        mempool.add(standing(w, 2 + MAX_AHEAD_UNREGISTERED))
     assert info.value.code == "nonce_gap"
 
 
 def test_parking_is_limited_per_signer_and_in_all(w: World) -> None:
+    registered(w, PATIENT, GP)  # both at next nonce 2: nonce 3 and up park
     mempool = pool(w)
-    for nonce in range(2, 2 + MAX_PARKED_PER_SIGNER):
+    for nonce in range(3, 3 + MAX_PARKED_PER_SIGNER):
         mempool.add(standing(w, nonce))
     with pytest.raises(LimitExceeded):
-        mempool.add(standing(w, 2 + MAX_PARKED_PER_SIGNER))
+        mempool.add(standing(w, 3 + MAX_PARKED_PER_SIGNER))
     # Another signer still has room.
-    assert mempool.add(standing(w, 2, who=GP)) == []
+    assert mempool.add(standing(w, 3, who=GP)) == []
 
+
+def test_parking_is_limited_in_all(w: World) -> None:
     small = pool(w, Limits(max_parked=2))
     small.add(standing(w, 3))
     small.add(standing(w, 3, who=GP))

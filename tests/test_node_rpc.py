@@ -299,3 +299,22 @@ async def test_batch_reports_each_transaction(node: Node, http: aiohttp.ClientSe
         results = (await response.json())["results"]
     assert [r["status"] for r in results] == ["committed", "rejected", "committed", "committed"]
     assert results[1]["code"] == "malformed"
+
+
+async def test_a_transaction_waiting_for_an_earlier_nonce_is_reported_pending(
+    node: Node, http: aiohttp.ClientSession
+) -> None:
+    chain = node.genesis.chain_id
+    patient = crypto.Identity.generate()
+    await register(http, node, patient, "patient")
+    early = tx.make(patient, chain, "revoke", 3, {"grant": bytes(32)})  # nonce 2 not yet sent
+    status, reply = await submit(http, early.raw, mode="sync")
+    assert (status, reply["status"]) == (202, "pending")
+    async with http.get(f"/v1/txs/{early.id.hex()}") as response:
+        body = await response.json()
+    assert body["status"] == "pending" and "earlier nonces" in body["waiting"]
+    # A signer not registered yet may park only a few transactions ahead of its register.
+    stranger = crypto.Identity.generate()
+    ahead = tx.make(stranger, chain, "register", 9, {"role": "patient"})
+    status, reply = await submit(http, ahead.raw, mode="sync")
+    assert (status, reply["error"]["code"]) == (400, "nonce_gap")

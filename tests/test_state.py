@@ -794,3 +794,22 @@ def test_revoking_the_older_of_two_listed_grants_keeps_the_newer(w: World) -> No
     w.listed(patient, gp, [record.id])
     w.do(patient, "revoke", {"grant": older.id})
     assert w.may_read(record, gp)
+
+
+def test_a_standing_grant_by_type_cannot_carry_keys_of_other_types() -> None:
+    world = World()
+    patient = world.patient(1)
+    doctor = world.provider(2)
+    grantee = world.provider(3)
+    note = world.record(doctor, patient, type_="Observation")
+    claim = world.record(doctor, patient, type_="Claim")
+    body = {
+        "grantee": grantee.public_key,
+        "scope": "standing",
+        "types": ["Observation"],
+        "records": fake_keys([note.id, claim.id]),
+    }
+    assert world.rejects(world.sign(patient, "grant", body)) == "type_mismatch"
+    body["records"] = fake_keys([note.id])
+    world.do(patient, "grant", body)
+    assert world.may_read(note, grantee) and not world.may_read(claim, grantee)

@@ -21,6 +21,7 @@ import asyncio
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -29,8 +30,9 @@ from aiohttp import web
 from ehrnode.blobs.store import INLINE_MAX, BlobStore, parse_hash
 from ehrnode.consensus.driver import Committed
 from ehrnode.core import crypto, request
-from ehrnode.core.errors import EhrError, InvalidEncoding, NotAuthorised, NotFound
+from ehrnode.core.errors import EhrError, InvalidEncoding, LimitExceeded, NotAuthorised, NotFound
 from ehrnode.p2p.switch import Peer, Switch
+from ehrnode.rpc.limits import ReplayCache
 from ehrnode.store.db import KV
 
 log = logging.getLogger(__name__)
@@ -53,13 +55,14 @@ class Replication:
         blobs: BlobStore,
         kv: KV,
         *,
-        quorum: int,
+        quorum: Callable[[], int],
         replicate: bool,
     ) -> None:
         self.switch = switch
         self.blobs = blobs
         self.kv = kv
-        self.quorum = quorum
+        self._quorum = quorum
+        self.replay = ReplayCache(request.MAX_SKEW_MS * 2)
         self.replicate = replicate
         self.me = switch.me
         self.holders: OrderedDict[bytes, set[bytes]] = OrderedDict()
@@ -85,6 +88,12 @@ class Replication:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+    @property
+    def quorum(self) -> int:
+        """Nodes that must hold a blob before a record using it is accepted (it follows
+        validator-set changes)."""
+        return self._quorum()
 
     # --- who holds what ---------------------------------------------------------------------
 
@@ -289,11 +298,13 @@ class Replication:
             )
             if signed.key not in self.switch.peers:
                 raise NotAuthorised("only connected peers may fetch blobs")
+            if not self.replay.add(signed.nonce, signed.ts):
+                raise NotAuthorised("this signed request was already used")
             blob = parse_hash(req.match_info["hash"])
             info = self.blobs.info(blob)
             if info is None:
                 raise NotFound("this node does not hold that blob")
-        except (NotAuthorised, NotFound, InvalidEncoding) as err:
+        except (NotAuthorised, NotFound, InvalidEncoding, LimitExceeded) as err:
             return web.json_response(
                 {"error": {"code": err.code, "message": err.message}}, status=err.http_status
             )

@@ -479,6 +479,7 @@ class Driver:
         if self.identity is not None:
             await self.signing.kv.run(self.signing.prune, block.header.height + 1)
         dropped = self.mempool.update(block.tx_ids) + self.executor.dropped
+        dropped += self.mempool.drain_evicted()
         self.executor.dropped = []
         for tx, err in dropped:
             log.info(

@@ -2,7 +2,8 @@
 
 State is a key-value map; ``apply_tx`` reads it through ``StateReader`` and writes into an
 ``Overlay``, so a rejected transaction leaves nothing behind and a block's changes can be
-committed in one batch. Every key and value layout is below (values are canonical msgpack).
+committed in one batch. Every key and value layout is below. Values are canonical msgpack,
+except where the table says raw bytes.
 
     key                                    value
     b"vals", b"vfrom"…, b"vvote"…,         validator sets, set-change votes and evidence:
@@ -10,13 +11,13 @@ committed in one batch. Every key and value layout is below (values are canonica
     b"acct" + key(32)                      {"role", "nonce", "since", "name"?, "by"?, "nrec"}
     b"rec"  + record id(32)                {"patient", "author", "blob", "size", "type",
                                             "height", "root", "ver", "erased", "amends"?,
-                                            and on a root only: "head", "nver"}
-    b"prec" + patient(32) + seq(8, BE)     root record id: the patient's records, in order
-    b"ver"  + root id(32) + seq(8, BE)     version id: the versions of one record, in order
-    b"key"  + record id(32) + reader(32)   the data key wrapped for that reader
+                                            "erased_at"?, and on a root only: "head", "nver"}
+    b"prec" + patient(32) + seq(8, BE)     raw root record id: the patient's records, in order
+    b"ver"  + root id(32) + seq(8, BE)     raw version id: the versions of one record, in order
+    b"key"  + record id(32) + reader(32)   raw: the data key wrapped for that reader
     b"grant"+ grant id(32)                 {"patient", "grantee", "scope", "height",
                                             "types"?, "expires"?, "records"?, "revoked"?}
-    b"pgr"  + patient(32) + grant id(32)   b"" : the patient's grants
+    b"pgr"  + patient(32) + grant id(32)   raw b"": the patient's grants
     b"std"  + patient(32)                  [[grantee, grant id, types | nil, expires | nil]...]
                                             the standing grants in force (not revoked)
     b"lgr"  + record id(32) + grantee(32)  [grant id, ...]: the listed grants not revoked that
@@ -296,6 +297,12 @@ def _grant(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any])
             raise _reject("unknown_record", f"record {record_id.hex()[:16]}… is not this patient's")
         if record["erased"]:
             raise _reject("record_erased", f"record {record_id.hex()[:16]}… was erased")
+        types = body.get("types")
+        if types is not None and record["type"] not in types:
+            raise _reject(
+                "type_mismatch",
+                f"record {record_id.hex()[:16]}… is a {record['type']}, outside the grant's types",
+            )
         scratch.put(P_KEY + record_id + grantee, wrapped)
         if body["scope"] == "records":
             # A list, not one id: an earlier grant of the same record (say, without expiry)

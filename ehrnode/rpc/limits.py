@@ -6,6 +6,8 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
+from ehrnode.core.errors import LimitExceeded
+
 MAX_TRACKED = 10_000
 
 
@@ -39,13 +41,17 @@ class ReplayCache:
         self._seen: OrderedDict[bytes, int] = OrderedDict()
 
     def add(self, nonce: bytes, ts: int) -> bool:
+        """True the first time a nonce is seen. When the cache is full of nonces still inside
+        the window it refuses new ones (LimitExceeded) rather than forget one early."""
         now = int(time.time() * 1000)
-        while self._seen:
-            seen_at = next(iter(self._seen.values()))
-            if seen_at >= now - self.window_ms and len(self._seen) < self.max_entries:
-                break
+        while self._seen and next(iter(self._seen.values())) < now - self.window_ms:
             self._seen.popitem(last=False)
         if nonce in self._seen:
             return False
+        if len(self._seen) >= self.max_entries:
+            raise LimitExceeded(
+                "too many signed requests in the last two minutes; retry shortly",
+                code="rate_limited",
+            )
         self._seen[nonce] = now
         return True

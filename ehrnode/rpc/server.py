@@ -295,6 +295,16 @@ class Api:
             return web.json_response(
                 {"id": tx_id.hex(), "status": "pending", "tx": views.tx_view(pending)}
             )
+        waiting = self.admission.mempool.waiting(tx_id)
+        if waiting is not None:
+            return web.json_response(
+                {
+                    "id": tx_id.hex(),
+                    "status": "pending",
+                    "waiting": "for the signer's earlier nonces to arrive",
+                    "tx": views.tx_view(waiting),
+                }
+            )
         rejection = self.admission.rejected.get(tx_id)
         if rejection is not None:
             return web.json_response(

@@ -113,22 +113,19 @@ def patient_records(
     """
     start = state.seq_key(state.P_PREC, patient, after + 1)
     out: list[dict[str, Any]] = []
-    last_seq = after
     prefix_len = len(state.P_PREC) + 32
     for key, root_id in chain.state.scan(state.P_PREC + patient, start=start):
-        last_seq = struct.unpack(">Q", key[prefix_len:])[0]
+        seq = struct.unpack(">Q", key[prefix_len:])[0]
+        if len(out) >= limit:
+            return out, out[-1]["seq"]  # a record follows the page: there is a next one
         root = chain.load_state(state.P_REC + root_id)
         head_id = root["head"]
         head = root if head_id == root_id else chain.load_state(state.P_REC + head_id)
         if resource_type is None or head["type"] == resource_type:
             view = record_view(head_id, head)
-            view["seq"] = last_seq
+            view["seq"] = seq
             out.append(view)
-            if len(out) >= limit:
-                break
-    else:
-        return out, None
-    return out, last_seq
+    return out, None
 
 
 def record_versions(chain: Chain, root_id: bytes) -> list[dict[str, Any]]:

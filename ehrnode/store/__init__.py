@@ -7,5 +7,6 @@ Every table's first key byte, and the module that defines its layout:
     H  block id -> height        store.chain       M  chain head            store.chain
     S  state entries             store.chain       T  tx id -> location     store.chain
     O  blob metadata             blobs.store       P  small blobs' bytes    blobs.store
+    X  erased-blob tombstones    blobs.store       Q  blobs still missing   blobs.replication
     V  consensus signing record  consensus.driver
 """
