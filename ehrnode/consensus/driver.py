@@ -2,22 +2,9 @@
 
 One task consumes an event queue (messages from peers, timeouts, "transactions waiting"),
 hands each event to the engine and carries out the actions it returns, one at a time, so
-the engine is never re-entered.
-
-Double-signing protection. The signing record, table ``b"V"`` in the node's LevelDB:
-
-    b"Vsign"  {"height", "round", "step" (0 proposal, 1 prevote, 2 precommit),
-               "block" (id or nil), "msg" (the signed proposal/vote bytes)}
-    b"Vlock"  {"height", "round", "block" (the locked block's bytes)}
-    b"Vmsg" + height(8) + round(4) + step(1)   every message we signed at the current
-              height (older heights are pruned after each commit)
-
-A message is signed only if its (height, round, step) is after the recorded one. For the
-recorded (height, round, step) itself the recorded message is sent again, never a new one
-(after a restart the engine may pick another block or nil; what was signed stands).
-The record, the message, and the lock a precommit sets, are written in one synced batch
-before the message leaves the process, so after a crash at any instant the node never
-signs two different things for one (height, round, step).
+the engine is never re-entered. Before anything signed leaves the node, the signing record
+(``consensus.signing``) is made durable; after a restart the engine gets back what was
+signed at the current height, so it never signs anything conflicting.
 """
 
 from __future__ import annotations
@@ -25,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +19,7 @@ from typing import Any, Protocol
 
 from ehrnode.consensus import engine as eng
 from ehrnode.consensus.execution import Executor
+from ehrnode.consensus.signing import STEP_PROPOSAL, SigningRecord
 from ehrnode.core import codec
 from ehrnode.core.block import (
     PRECOMMIT,
@@ -49,11 +36,6 @@ from ehrnode.core.tx import Tx
 from ehrnode.store.db import KV
 
 log = logging.getLogger(__name__)
-
-K_SIGN = b"Vsign"
-K_LOCK = b"Vlock"
-K_MESSAGE = b"Vmsg"
-STEP_PROPOSAL = 0
 
 
 class Network(Protocol):
@@ -85,98 +67,6 @@ class Committed:
     txs: list[Tx]
     certificate: Certificate
     dropped: list[tuple[Tx, InvalidTransaction]]
-
-
-class SigningRecord:
-    """The last thing this validator signed, kept durable in ``kv``."""
-
-    def __init__(self, kv: KV) -> None:
-        self.kv = kv
-        raw = kv.get(K_SIGN)
-        self.last: dict[str, Any] | None = (
-            None if raw is None else codec.decode(raw, max_bytes=1 << 30)
-        )
-
-    def check(self, height: int, round_: int, step: int) -> bytes | bool:
-        """True: may sign. False: refuse (we signed a later step). bytes: we already signed
-        for this very (height, round, step); those recorded bytes are what we send again,
-        whatever we would choose now (after a restart the new choice may differ)."""
-        last = self.last
-        if last is None:
-            return True
-        new, old = (height, round_, step), (last["height"], last["round"], last["step"])
-        if new > old:
-            return True
-        if new == old:
-            msg: bytes = last["msg"]
-            return msg
-        return False
-
-    def save(
-        self,
-        height: int,
-        round_: int,
-        step: int,
-        block_id: bytes | None,
-        msg: bytes,
-        lock: Block | None,
-        pol: tuple[Vote, ...] = (),
-    ) -> None:
-        record = {"height": height, "round": round_, "step": step, "block": block_id, "msg": msg}
-        batch: dict[bytes, bytes | None] = {
-            K_SIGN: codec.encode(record),
-            _message_key(height, round_, step): msg,
-        }
-        if lock is not None:
-            batch[K_LOCK] = codec.encode(
-                {
-                    "height": height,
-                    "round": round_,
-                    "block": lock.raw,
-                    "pol": [vote.to_wire() for vote in pol],
-                }
-            )
-        self.kv.write(batch, sync=True)
-        self.last = record
-
-    def restored(self, height: int, max_block_bytes: int) -> eng.Restored | None:
-        last = self.last
-        if last is None or last["height"] != height:
-            return None
-        messages: list[Proposal | Vote] = []
-        for wire in self.messages(height):
-            if "pol_round" in wire:
-                messages.append(Proposal.from_wire(wire, max_block_bytes=max_block_bytes))
-            else:
-                messages.append(Vote.from_wire(wire))
-        restored = eng.Restored(round=last["round"], step=last["step"])
-        raw_lock = self.kv.get(K_LOCK)
-        if raw_lock is not None:
-            lock = codec.decode(raw_lock, max_bytes=1 << 30)
-            if lock["height"] == height:
-                restored.locked_round = lock["round"]
-                restored.locked_block = Block.decode(lock["block"], max_bytes=max_block_bytes)
-                messages.extend(Vote.from_wire(wire) for wire in lock.get("pol", []))
-        restored.messages = tuple(messages)
-        return restored
-
-    def messages(self, height: int) -> list[Any]:
-        """Everything we signed at ``height``, in (round, step) order, decoded."""
-        prefix = K_MESSAGE + struct.pack(">Q", height)
-        return [codec.decode(msg, max_bytes=1 << 30) for _key, msg in self.kv.scan(prefix)]
-
-    def prune(self, below_height: int) -> None:
-        stale = {
-            key: None
-            for key, _ in self.kv.scan(K_MESSAGE)
-            if struct.unpack(">Q", key[len(K_MESSAGE) : len(K_MESSAGE) + 8])[0] < below_height
-        }
-        if stale:
-            self.kv.write(stale, sync=False)
-
-
-def _message_key(height: int, round_: int, step: int) -> bytes:
-    return K_MESSAGE + struct.pack(">QIB", height, round_, step)
 
 
 class Driver:

@@ -5,7 +5,9 @@ Algorithm 1, line for line; the comments name the lines. Events go in (``start_h
 ``on_proposal``, ``on_vote``, ``on_timeout``, ``on_block``, ``on_txs_available``,
 ``on_certified_block``) and a list of actions comes out. The engine never signs, sends,
 sleeps, reads a clock or touches a disk: the driver (``consensus.driver``) or the simulator
-(``consensus.sim``) does that and feeds the results back in.
+(``consensus.sim``) does that and feeds the results back in. Its vocabulary (actions,
+timeouts, what a restart restores) is in ``consensus.actions``; it imports nothing else of
+the project but ``core`` and ``consensus.validators``.
 
 What the driver must guarantee:
 - every Proposal and Vote handed in has a good signature (the engine checks who sent it
@@ -29,6 +31,22 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ehrnode.consensus.actions import (
+    PRECOMMIT_STEP,
+    PREVOTE_STEP,
+    PROPOSE,
+    STEP_NAMES,
+    Action,
+    Decide,
+    Evidence,
+    Rebroadcast,
+    RequestBlock,
+    Restored,
+    ScheduleTimeout,
+    SignProposal,
+    SignVote,
+    Timeouts,
+)
 from ehrnode.consensus.validators import ValidatorSet
 from ehrnode.core.block import (
     PRECOMMIT,
@@ -40,122 +58,27 @@ from ehrnode.core.block import (
     make_certificate,
 )
 
-PROPOSE, PREVOTE_STEP, PRECOMMIT_STEP = 0, 1, 2
-STEP_NAMES = {PROPOSE: "propose", PREVOTE_STEP: "prevote", PRECOMMIT_STEP: "precommit"}
+__all__ = [
+    "PRECOMMIT_STEP",
+    "PREVOTE_STEP",
+    "PROPOSE",
+    "STEP_NAMES",
+    "Action",
+    "Decide",
+    "Engine",
+    "Evidence",
+    "Rebroadcast",
+    "RequestBlock",
+    "Restored",
+    "ScheduleTimeout",
+    "SignProposal",
+    "SignVote",
+    "Timeouts",
+]
+
 MAX_FUTURE_MESSAGES = 10_000
 MAX_ROUND_AHEAD = 1_000
 MAX_VALUES_PER_VOTER = 4  # distinct values one validator's votes of one (round, type) count for
-
-
-# --- actions ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RequestBlock:
-    """We propose: build a block for (height, round) and hand it to ``on_block``."""
-
-    height: int
-    round: int
-
-
-@dataclass(frozen=True)
-class SignProposal:
-    height: int
-    round: int
-    pol_round: int
-    block: Block
-
-
-@dataclass(frozen=True)
-class SignVote:
-    """Sign and send a vote. A precommit for a block also sets our lock to ``lock``; ``pol``
-    holds the prevotes that justify it, to be kept with the lock (see ``Restored``)."""
-
-    type: int
-    height: int
-    round: int
-    block_id: bytes | None
-    lock: Block | None = None
-    lock_round: int = -1
-    pol: tuple[Vote, ...] = ()
-
-
-@dataclass(frozen=True)
-class ScheduleTimeout:
-    kind: str  # "propose" | "prevote" | "precommit" | "rebroadcast"
-    height: int
-    round: int
-    delay: float
-
-
-@dataclass(frozen=True)
-class Decide:
-    height: int
-    block: Block
-    certificate: Certificate
-
-
-@dataclass(frozen=True)
-class Evidence:
-    first: Vote
-    second: Vote
-
-
-@dataclass(frozen=True)
-class Rebroadcast:
-    """Resend our own messages of (height, round), and ``relay``: what a peer may have missed
-    (the paper assumes gossip delivers to every correct process whatever one of them
-    received): this round's proposal and votes, ours and others'; the previous round's
-    precommits, which let a node still in that round time out and follow us; and the
-    prevotes that justify our valid value, which a later proposal of it names as pol_round.
-    Ours are in ``relay`` too, because after a restart the driver no longer holds them."""
-
-    height: int
-    round: int
-    relay: tuple[Proposal | Vote, ...] = ()
-
-
-Action = RequestBlock | SignProposal | SignVote | ScheduleTimeout | Decide | Evidence | Rebroadcast
-
-
-@dataclass(frozen=True)
-class Timeouts:
-    """Seconds; each grows linearly with the round so that a slow network eventually fits."""
-
-    propose: float = 1.0
-    propose_delta: float = 0.5
-    prevote: float = 0.5
-    prevote_delta: float = 0.5
-    precommit: float = 0.5
-    precommit_delta: float = 0.5
-    rebroadcast: float = 1.0
-
-    def delay(self, kind: str, round_: int) -> float:
-        if kind == "rebroadcast":
-            return self.rebroadcast
-        base = {"propose": self.propose, "prevote": self.prevote, "precommit": self.precommit}
-        delta = {
-            "propose": self.propose_delta,
-            "prevote": self.prevote_delta,
-            "precommit": self.precommit_delta,
-        }
-        return base[kind] + delta[kind] * round_
-
-
-@dataclass
-class Restored:
-    """What the signing record says after a restart, for the height being resumed.
-
-    ``messages``: the last message we signed and the prevotes kept with our lock (its POL).
-    The engine counts them again: our own vote, or the polka behind our lock, may be known
-    to no one else, and without it the others can wait for us forever or never accept our
-    locked block when we re-propose it."""
-
-    round: int = 0
-    step: int = PROPOSE
-    locked_round: int = -1
-    locked_block: Block | None = None
-    messages: tuple[Proposal | Vote, ...] = ()
 
 
 @dataclass

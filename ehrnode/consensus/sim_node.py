@@ -1,6 +1,6 @@
 """One simulated validator: its durable state, its signing guard and the blocks it builds.
 
-``SigningMemory`` is ``driver.SigningRecord`` held in memory: the same check (sign only
+``SigningMemory`` is ``signing.SigningRecord`` held in memory: the same check (sign only
 after the last recorded (height, round, step), or resend exactly what was recorded), the
 same lock record, the same ``restored``. What a ``SimNode`` keeps across a crash is what a
 real node keeps on disk: the signing record, the lock and its decided blocks. Pure.
@@ -42,7 +42,7 @@ def block_of(message: Message) -> bytes | None:
 
 @dataclass
 class SigningMemory:
-    """``driver.SigningRecord`` without the disk: survives a simulated crash. Like the
+    """``signing.SigningRecord`` without the disk: survives a simulated crash. Like the
     driver's ``Vmsg`` keys it keeps every message signed at the latest height, so that a
     restarted node can send them again and count them again: a vote only its signer knew
     of, lost with a crash, can leave everyone waiting for it."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import struct
 from collections.abc import Awaitable, Callable
@@ -23,20 +22,20 @@ from ehrnode.admission import Admission
 from ehrnode.blobs.replication import Replication
 from ehrnode.blobs.store import BlobStore
 from ehrnode.config import RpcConfig
-from ehrnode.consensus.driver import Committed, Driver
+from ehrnode.consensus.driver import Driver
 from ehrnode.core import authority, codec, crypto, state
 from ehrnode.core.block import validator_set_hash
 from ehrnode.core.errors import (
     EhrError,
     InvalidEncoding,
     InvalidTransaction,
-    LimitExceeded,
     NotFound,
     Unavailable,
 )
 from ehrnode.core.tx import Tx
 from ehrnode.rpc import params, views
 from ehrnode.rpc.content import ContentApi
+from ehrnode.rpc.events import BlockEvents
 from ehrnode.rpc.limits import RateLimiter
 from ehrnode.rpc.params import now_ms
 from ehrnode.store.access import AccessLog
@@ -92,7 +91,7 @@ class Api:
             auth=self.auth,
             replication=replication,
         )
-        self._events: set[web.WebSocketResponse] = set()
+        self.events = BlockEvents()
 
     # --- application --------------------------------------------------------------------
 
@@ -118,11 +117,11 @@ class Api:
         r.add_get("/v1/status", self.get_status)
         r.add_get("/v1/health", self.get_health)
         r.add_get("/v1/genesis", self.get_genesis)
-        r.add_get("/v1/events", self.events)
+        r.add_get("/v1/events", self.events.subscribe)
         r.add_get("/metrics", self.get_metrics)
         self.content.add_routes(app)
-        self.driver.listeners.append(self._publish)
-        app.on_shutdown.append(self._close_events)
+        self.driver.listeners.append(self.events.publish)
+        app.on_shutdown.append(self.events.close)
         return app
 
     @web.middleware
@@ -457,45 +456,6 @@ class Api:
         if self.metrics is None:
             raise NotFound("metrics are not enabled on this node")
         return web.Response(body=self.metrics(), content_type="text/plain", charset="utf-8")
-
-    # --- events -------------------------------------------------------------------------
-
-    async def events(self, req: web.Request) -> web.WebSocketResponse:
-        """A websocket of committed blocks: {"type": "block", "height", "id", "txs": [...]}."""
-        if len(self._events) >= 256:
-            raise LimitExceeded("too many event subscribers on this node")
-        ws = web.WebSocketResponse(heartbeat=20, max_msg_size=4096)
-        await ws.prepare(req)
-        self._events.add(ws)
-        try:
-            async for _message in ws:
-                pass  # subscribers only listen
-        finally:
-            self._events.discard(ws)
-        return ws
-
-    def _publish(self, committed: Committed) -> None:
-        if not self._events:
-            return
-        block = committed.block
-        message = json.dumps(
-            {
-                "type": "block",
-                "height": block.header.height,
-                "id": block.id.hex(),
-                "time": block.header.time,
-                "txs": [t.hex() for t in block.tx_ids],
-            }
-        )
-        for ws in list(self._events):
-            if ws.closed:
-                self._events.discard(ws)
-                continue
-            asyncio.get_running_loop().create_task(ws.send_str(message))
-
-    async def _close_events(self, app: web.Application) -> None:
-        for ws in list(self._events):
-            await ws.close()
 
 
 __all__ = ["Api", "InvalidTransaction"]
