@@ -254,9 +254,11 @@ async def test_validators_vote_a_new_validator_in_and_it_carries_the_quorum(
         async with Client(nodes[1].rpc_url, crypto.Identity.generate()) as c:
             done = await c.register("patient")
         assert done.status == "committed" and done.height is not None
-        cert = nodes[0].chain.certificate(done.height)
+        final = done.height
+        await wait_for(lambda: nodes[0].chain.head.height >= final, 10, "node 0 to commit it")
+        cert = nodes[0].chain.certificate(final)
         assert key in {signer for signer, _ in cert.sigs}
-        await wait_for(lambda: newcomer.chain.head.height >= done.height, 10, "newcomer head")
+        await wait_for(lambda: newcomer.chain.head.height >= final, 10, "newcomer head")
     finally:
         await newcomer.stop()
 
