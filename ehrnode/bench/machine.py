@@ -71,3 +71,19 @@ def verify_rate(seconds: float = 1.0) -> float:
 
 def ceiling(rate_per_core: float) -> float:
     return cores() * rate_per_core / VALIDATORS
+
+
+def disk_write_rate(directory: Path, size: int = 256 * 1024 * 1024) -> float:
+    """Sequential write then fsync, in MB/s, where the nodes keep their data: the ceiling
+    of a replicated attachment is this divided by the number of copies written."""
+    path = directory / "disk-probe.bin"
+    block = os.urandom(1024 * 1024)
+    started = time.perf_counter()
+    with open(path, "wb") as handle:
+        for _ in range(size // len(block)):
+            handle.write(block)
+        handle.flush()
+        os.fsync(handle.fileno())
+    elapsed = time.perf_counter() - started
+    path.unlink()
+    return size / 1e6 / elapsed

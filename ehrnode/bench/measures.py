@@ -81,6 +81,7 @@ async def attachment(net: Network, size: int, timeout: float = 1800.0) -> dict[s
     """Upload an attachment of ``size`` bytes through node 0 and wait for 4 replicas."""
     provider, patient = crypto.Identity.generate(), crypto.Identity.generate()
     institution = validator_identity(net.homes[0])
+    net.reset_peak_rss()  # the peak while this attachment moves, not since the node started
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "scan.bin"
         with open(path, "wb") as handle:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import urllib.request
 from pathlib import Path
@@ -51,6 +52,12 @@ class Network:
         with urllib.request.urlopen(self.urls[index] + "/v1/status", timeout=10) as response:
             body: dict[str, Any] = json.load(response)
             return body
+
+    def reset_peak_rss(self) -> None:
+        """Start the nodes' peak-memory counters afresh (Linux: clear_refs 5 resets VmHWM)."""
+        for node in self.nodes:
+            with contextlib.suppress(OSError):
+                Path(f"/proc/{node.process.pid}/clear_refs").write_text("5")
 
     def peak_rss_mb(self, index: int) -> float:
         """The process's peak resident memory (VmHWM), in MB."""

@@ -27,6 +27,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from ehrnode.blobs.http import blob_response
 from ehrnode.blobs.store import INLINE_MAX, BlobStore, parse_hash
 from ehrnode.consensus.driver import Committed
 from ehrnode.core import crypto, request
@@ -308,14 +309,7 @@ class Replication:
             return web.json_response(
                 {"error": {"code": err.code, "message": err.message}}, status=err.http_status
             )
-        response = web.StreamResponse(
-            headers={"Content-Type": "application/octet-stream", "Content-Length": str(info.size)}
-        )
-        await response.prepare(req)
-        async for chunk in self.blobs.read_stream(blob):
-            await response.write(chunk)
-        await response.write_eof()
-        return response
+        return blob_response(self.blobs, blob, {})
 
 
 def default_quorum(validators: int) -> int:

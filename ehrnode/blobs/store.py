@@ -59,6 +59,10 @@ class BlobStore:
         for stale in self._tmp.iterdir():  # half-written uploads from before a crash
             stale.unlink(missing_ok=True)
 
+    def path(self, blob_hash: bytes) -> Path:
+        """Where a large blob's file lives (small blobs live in LevelDB)."""
+        return self._path(blob_hash)
+
     def _path(self, blob_hash: bytes) -> Path:
         text = blob_hash.hex()
         return self.root / text[:2] / text

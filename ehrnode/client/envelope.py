@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Iterator
 from typing import BinaryIO
 
 import nacl.bindings as sodium
@@ -161,6 +162,25 @@ def seal_stream(
             emit(sealer.finish(chunk))
             return size, digest.digest(), plain
         emit(sealer.push(chunk))
+
+
+def seal_chunks(
+    data_key: bytes, metadata: bytes, source: BinaryIO, batch: int = 16
+) -> Iterator[bytes]:
+    """Format 0x02 ciphertext of ``source``, in pieces of up to ``batch`` frames (for an
+    upload that streams as it encrypts). Memory stays at a few pieces."""
+    sealer = StreamSealer(data_key, metadata)
+    yield sealer.start()
+    while True:
+        frames = []
+        for _ in range(batch):
+            chunk = _read_full(source, CHUNK)
+            if len(chunk) < CHUNK:
+                frames.append(sealer.finish(chunk))
+                yield b"".join(frames)
+                return
+            frames.append(sealer.push(chunk))
+        yield b"".join(frames)
 
 
 class StreamOpener:

@@ -199,6 +199,21 @@ class Transport:
         if reply.get("hash") != blob_hash.hex():
             raise InvalidEncoding("the node stored the blob under another hash", code="bad_node")
 
+    async def stream_blob(self, signer: Identity, body: AsyncIterator[bytes]) -> bytes:
+        """Stream a blob whose hash is not known yet; the node's hash of it."""
+        async with self.request(
+            "POST",
+            "/v1/blobs/stream",
+            signer=signer,
+            body=body,
+            headers={"Content-Type": "application/octet-stream"},
+        ) as response:
+            reply = await _json(response)
+        try:
+            return bytes.fromhex(reply["hash"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise InvalidEncoding("the node's reply names no blob hash", code="bad_node") from err
+
     async def post_blobs(self, signer: Identity, blobs: list[bytes]) -> None:
         body = msgpack.packb(blobs, use_bin_type=True)
         async with self.request(

@@ -13,12 +13,12 @@ this class exposes them as methods.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import re
 import secrets
-import tempfile
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -280,28 +280,44 @@ class Client:
         content_type: str,
         *,
         wait: bool = True,
-        tmp_dir: str | os.PathLike[str] | None = None,
     ) -> Submitted:
         """Write a large file as a ``Binary`` record, streamed (format 0x02).
 
-        The upload names the ciphertext's hash in its URL, and secretstream's header is
-        random, so the ciphertext cannot be produced twice alike: it is encrypted once
-        into a temporary file (hashed on the way) and that file is streamed up. Memory
-        stays flat; the disk holds one ciphertext copy until the upload ends.
+        The file is encrypted as it is uploaded, in one pass and with no temporary copy:
+        the node hashes what it receives and names the blob by that hash, which must
+        equal the hash computed here as the ciphertext went out. Memory stays flat.
         """
         patient = key_bytes(patient_public_key)
         meta = {"resourceType": "Binary", "contentType": content_type}
         fhir.validate(meta)
         readers = await self.readers_for(patient, "Binary")
         data_key = crypto.new_data_key()
-        with tempfile.TemporaryFile(dir=tmp_dir) as sink:
-            size, digest = await asyncio.to_thread(
-                _seal_source, data_key, fhir.encode(meta), source, sink
+        digest = hashlib.sha256()
+        size = 0
+        handle = open(source, "rb") if isinstance(source, str | os.PathLike) else source  # noqa: SIM115
+        try:
+            pieces = envelope.seal_chunks(data_key, fhir.encode(meta), handle)
+
+            async def body() -> AsyncIterator[bytes]:
+                nonlocal size
+                while True:
+                    piece = await asyncio.to_thread(next, pieces, None)
+                    if piece is None:
+                        return
+                    digest.update(piece)
+                    size += len(piece)
+                    yield piece
+
+            stored = await self.transport.stream_blob(self.identity, body())
+        finally:
+            if handle is not source:
+                handle.close()
+        if stored != digest.digest():
+            raise InvalidEncoding(
+                "the node stored the attachment under another hash", code="bad_node"
             )
-            sink.seek(0)
-            await self.transport.put_blob(self.identity, digest, sink)
-        body = record_body(patient, digest, size, "Binary", data_key, readers)
-        return await self.submit("record", body, wait=wait)
+        body_fields = record_body(patient, stored, size, "Binary", data_key, readers)
+        return await self.submit("record", body_fields, wait=wait)
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -413,18 +429,6 @@ class Client:
 
     async def verify(self, tx_id: KeyLike) -> int:
         return await consent.verify(self, tx_id)
-
-
-def _seal_source(
-    data_key: bytes, metadata: bytes, source: Source, sink: BinaryIO
-) -> tuple[int, bytes]:
-    if isinstance(source, str | os.PathLike):
-        with open(source, "rb") as handle:
-            size, digest, _ = envelope.seal_stream(data_key, metadata, handle, sink)
-    else:
-        size, digest, _ = envelope.seal_stream(data_key, metadata, source, sink)
-    sink.flush()
-    return size, digest
 
 
 def _part_path(out: Path) -> Path:

@@ -197,7 +197,7 @@ class Driver:
                 else:
                     future.set_exception(InvalidBlock(f"block {height} is not the next one"))
             return []
-        verdict = self.executor.check(block)
+        verdict = self.executor.check(block, certified=True)
         if verdict is not None:
             log.error(
                 "block %d is certified by a quorum but does not apply here (%s): "

@@ -13,6 +13,7 @@ from typing import Any
 import msgpack
 from aiohttp import web
 
+from ehrnode.blobs.http import blob_response
 from ehrnode.blobs.replication import Replication
 from ehrnode.blobs.store import BlobStore, parse_hash
 from ehrnode.config import RpcConfig
@@ -57,6 +58,7 @@ class ContentApi:
         r.add_get("/v1/patients/{key}/access-log", self.get_access_log)
         r.add_put("/v1/blobs/{hash}", self.put_blob)
         r.add_post("/v1/blobs", self.post_blobs)
+        r.add_post("/v1/blobs/stream", self.post_blob_stream)
         r.add_route("HEAD", "/v1/blobs/{hash}", self.head_blob)
         r.add_get("/v1/blobs/{hash}/replicas", self.get_replicas)
 
@@ -84,19 +86,14 @@ class ContentApi:
         await self.access.kv.run(
             self.access.append, record["patient"], signed.key, record_id, signed.sig, now
         )
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "application/octet-stream",
-                "Content-Length": str(info.size),
+        return blob_response(
+            self.blobs,
+            record["blob"],
+            {
                 "Ehr-Record-Type": record["type"],
                 "Ehr-Wrapped-Key": "" if wrapped is None else wrapped.hex(),
-            }
+            },
         )
-        await response.prepare(req)
-        async for chunk in self.blobs.read_stream(record["blob"]):
-            await response.write(chunk)
-        await response.write_eof()
-        return response
 
     async def get_access_log(self, req: web.Request) -> web.Response:
         signed = self.auth.verify(req)
@@ -111,9 +108,18 @@ class ContentApi:
     # --- blobs --------------------------------------------------------------------------
 
     async def put_blob(self, req: web.Request) -> web.Response:
+        """A blob named by its hash in the URL, streamed; refused if the bytes differ."""
+        return await self._stream_in(req, parse_hash(req.match_info["hash"]))
+
+    async def post_blob_stream(self, req: web.Request) -> web.Response:
+        """A blob streamed without its hash up front (the node hashes it and says): lets a
+        client encrypt and upload in one pass, with no temporary copy; the client checks
+        the hash returned against its own."""
+        return await self._stream_in(req, None)
+
+    async def _stream_in(self, req: web.Request, expected: bytes | None) -> web.Response:
         signed = self.auth.verify(req)
         self._require_registered(signed.key)
-        expected = parse_hash(req.match_info["hash"])
         info = await self.blobs.put_stream(
             req.content.iter_chunked(256 * 1024), expected, req.content_length
         )
