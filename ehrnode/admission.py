@@ -113,6 +113,9 @@ class Admission:
         location = self.chain.tx_location(tx_id)
         if location is not None:
             return location
+        rejection = self.rejected.get(tx_id)
+        if rejection is not None:
+            raise InvalidTransaction(rejection.message, code=rejection.code)
         future: asyncio.Future[TxLocation] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(tx_id, []).append(future)
         try:

@@ -196,7 +196,13 @@ async def cmd_import(client: Client, args: argparse.Namespace) -> Output:
         bar.refresh()
 
     try:
-        importer = Importer(client, Path(args.keys_dir), progress=bar.update, grow=grow)
+        importer = Importer(
+            client,
+            Path(args.keys_dir),
+            progress=bar.update,
+            grow=grow,
+            parallel=int(os.environ.get("EHR_IMPORT_PARALLEL", "4")),
+        )
         result = await importer.run(files)
     finally:
         bar.close()

@@ -199,6 +199,20 @@ class Transport:
         if reply.get("hash") != blob_hash.hex():
             raise InvalidEncoding("the node stored the blob under another hash", code="bad_node")
 
+    async def wait_txs(self, ids: list[bytes], timeout: float = 60.0) -> list[dict[str, Any]]:
+        """Each transaction's status once committed or rejected (or still pending after
+        ``timeout``), in order."""
+        body = msgpack.packb(ids, use_bin_type=True)
+        async with self.request(
+            "POST",
+            f"/v1/txs/wait?timeout={int(timeout)}",
+            body=body,
+            headers={"Content-Type": "application/msgpack"},
+        ) as response:
+            reply = await _json(response)
+        results: list[dict[str, Any]] = reply["results"]
+        return results
+
     async def stream_blob(self, signer: Identity, body: AsyncIterator[bytes]) -> bytes:
         """Stream a blob whose hash is not known yet; the node's hash of it."""
         async with self.request(

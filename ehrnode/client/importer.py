@@ -23,17 +23,19 @@ and skips the entries its manifest already holds, so it is idempotent.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ehrnode.client.errors import InvalidResource
-from ehrnode.client.sdk import Client, seal_record, standing_readers
+from ehrnode.client.sdk import Client, SealedRecord, seal_record, standing_readers
 from ehrnode.core import tx
 from ehrnode.core.crypto import Identity
 from ehrnode.core.errors import ConfigError, EhrError, NotAuthorised
@@ -182,6 +184,20 @@ class ImportResult:
         }
 
 
+def _seal_all(
+    jobs: list[tuple[bytes, dict[str, Any], set[bytes]]],
+) -> list[SealedRecord] | tuple[int, str]:
+    """In a worker process: validate and seal each resource; (position, reason) for the
+    first one that is not valid FHIR."""
+    out = []
+    for position, (patient, resource, readers) in enumerate(jobs):
+        try:
+            out.append(seal_record(patient, resource, readers))
+        except InvalidResource as err:
+            return position, str(err)
+    return out
+
+
 # --- the import --------------------------------------------------------------------------------
 
 
@@ -218,6 +234,7 @@ class Importer:
         batch: int = BATCH,
         progress: Progress | None = None,
         grow: Progress | None = None,
+        parallel: int = 4,
     ) -> None:
         self.client = client
         self.keys_dir = keys_dir
@@ -225,6 +242,9 @@ class Importer:
         self.progress = progress or (lambda n: None)
         self.grow = grow or (lambda n: None)
         self.result = ImportResult()
+        self.parallel = parallel
+        self._pool: ProcessPoolExecutor | None = None
+        self._registering: dict[bytes, asyncio.Future[None]] = {}
 
     def identity(self, name: str) -> Identity:
         """The key file ``name`` in keys_dir, created on first use."""
@@ -246,27 +266,67 @@ class Importer:
             )
 
     async def run(self, files: list[Path]) -> ImportResult:
+        """Import ``files``, a few bundles at a time; results in the order given."""
         await self.check_endorser()
-        for path in files:
-            self.result.bundles.append(await self.import_bundle(path))
+        gate = asyncio.Semaphore(self.parallel)
+
+        async def one(path: Path) -> BundleResult:
+            async with gate:
+                return await self.import_bundle(path)
+
+        workers = min(os.cpu_count() or 1, 4)
+        with ProcessPoolExecutor(workers) as pool:
+            self._pool = pool
+            try:
+                self.result.bundles.extend(await asyncio.gather(*(one(p) for p in files)))
+            finally:
+                self._pool = None
         return self.result
 
     async def _register(self, batch: list[tuple[Identity, str, dict[str, Any]]]) -> None:
-        """Register those not yet registered, in one batch that waits for commit."""
+        """Register those not yet registered, in one batch that waits for commit. Bundles
+        imported at the same time share organizations and practitioners: a key another
+        bundle is registering is waited for, not registered twice."""
         todo = []
+        others: list[asyncio.Future[None]] = []
+        mine: list[asyncio.Future[None]] = []
+        loop = asyncio.get_running_loop()
         for identity, kind, body in batch:
-            account = await self.client.account(identity.public_key)
+            key = identity.public_key
+            if key in self._registering:
+                others.append(self._registering[key])
+                continue
+            future: asyncio.Future[None] = loop.create_future()
+            self._registering[key] = future
+            mine.append(future)
+            account = await self.client.account(key)
             if not account["registered"]:
                 todo.append((identity, kind, body))
             elif account["role"] != body["role"]:
-                raise EhrError(
+                error = EhrError(
                     f"key {identity.public_id[:16]}… is registered as {account['role']}, "
                     f"not {body['role']}",
                     code="already_registered",
                 )
-        if todo:
-            await self.client.submit_many(todo)
-            self.result.registered.update(body["role"] for _, _, body in todo)
+                for f in mine:
+                    f.set_exception(error)
+                    f.exception()  # retrieved here; the bundle that raced reads it too
+                raise error
+        try:
+            if todo:
+                await self.client.submit_many(todo)
+                self.result.registered.update(body["role"] for _, _, body in todo)
+        except BaseException as err:
+            for f in mine:
+                if not f.done():
+                    f.set_exception(err)
+                    f.exception()
+            raise
+        for f in mine:
+            if not f.done():
+                f.set_result(None)
+        for other in others:
+            await other
 
     async def import_bundle(self, path: Path) -> BundleResult:
         entries = load_bundle(path)
@@ -351,12 +411,16 @@ class Importer:
                 continue
             todo.append(entry)
         grants = await self.client.grants(patient.public_key)
+        pending: dict[str, str] = {}
         for start in range(0, len(todo), self.batch):
             chunk = todo[start : start + self.batch]
             writers = [self._writer(index, e["resource"], providers, default) for e in chunk]
-            await self._write(patient.public_key, chunk, writers, grants, result)
-            self._save_manifest(manifest_path, patient.public_id, result.records)
+            await self._write(patient.public_key, chunk, writers, grants, result, pending)
             self.progress(len(chunk))
+        # Batches went in without waiting; the manifest names only what is committed.
+        await self.client.wait_committed(list(pending.values()))
+        result.records.update(pending)
+        self._save_manifest(manifest_path, patient.public_id, result.records)
         return result
 
     @staticmethod
@@ -403,22 +467,28 @@ class Importer:
         writers: list[Identity],
         grants: list[dict[str, Any]],
         result: BundleResult,
+        pending: dict[str, str],
     ) -> None:
-        sealed = []
+        jobs = []
         for entry, writer in zip(entries, writers, strict=True):
             resource = entry["resource"]
-            try:
-                kind = str(resource.get("resourceType"))
-                readers = {patient, writer.public_key} | standing_readers(grants, kind)
-                sealed.append(seal_record(patient, resource, readers))
-            except InvalidResource as err:
-                raise InvalidResource(f"{result.file}: entry {entry_url(entry)}: {err}") from err
+            kind = str(resource.get("resourceType"))
+            readers = {patient, writer.public_key} | standing_readers(grants, kind)
+            jobs.append((patient, resource, readers))
+        # Validation and encryption are CPU work: done in worker processes, in parallel
+        # with the uploads and submissions of other bundles.
+        loop = asyncio.get_running_loop()
+        outcome = await loop.run_in_executor(self._pool, _seal_all, jobs)
+        if isinstance(outcome, tuple):
+            position, message = outcome
+            raise InvalidResource(f"{result.file}: entry {entry_url(entries[position])}: {message}")
+        sealed = outcome
         await self.client.upload_many([s.blob for s in sealed])
         submitted = await self.client.submit_many(
-            [(w, "record", s.body) for w, s in zip(writers, sealed, strict=True)]
+            [(w, "record", s.body) for w, s in zip(writers, sealed, strict=True)], wait=False
         )
         for entry, done in zip(entries, submitted, strict=True):
-            result.records[entry_url(entry)] = done.id
+            pending[entry_url(entry)] = done.id
             result.counts[str(entry["resource"]["resourceType"])] += 1
 
     @staticmethod

@@ -28,7 +28,13 @@ from typing import Any, BinaryIO
 import aiohttp
 
 from ehrnode.client import consent, envelope, fhir
-from ehrnode.client.errors import InvalidEncoding, InvalidTransaction, NotAuthorised, error_for
+from ehrnode.client.errors import (
+    InvalidEncoding,
+    InvalidTransaction,
+    NodeUnreachable,
+    NotAuthorised,
+    error_for,
+)
 from ehrnode.client.http import Transport
 from ehrnode.client.values import KeyLike, Submitted, key_bytes
 from ehrnode.core import crypto, tx
@@ -228,6 +234,26 @@ class Client:
                 if result.get("id") != t.id.hex():
                     raise InvalidEncoding("the node answered for another transaction")
                 out.append(Submitted(t.id.hex(), str(result["status"]), result.get("height")))
+        return out
+
+    async def wait_committed(self, ids: list[str], timeout: float = 60.0) -> list[Submitted]:
+        """Wait until these transactions are committed; raise the first rejection."""
+        out: list[Submitted] = []
+        for start in range(0, len(ids), 5000):
+            chunk = [bytes.fromhex(i) for i in ids[start : start + 5000]]
+            for result in await self.transport.wait_txs(chunk, timeout):
+                if result["status"] == "rejected":
+                    raise error_for(
+                        400,
+                        str(result.get("code")),
+                        f"transaction {result['id'][:16]}… was "
+                        f"rejected: {result.get('message', '')}",
+                    )
+                if result["status"] != "committed":
+                    raise NodeUnreachable(
+                        f"transaction {result['id'][:16]}… was not committed within {timeout} s"
+                    )
+                out.append(Submitted(result["id"], "committed", result.get("height")))
         return out
 
     # --- writing ----------------------------------------------------------------------------

@@ -103,6 +103,7 @@ class Api:
         r = app.router
         r.add_post("/v1/txs", self.post_tx)
         r.add_post("/v1/txs/batch", self.post_batch)
+        r.add_post("/v1/txs/wait", self.post_wait)
         r.add_get("/v1/txs/{id}", self.get_tx)
         r.add_get("/v1/txs/{id}/proof", self.get_proof)
         r.add_get("/v1/blocks/latest", self.get_latest_block)
@@ -273,6 +274,45 @@ class Api:
                     result.update(status="rejected", code=location.code, message=location.message)
                 elif location is not None and not isinstance(location, BaseException):
                     result.update(status="committed", height=location.height, index=location.index)
+        return web.json_response({"results": results})
+
+    async def post_wait(self, req: web.Request) -> web.Response:
+        """Wait until each of these transactions (a msgpack array of ids) is committed, or
+        rejected, or ``timeout`` seconds pass; one result per id, in order."""
+        raw = await params.raw_body(req)
+        try:
+            ids = msgpack.unpackb(raw, raw=False, max_array_len=self.config.max_batch_txs)
+        except Exception as err:
+            raise InvalidEncoding("send a msgpack array of transaction ids") from err
+        if not isinstance(ids, list) or not all(isinstance(i, bytes) and len(i) == 32 for i in ids):
+            raise InvalidEncoding("send a msgpack array of 32-byte transaction ids")
+        timeout = float(params.int_query(req, "timeout", int(self.config.commit_timeout_s), 0, 600))
+        outcomes = await asyncio.gather(
+            *(self.admission.wait_committed(i, timeout) for i in ids), return_exceptions=True
+        )
+        results: list[dict[str, Any]] = []
+        for tx_id, outcome in zip(ids, outcomes, strict=True):
+            if isinstance(outcome, EhrError):
+                results.append(
+                    {
+                        "id": tx_id.hex(),
+                        "status": "rejected",
+                        "code": outcome.code,
+                        "message": outcome.message,
+                    }
+                )
+            elif isinstance(outcome, BaseException) or outcome is None:
+                known = tx_id in self.admission.mempool
+                results.append({"id": tx_id.hex(), "status": "pending" if known else "unknown"})
+            else:
+                results.append(
+                    {
+                        "id": tx_id.hex(),
+                        "status": "committed",
+                        "height": outcome.height,
+                        "index": outcome.index,
+                    }
+                )
         return web.json_response({"results": results})
 
     async def get_tx(self, req: web.Request) -> web.Response:
