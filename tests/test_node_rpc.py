@@ -318,3 +318,20 @@ async def test_a_transaction_waiting_for_an_earlier_nonce_is_reported_pending(
     ahead = tx.make(stranger, chain, "register", 9, {"role": "patient"})
     status, reply = await submit(http, ahead.raw, mode="sync")
     assert (status, reply["error"]["code"]) == (400, "nonce_gap")
+
+
+async def test_wait_reports_each_transaction_committed_rejected_or_unknown(
+    node: Node, http: aiohttp.ClientSession
+) -> None:
+    chain = node.genesis.chain_id
+    good = tx.make(crypto.Identity.generate(), chain, "register", 1, {"role": "patient"})
+    bad = tx.make(crypto.Identity.generate(), chain, "revoke", 1, {"grant": bytes(32)})
+    assert (await submit(http, good.raw, mode="sync"))[0] == 202
+    assert (await submit(http, bad.raw, mode="sync"))[1]["error"]["code"] == "unregistered_signer"
+    ids = msgpack.packb([good.id, bad.id, bytes(32)])
+    async with http.post("/v1/txs/wait?timeout=1", data=ids, headers=MSGPACK) as response:
+        results = (await response.json())["results"]
+    assert [r["status"] for r in results] == ["committed", "rejected", "unknown"]
+    assert results[1]["code"] == "unregistered_signer"
+    async with http.post("/v1/txs/wait", data=msgpack.packb([b"short"]), headers=MSGPACK) as r:
+        assert r.status == 400
