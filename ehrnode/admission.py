@@ -88,6 +88,10 @@ class Admission:
                     f"the record declares {tx.body['size']} bytes but its blob holds {info.size}",
                     code="blob_size_mismatch",
                 )
+        if from_peer:
+            self.mempool.add_relayed(tx)
+            self.wake()
+            return
         admitted = self.mempool.add(tx)
         self.rejected.pop(tx.id, None)
         for evicted, err in self.mempool.drain_evicted():

@@ -48,6 +48,7 @@ class Mempool:
         self._bytes = 0
         self._overlay = state.Overlay(reader)
         self._changes: dict[bytes, dict[bytes, bytes | None]] = {}  # each pending tx's writes
+        self._relayed: set[bytes] = set()  # admitted from peers without a state check
         self._parked: dict[bytes, dict[int, Tx]] = {}
         self._parked_ids: dict[bytes, Tx] = {}
         self._evicted: list[tuple[Tx, InvalidTransaction]] = []
@@ -103,6 +104,26 @@ class Mempool:
         admitted = [tx]
         admitted.extend(self._unpark(tx.signer, tx.nonce + 1))
         return admitted
+
+    def add_relayed(self, tx: Tx) -> None:
+        """Admit a transaction a peer relayed: its signature was checked on arrival, the
+        peer checked it against the state, and the block builder applies it again, so it
+        is not applied here (three quarters of a validator's transactions come this way).
+        It joins the queue in arrival order, with no writes of its own in the check state.
+        """
+        if tx.id in self._txs or tx.id in self._parked_ids:
+            raise Conflict("this transaction is already pending", code="duplicate")
+        if len(self._txs) >= self.limits.max_txs or self._bytes + tx.size > self.limits.max_bytes:
+            raise LimitExceeded(
+                "the node's mempool is full; retry after the next block", code="mempool_full"
+            )
+        self._txs[tx.id] = tx
+        self._changes[tx.id] = {}
+        self._relayed.add(tx.id)
+        self._bytes += tx.size
+
+    def relayed(self, tx_id: bytes) -> bool:
+        return tx_id in self._relayed
 
     def _admit(self, tx: Tx) -> None:
         scratch = self._overlay.child()
@@ -185,6 +206,7 @@ class Mempool:
         if tx is not None:
             self._bytes -= tx.size
             self._changes.pop(tx_id, None)
+            self._relayed.discard(tx_id)
         return tx
 
     def update(self, committed: Iterable[bytes]) -> list[tuple[Tx, InvalidTransaction]]:
@@ -209,11 +231,16 @@ class Mempool:
                 self._overlay.changes.update(self._changes[tx_id])
         else:
             remaining = list(self._txs.values())
+            relayed = self._relayed
             self._txs.clear()
             self._changes.clear()
+            self._relayed = set()
             self._bytes = 0
             self._overlay = state.Overlay(self._reader)
             for tx in remaining:
+                if tx.id in relayed:
+                    self.add_relayed(tx)
+                    continue
                 try:
                     self._admit(tx)
                 except InvalidTransaction as err:

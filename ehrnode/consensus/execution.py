@@ -60,7 +60,7 @@ class Executor:
         time_ms = max(self.now_ms(), head.time + 1)
         ctx = self.context(height, time_ms)
         params = self.chain.genesis.params
-        overlay = state.Overlay(self.chain.state)
+        overlay = state.Overlay(self.chain.state, cache_reads=True)
         chosen: list[Tx] = []
         size = 0
         skipped: set[bytes] = set()
@@ -73,10 +73,12 @@ class Executor:
             try:
                 state.apply_tx(scratch, ctx, tx)
             except InvalidTransaction as err:
+                skipped.add(tx.signer)  # its later nonces cannot apply either
+                if err.code == "nonce_gap" and self.mempool.relayed(tx.id):
+                    continue  # an earlier one of its signer is still on its way to us
                 log.info("dropping %s, which no longer applies: %s", tx.id.hex()[:16], err)
                 self.mempool.remove(tx.id)
                 self.dropped.append((tx, err))
-                skipped.add(tx.signer)  # its later nonces cannot apply either
                 continue
             overlay.merge(scratch)
             chosen.append(tx)
@@ -99,7 +101,7 @@ class Executor:
             last_commit=ZERO_HASH if last_commit is None else last_commit.hash(),
         )
         block = Block.build(header, raws, last_commit)
-        digest = state.digest_after(self.chain.state, overlay.changes, head.digest)
+        digest = state.digest_after(overlay, overlay.changes, head.digest)
         self._remember(block.id, state.Execution(overlay.changes, digest), chosen)
         self._verdicts[block.id] = None
         return block

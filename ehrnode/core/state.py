@@ -421,11 +421,11 @@ def execute_block(
     reader: StateReader, ctx: BlockContext, txs: Iterable[Tx], digest: int
 ) -> Execution:
     """Apply every transaction in order; InvalidTransaction from the first one that fails."""
-    overlay = Overlay(reader)
+    overlay = Overlay(reader, cache_reads=True)
     for tx in txs:
         apply_tx(overlay, ctx, tx)
     finish_block(overlay, ctx)
-    return Execution(overlay.changes, digest_after(reader, overlay.changes, digest))
+    return Execution(overlay.changes, digest_after(overlay, overlay.changes, digest))
 
 
 def finish_block(overlay: Overlay, ctx: BlockContext) -> None:
@@ -433,7 +433,12 @@ def finish_block(overlay: Overlay, ctx: BlockContext) -> None:
     authority.finish_block(overlay, ctx)
 
 
-def digest_after(reader: StateReader, changes: Mapping[bytes, bytes | None], digest: int) -> int:
+def digest_after(
+    reader: StateReader | Overlay, changes: Mapping[bytes, bytes | None], digest: int
+) -> int:
+    """The digest after ``changes``; ``reader`` gives each key's value before them (an
+    Overlay gives its base's value, from its read cache)."""
+    old = reader.original if isinstance(reader, Overlay) else reader.get
     for key, new in changes.items():
-        digest = update_digest(digest, key, reader.get(key), new)
+        digest = update_digest(digest, key, old(key), new)
     return digest

@@ -36,15 +36,32 @@ class BlockContext:
 
 
 class Overlay:
-    """Writes pending over a reader; ``changes`` maps key -> new value (None = deleted)."""
+    """Writes pending over a reader; ``changes`` maps key -> new value (None = deleted).
 
-    def __init__(self, base: StateReader) -> None:
+    ``cache_reads``: remember what was read from the base (a block's execution reads the
+    same accounts many times, and the state hash needs each changed key's old value).
+    """
+
+    def __init__(self, base: StateReader, *, cache_reads: bool = False) -> None:
         self.base = base
         self.changes: dict[bytes, bytes | None] = {}
+        self.reads: dict[bytes, bytes | None] | None = {} if cache_reads else None
 
     def get(self, key: bytes) -> bytes | None:
         if key in self.changes:
             return self.changes[key]
+        reads = self.reads
+        if reads is None:
+            return self.base.get(key)
+        if key in reads:
+            return reads[key]
+        value = reads[key] = self.base.get(key)
+        return value
+
+    def original(self, key: bytes) -> bytes | None:
+        """The base's value of ``key``, from the read cache when it was read before."""
+        if self.reads is not None and key in self.reads:
+            return self.reads[key]
         return self.base.get(key)
 
     def put(self, key: bytes, value: bytes | None) -> None:
