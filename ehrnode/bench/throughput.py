@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -148,7 +149,9 @@ async def sustained(
     }
 
 
-async def latency(urls: list[str], raws: list[bytes], rate: float, sent_dir: str) -> dict[str, Any]:
+async def latency(
+    urls: list[str], raws: list[bytes], rate: float, sent_dir: str, *, warmup_s: float = 2.0
+) -> dict[str, Any]:
     blocks: list[Block] = []
     stop = asyncio.Event()
     watcher = asyncio.create_task(watch(urls[0], stop, blocks))
@@ -163,13 +166,20 @@ async def latency(urls: list[str], raws: list[bytes], rate: float, sent_dir: str
     for process in processes:
         process.join(timeout=30)
     committed_at = {t: b.seen for b in blocks for t in b.txs}
-    delays = []
+    timeline = []
     for i in range(len(urls)):
         with open(f"{sent_dir}/sent-{i}.json") as handle:
             for tx_hex, sent_at in json.load(handle):
                 if tx_hex in committed_at:
-                    delays.append(committed_at[tx_hex] - sent_at)
-    delays.sort()
+                    timeline.append((sent_at, committed_at[tx_hex] - sent_at))
+    timeline.sort()
+    if os.environ.get("EHR_BENCH_TRACE"):
+        with open(os.environ["EHR_BENCH_TRACE"], "w") as handle:
+            json.dump(timeline, handle)
+    # Like the sustained rate, leave out the warm-up: generator processes starting,
+    # first connections, caches filling.
+    start = timeline[0][0] if timeline else 0.0
+    delays = sorted(d for sent, d in timeline if sent >= start + warmup_s)
     if not delays:
         return {"latency_p50_s": None, "latency_p99_s": None}
     return {
