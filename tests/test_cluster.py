@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,10 @@ import pytest
 from ehrnode import config as cfg
 from ehrnode.client.errors import NotAuthorised
 from ehrnode.client.sdk import Client
-from ehrnode.core import crypto
+from ehrnode.client.verification import next_set
+from ehrnode.core import authority, crypto
 from ehrnode.core.block import PREVOTE, Vote, sign_vote
+from ehrnode.core.errors import InvalidBlock
 from ehrnode.node import Node
 from ehrnode.p2p import messages
 from ehrnode.testing import cluster, free_port, validator_identity, wait_for
@@ -258,6 +261,21 @@ async def test_validators_vote_a_new_validator_in_and_it_carries_the_quorum(
         await wait_for(lambda: nodes[0].chain.head.height >= final, 10, "node 0 to commit it")
         cert = nodes[0].chain.certificate(final)
         assert key in {signer for signer, _ in cert.sigs}
+        # A verifier that trusts only genesis follows the change to the new set.
+        async with Client(nodes[1].rpc_url, crypto.Identity.generate()) as auditor:
+            assert await auditor.verify(done.id) == final
+        # ... and refuses a set the chain did not name (a node lying about a change).
+        changes = [h for h, _ in nodes[0].chain.state.scan(authority.P_FROM)]
+        changed_at = struct.unpack(">Q", changes[-1][len(authority.P_FROM) :])[0]
+        before = nodes[0].chain.block(changed_at - 1)
+        with pytest.raises(InvalidBlock):
+            next_set(
+                genesis.chain_id,
+                genesis.powers,
+                before.raw,
+                nodes[0].chain.certificate(changed_at - 1).encode(),
+                {crypto.Identity.generate().public_key: 1},
+            )
         await wait_for(lambda: newcomer.chain.head.height >= final, 10, "newcomer head")
     finally:
         await newcomer.stop()

@@ -177,7 +177,7 @@ async def cmd_audit(client: Client, args: argparse.Namespace) -> Output:
 
 async def cmd_verify(client: Client, args: argparse.Namespace) -> Output:
     height = await client.verify(args.tx_id)
-    text = f"{args.tx_id} is in block {height}, final under the genesis validators"
+    text = f"{args.tx_id} is in block {height}, final under validators trusted from genesis"
     return {"tx": args.tx_id, "verified": True, "height": height}, text
 
 

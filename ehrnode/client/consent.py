@@ -17,8 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 from ehrnode.client.errors import InvalidEncoding, LimitExceeded, RecordErased
 from ehrnode.client.values import KeyLike, Submitted, key_bytes, to_ms
-from ehrnode.client.verification import AccessLogChecker, decode_entry, verify_proof
+from ehrnode.client.verification import (
+    AccessLogChecker,
+    decode_block_and_certificate,
+    decode_entry,
+    next_set,
+    proof_header,
+    verify_proof,
+)
 from ehrnode.core import crypto, tx
+from ehrnode.core.block import validator_set_hash
 from ehrnode.core.errors import EhrError
 
 if TYPE_CHECKING:
@@ -129,14 +137,28 @@ async def audit(client: Client) -> list[dict[str, Any]]:
 
 
 async def verify(client: Client, tx_id: KeyLike) -> int:
-    """Check a transaction's inclusion proof against the genesis validators; its height.
+    """Check a transaction's inclusion proof; return the height it is final at.
 
     The proof is checked here, not by the node: a Merkle path to a header that more than
-    2/3 of the validators' voting power signed. Valid while the validator set is the
-    genesis one (``validator`` changes are not followed yet).
+    2/3 of the voting power of that height's validators signed. The set is trusted from
+    genesis on: when it has changed since, each change is followed through the header
+    before it (final under the set trusted so far), which names the next set's hash.
     """
     tid = key_bytes(tx_id, "transaction id")
     raw = await client.transport.get_bytes(f"/v1/txs/{tid.hex()}/proof?format=msgpack")
     if not raw:
         raise InvalidEncoding("the node sent an empty proof", code="bad_proof")
-    return verify_proof(raw, tid, client.chain_id, client.genesis.powers)
+    height = proof_header(raw).header.height
+    powers: dict[bytes, int] = dict(client.genesis.powers)
+    if proof_header(raw).header.vals != validator_set_hash(powers):
+        reply = await client.transport.get_json("/v1/validators/changes")
+        for change in sorted(reply["changes"], key=lambda c: c["height"]):
+            if not 1 < change["height"] <= height:
+                continue
+            new = {bytes.fromhex(v["key"]): int(v["power"]) for v in change["validators"]}
+            pair = await client.transport.get_bytes(
+                f"/v1/blocks/{change['height'] - 1}?format=msgpack"
+            )
+            both = decode_block_and_certificate(pair)
+            powers = next_set(client.chain_id, powers, both[0], both[1], new)
+    return verify_proof(raw, tid, client.chain_id, powers)

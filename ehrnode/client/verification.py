@@ -11,7 +11,7 @@ from typing import Any
 from ehrnode.client.errors import AuditLogBroken
 from ehrnode.core import codec, crypto
 from ehrnode.core.access import ZERO, entry_hash, verify_chain
-from ehrnode.core.block import InclusionProof
+from ehrnode.core.block import Block, Certificate, InclusionProof, validator_set_hash
 from ehrnode.core.errors import InvalidBlock, InvalidEncoding
 
 MAX_PROOF_BYTES = 4 * 1024 * 1024
@@ -32,6 +32,48 @@ def verify_proof(raw: bytes, tx_id: bytes, chain: str, powers: Mapping[bytes, in
         raise InvalidBlock("the proof is for another transaction", code="bad_proof")
     proof.verify(chain, powers)
     return proof.header.height
+
+
+def proof_header(raw: bytes) -> InclusionProof:
+    try:
+        return InclusionProof.from_wire(codec.decode(raw, max_bytes=MAX_PROOF_BYTES))
+    except InvalidEncoding as err:
+        raise InvalidBlock(f"the proof is malformed: {err}", code="bad_proof") from err
+
+
+def decode_block_and_certificate(raw: bytes) -> tuple[bytes, bytes]:
+    """``GET /v1/blocks/{h}?format=msgpack``: {"block": bytes, "certificate": bytes}."""
+    try:
+        pair = codec.decode(raw, max_bytes=MAX_PROOF_BYTES * 64)
+        return pair["block"], pair["certificate"]
+    except (InvalidEncoding, KeyError, TypeError) as err:
+        raise InvalidBlock("the node sent a malformed block", code="bad_proof") from err
+
+
+def next_set(
+    chain: str,
+    trusted: Mapping[bytes, int],
+    block_raw: bytes,
+    cert_raw: bytes,
+    new: dict[bytes, int],
+) -> dict[bytes, int]:
+    """Trust ``new`` as the set after a block: the block must be final under ``trusted``
+    and its header must name ``new`` as the next validator set."""
+    try:
+        block = Block.decode(block_raw, max_bytes=MAX_PROOF_BYTES * 64)
+        cert = Certificate.from_wire(codec.decode(cert_raw, max_bytes=MAX_PROOF_BYTES))
+    except InvalidEncoding as err:
+        raise InvalidBlock(f"a block on the way is malformed: {err}", code="bad_proof") from err
+    if cert.block != block.id:
+        raise InvalidBlock("a certificate on the way is for another block", code="bad_proof")
+    cert.verify(chain, trusted)
+    if block.header.next_vals != validator_set_hash(new):
+        raise InvalidBlock(
+            f"block {block.header.height} does not name the validator set the node claims "
+            "comes next",
+            code="bad_proof",
+        )
+    return new
 
 
 def decode_entry(view: Any) -> dict[str, Any]:

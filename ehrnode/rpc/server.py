@@ -114,6 +114,7 @@ class Api:
         r.add_get("/v1/records/{id}", self.get_record)
         r.add_get("/v1/records/{id}/versions", self.get_record_versions)
         r.add_get("/v1/validators", self.get_validators)
+        r.add_get("/v1/validators/changes", self.get_validator_changes)
         r.add_get("/v1/evidence", self.get_evidence)
         r.add_get("/v1/status", self.get_status)
         r.add_get("/v1/health", self.get_health)
@@ -466,6 +467,22 @@ class Api:
                 "validators": [{"key": k.hex(), "power": p} for k, p in sorted(powers.items())],
             }
         )
+
+    async def get_validator_changes(self, req: web.Request) -> web.Response:
+        """Every validator set with the height it signs from (the genesis set from 1): what
+        a verifier walks, header by header, to trust a later set (see ehrnode.client)."""
+        changes = []
+        cut = len(authority.P_FROM)
+        for key, value in self.chain.state.scan(authority.P_FROM, limit=views.MAX_PAGE):
+            powers = authority.decode_set(codec.decode(value))
+            changes.append(
+                {
+                    "height": struct.unpack(">Q", key[cut:])[0],
+                    "hash": validator_set_hash(powers).hex(),
+                    "validators": [{"key": k.hex(), "power": p} for k, p in sorted(powers.items())],
+                }
+            )
+        return web.json_response({"changes": changes})
 
     async def get_evidence(self, req: web.Request) -> web.Response:
         """Double votes recorded on chain."""
