@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -42,6 +43,7 @@ T_MISSING = b"Q"
 MAX_TRACKED = 200_000
 FETCH_CONCURRENCY = 4
 PUSH_FRAME_BYTES = 4 * 1024 * 1024
+ASK_AGAIN_S = 2.0
 RETRY_MISSING_S = 5.0
 
 
@@ -70,7 +72,8 @@ class Replication:
         self.missing: set[bytes] = {k[len(T_MISSING) :] for k, _ in kv.scan(T_MISSING)}
         self._waiters: dict[bytes, list[asyncio.Event]] = {}
         self._fetching: set[bytes] = set()
-        self._semaphore = asyncio.Semaphore(FETCH_CONCURRENCY)
+        self._fetch_queue: asyncio.Queue[tuple[Peer, bytes]] = asyncio.Queue()
+        self._asked_at = 0.0
         self._announce: list[bytes] = []
         self._tasks: set[asyncio.Task[Any]] = set()
         self._retry: asyncio.Task[None] | None = None
@@ -82,7 +85,11 @@ class Replication:
         switch.on_connect.append(self._on_connect)
 
     def start(self) -> None:
-        self._retry = asyncio.get_running_loop().create_task(self._retry_missing())
+        loop = asyncio.get_running_loop()
+        self._retry = loop.create_task(self._retry_missing())
+        for _ in range(FETCH_CONCURRENCY):
+            task = loop.create_task(self._fetch_worker())
+            self._tasks.add(task)
 
     async def stop(self) -> None:
         tasks = [*self._tasks, *([self._retry] if self._retry else [])]
@@ -183,7 +190,10 @@ class Replication:
     async def _store_pushed(self, blobs: list[bytes]) -> None:
         try:
             hashes = await self.kv.run(self.blobs.put_many, blobs)
+            was_missing = any(h in self.missing for h in hashes)
             self.stored(hashes)
+            if was_missing:
+                self._ask_for_missing()  # the answer to our last want came: the next batch
         except EhrError as err:
             log.info("could not store pushed blobs: %s", err)
         finally:
@@ -198,6 +208,18 @@ class Replication:
     def _on_connect(self, peer: Peer) -> None:
         if self.missing:
             self.switch.send(peer, "blob_want", hashes=sorted(self.missing)[:4096])
+            self._asked_at = time.monotonic()
+
+    def _ask_for_missing(self) -> None:
+        """Ask one peer (a different one each time, at random) for missing blobs; it sends
+        the small ones' bytes and announces the large ones. Asked again as soon as its
+        answer is stored, so a node back from downtime catches up batch after batch."""
+        peers = list(self.switch.peers.values())
+        if not self.missing or not peers:
+            return
+        peer = random.choice(peers)
+        self.switch.send(peer, "blob_want", hashes=sorted(self.missing)[:4096])
+        self._asked_at = time.monotonic()
 
     def on_commit(self, committed: Committed) -> None:
         """A committed record whose blob we lack goes on the missing list."""
@@ -206,18 +228,18 @@ class Replication:
             if tx.kind != "record":
                 continue
             blob = tx.body["blob"]
-            if not self.blobs.has(blob) and blob not in self.missing and not self.erased(blob):
+            if (
+                blob not in self.missing
+                and blob not in self._incoming
+                and not self.blobs.has(blob)
+                and not self.erased(blob)
+            ):
                 new.append(blob)
         if new:
             self.missing.update(new)
             self.kv.write({T_MISSING + b: b"" for b in new}, sync=False)
-            self.switch.broadcast("blob_want", hashes=new[:4096])
-            for blob in new:
-                for holder in self.holders.get(blob, set()):
-                    peer = self.switch.peers.get(holder)
-                    if peer is not None:
-                        self._schedule_fetch(peer, blob)
-                        break
+            if time.monotonic() - self._asked_at > ASK_AGAIN_S:
+                self._ask_for_missing()
 
     def erased(self, blob: bytes) -> bool:
         return self.blobs.erased(blob)
@@ -238,48 +260,67 @@ class Replication:
                 self._schedule_fetch(peer, blob)
 
     def _on_want(self, peer: Peer, fields: dict[str, Any]) -> None:
-        held = [blob for blob in fields["hashes"] if self.blobs.has(blob)]
-        if held:
-            self.switch.send(peer, "blob_have", hashes=held)
+        """Send the small blobs asked for (their bytes) and announce the large ones."""
+        small: list[bytes] = []
+        large: list[bytes] = []
+        size = 0
+        for blob in fields["hashes"]:
+            info = self.blobs.info(blob)
+            if info is None:
+                continue
+            if not info.inline:
+                large.append(blob)
+                continue
+            data = self.blobs.read_small(blob)
+            if small and size + len(data) > PUSH_FRAME_BYTES:
+                self.switch.send(peer, "blob_data", blobs=small)
+                small, size = [], 0
+            small.append(data)
+            size += len(data)
+        if small:
+            self.switch.send(peer, "blob_data", blobs=small)
+        if large:
+            self.switch.send(peer, "blob_have", hashes=large)
 
     async def _retry_missing(self) -> None:
         while True:
             await asyncio.sleep(RETRY_MISSING_S)
-            if self.missing and self.switch.peers:
-                self.switch.broadcast("blob_want", hashes=sorted(self.missing)[:4096])
+            if time.monotonic() - self._asked_at > ASK_AGAIN_S:
+                self._ask_for_missing()
 
     # --- fetching and serving ---------------------------------------------------------------
 
     def _schedule_fetch(self, peer: Peer, blob: bytes) -> None:
+        """Queue a pull of a large blob (a few workers pull them; memory stays bounded)."""
         if blob in self._fetching:
             return
         self._fetching.add(blob)
-        task = asyncio.get_running_loop().create_task(self._fetch(peer, blob))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._fetch_queue.put_nowait((peer, blob))
+
+    async def _fetch_worker(self) -> None:
+        while True:
+            peer, blob = await self._fetch_queue.get()
+            await self._fetch(peer, blob)
 
     async def _fetch(self, peer: Peer, blob: bytes) -> None:
         try:
-            async with self._semaphore:
-                if self.blobs.has(blob) or self.erased(blob):
-                    return
-                path = f"/p2p/blobs/{blob.hex()}"
-                auth = request.authorization(
-                    self.switch.identity, self.switch.genesis.chain_id, "GET", path, now_ms()
-                )
-                url = f"http://{peer.address}{path}"
-                async with self.switch.session.get(url, headers={"Authorization": auth}) as resp:
-                    if resp.status != 200:
-                        log.debug(
-                            "peer %s could not serve blob %s (%d)",
-                            peer.short,
-                            blob.hex()[:12],
-                            resp.status,
-                        )
-                        return
-                    await self.blobs.put_stream(
-                        resp.content.iter_chunked(256 * 1024), expected=blob
+            if self.blobs.has(blob) or self.erased(blob):
+                return
+            path = f"/p2p/blobs/{blob.hex()}"
+            auth = request.authorization(
+                self.switch.identity, self.switch.genesis.chain_id, "GET", path, now_ms()
+            )
+            url = f"http://{peer.address}{path}"
+            async with self.switch.session.get(url, headers={"Authorization": auth}) as resp:
+                if resp.status != 200:
+                    log.debug(
+                        "peer %s could not serve blob %s (%d)",
+                        peer.short,
+                        blob.hex()[:12],
+                        resp.status,
                     )
+                    return
+                await self.blobs.put_stream(resp.content.iter_chunked(256 * 1024), expected=blob)
             self.stored([blob])
         except (aiohttp.ClientError, OSError, TimeoutError) as err:
             log.info("fetching blob %s from %s failed: %s", blob.hex()[:12], peer.short, err)
