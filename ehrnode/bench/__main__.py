@@ -65,10 +65,11 @@ class Sizes:
     chain_records: int
     chain_patients: int
     queries: int
+    warmup_s: float
 
 
-FULL = Sizes(60_000, 10_000, 100_000, None, 1024**3, 1_000_000, 1000, 2000)
-SMOKE = Sizes(300, 100, 300, 1, 4 * 1024 * 1024, 2000, 20, 50)
+FULL = Sizes(60_000, 10_000, 100_000, None, 1024**3, 1_000_000, 1000, 2000, 2.0)
+SMOKE = Sizes(300, 100, 300, 1, 4 * 1024 * 1024, 2000, 20, 50, 0.0)
 
 
 async def run(names: set[str], sizes: Sizes, workdir: Path) -> dict[str, Any]:
@@ -140,7 +141,13 @@ async def _network_measures(
         if "latency" in names and figures["tx_per_s"]:
             with tempfile.TemporaryDirectory() as sent_dir:
                 figures.update(
-                    await throughput.latency(net.urls, second, figures["tx_per_s"] / 2, sent_dir)
+                    await throughput.latency(
+                        net.urls,
+                        second,
+                        figures["tx_per_s"] / 2,
+                        sent_dir,
+                        warmup_s=sizes.warmup_s,
+                    )
                 )
         if "sync" in names:
             figures.update(await measures.block_sync(net, third, figures["tx_per_s"]))
