@@ -3,6 +3,7 @@ its own code, and leaves the chain, the state and the mempool as they were."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import AsyncIterator
@@ -13,6 +14,7 @@ import aiohttp
 import msgpack
 import pytest
 
+from ehrnode.client.sdk import Client
 from ehrnode.core import codec, crypto, request, tx
 from ehrnode.core.block import InclusionProof
 from ehrnode.node import Node
@@ -335,3 +337,19 @@ async def test_wait_reports_each_transaction_committed_rejected_or_unknown(
     assert results[1]["code"] == "unregistered_signer"
     async with http.post("/v1/txs/wait", data=msgpack.packb([b"short"]), headers=MSGPACK) as r:
         assert r.status == 400
+
+
+async def test_concurrent_reads_keep_the_access_log_chain_intact(
+    node: Node, http: aiohttp.ClientSession
+) -> None:
+    """Many signed reads of one patient's record at once: every one is logged, in one chain."""
+    patient = crypto.Identity.generate()
+    async with Client(node.rpc_url, patient) as me:
+        await me.register("patient")
+        written = await me.put(
+            patient.public_key,
+            {"resourceType": "Observation", "status": "final", "code": {"text": "x"}},
+        )
+        await asyncio.gather(*(me.read(written.id) for _ in range(24)))
+        entries = await me.audit()  # raises if the chain does not link
+    assert len(entries) == 24

@@ -19,6 +19,7 @@ hash and the chain check are pure and live in ``core.access``; a client verifies
 from __future__ import annotations
 
 import struct
+import threading
 from typing import Any
 
 from ehrnode.core import codec
@@ -34,8 +35,17 @@ class AccessLog:
     def __init__(self, kv: KV, node: Identity) -> None:
         self.kv = kv
         self.node = node
+        # Appends run on worker threads and each reads the head it links to: one at a time,
+        # or two concurrent reads of one patient would both claim the same place.
+        self._lock = threading.Lock()
 
     def append(
+        self, patient: bytes, reader: bytes, record: bytes, request_sig: bytes, now_ms: int
+    ) -> dict[str, Any]:
+        with self._lock:
+            return self._append(patient, reader, record, request_sig, now_ms)
+
+    def _append(
         self, patient: bytes, reader: bytes, record: bytes, request_sig: bytes, now_ms: int
     ) -> dict[str, Any]:
         raw_head = self.kv.get(T_HEAD + patient)
