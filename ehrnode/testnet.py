@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ehrnode import config as cfg
+from ehrnode.client.bundles import bundle_files
 from ehrnode.config import init_home
 from ehrnode.core.crypto import Identity
 from ehrnode.core.errors import ConfigError
@@ -154,14 +155,7 @@ def stop(processes: list[subprocess.Popen[bytes]]) -> None:
 
 
 def _bundles(paths: list[Path], samples: int) -> list[Path]:
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files.extend(sorted(path.glob("*.json")))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise ConfigError(f"--load: {path} does not exist")
+    files = bundle_files(paths)
     if samples:
         files = sorted(files, key=lambda f: f.stat().st_size)[:samples]
     return files

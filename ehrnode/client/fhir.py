@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
-from fhir.resources.R4B import get_fhir_model_class
-from fhir.resources.R4B.resource import Resource
 from pydantic import ValidationError
 
 from ehrnode.client.errors import InvalidResource
+
+if TYPE_CHECKING:
+    from fhir.resources.R4B.resource import Resource
 
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}$")
 _MAX_REPORTED = 5
@@ -34,12 +36,23 @@ def resource_type(resource: Any) -> str:
     return kind
 
 
+@cache
+def _models() -> tuple[Any, type[Resource]]:
+    """The FHIR model package, loaded on first use: it takes a third of a second, which
+    commands that validate nothing (``ehr records``, ``ehrnode run``) should not pay."""
+    from fhir.resources.R4B import get_fhir_model_class  # noqa: PLC0415
+    from fhir.resources.R4B.resource import Resource  # noqa: PLC0415
+
+    return get_fhir_model_class, Resource
+
+
 def _model(kind: str) -> type[Resource]:
+    get_fhir_model_class, resource_class = _models()
     try:
         model = get_fhir_model_class(kind)
     except (ValueError, KeyError) as err:
         raise InvalidResource(f"'{kind}' is not a FHIR R4 resource type") from err
-    if not isinstance(model, type) or not issubclass(model, Resource):
+    if not isinstance(model, type) or not issubclass(model, resource_class):
         raise InvalidResource(f"'{kind}' is a FHIR data type, not a resource")
     return model
 

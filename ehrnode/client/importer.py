@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ehrnode.client.bundles import bundle_files as bundle_files
 from ehrnode.client.errors import InvalidResource
 from ehrnode.client.sdk import Client, SealedRecord, seal_record, standing_readers
 from ehrnode.core import tx
@@ -49,19 +50,6 @@ Progress = Callable[[int], None]
 
 
 # --- reading bundles ---------------------------------------------------------------------------
-
-
-def bundle_files(paths: list[Path]) -> list[Path]:
-    """Bundle files named or inside the named folders (``*.json``, sorted)."""
-    files: list[Path] = []
-    for path in paths:
-        if path.is_dir():
-            files.extend(sorted(path.glob("*.json")))
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise ConfigError(f"{path} is neither a bundle file nor a folder")
-    return files
 
 
 def load_bundle(path: Path) -> list[dict[str, Any]]:

@@ -21,13 +21,9 @@ from ehrnode.core import crypto, state
 from ehrnode.core.errors import InvalidEncoding, NotAuthorised, NotFound
 from ehrnode.mempool import Mempool
 from ehrnode.rpc import params, views
-from ehrnode.rpc.params import now_ms
+from ehrnode.rpc.params import error_response, now_ms
 from ehrnode.store.access import AccessLog
 from ehrnode.store.chain import Chain
-
-
-def error_response(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
 class ContentApi:

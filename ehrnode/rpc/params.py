@@ -13,6 +13,11 @@ from ehrnode.rpc.limits import ReplayCache
 MSGPACK = "application/msgpack"
 
 
+def error_response(status: int, code: str, message: str) -> web.Response:
+    """Every error's body: ``{"error": {"code", "message"}}``."""
+    return web.json_response({"error": {"code": code, "message": message}}, status=status)
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 

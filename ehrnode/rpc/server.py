@@ -37,7 +37,7 @@ from ehrnode.rpc import params, views
 from ehrnode.rpc.content import ContentApi
 from ehrnode.rpc.events import BlockEvents
 from ehrnode.rpc.limits import RateLimiter
-from ehrnode.rpc.params import now_ms
+from ehrnode.rpc.params import error_response, now_ms
 from ehrnode.store.access import AccessLog
 from ehrnode.store.chain import Chain
 
@@ -45,10 +45,6 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 MSGPACK = params.MSGPACK
-
-
-def error_response(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
 class Api:
