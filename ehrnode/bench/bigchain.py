@@ -13,9 +13,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from ehrnode import config as cfg
-from ehrnode.consensus.validators import ValidatorSet
-from ehrnode.core import crypto, merkle, state, tx
-from ehrnode.core.block import PRECOMMIT, ZERO_HASH, Block, Certificate, Header, sign_vote
+from ehrnode.consensus.execution import make_block
+from ehrnode.core import crypto, state, tx
+from ehrnode.core.block import PRECOMMIT, Certificate, sign_vote
 from ehrnode.core.genesis import Genesis
 from ehrnode.keys import load_identity
 from ehrnode.store.chain import Chain
@@ -49,22 +49,8 @@ def _commit(chain: Chain, validator: crypto.Identity, raws: list[bytes], time_ms
     ctx = state.BlockContext(CHAIN_ID, height, time_ms, chain.validators())
     txs = [tx.decode(raw, verify_sig=False) for raw in raws]
     execution = state.execute_block(chain.state, ctx, txs, head.digest)
-    vals = ValidatorSet(ctx.validators)
     last = None if head.height == 0 else chain.certificate(head.height)
-    header = Header(
-        chain=CHAIN_ID,
-        height=height,
-        time=time_ms,
-        proposer=validator.public_key,
-        prev=head.id,
-        txs=merkle.root([t.id for t in txs]),
-        ntx=len(txs),
-        vals=vals.hash,
-        next_vals=vals.hash,
-        state=head.state_hash,
-        last_commit=ZERO_HASH if last is None else last.hash(),
-    )
-    block = Block.build(header, raws, last)
+    block = make_block(chain, ctx, validator.public_key, txs, dict(ctx.validators), last)
     vote = sign_vote(validator, CHAIN_ID, PRECOMMIT, height, 0, block.id)
     chain.commit(block, Certificate(height, 0, block.id, ((vote.validator, vote.sig),)), execution)
 

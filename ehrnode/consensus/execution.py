@@ -84,23 +84,8 @@ class Executor:
             chosen.append(tx)
             size += tx.size
         state.finish_block(overlay, ctx)
-        vals = ValidatorSet(ctx.validators)
-        next_vals = ValidatorSet(state.validators(overlay))
-        raws = [tx.raw for tx in chosen]
-        header = Header(
-            chain=ctx.chain,
-            height=height,
-            time=time_ms,
-            proposer=proposer,
-            prev=head.id,
-            txs=merkle.root([tx.id for tx in chosen]),
-            ntx=len(chosen),
-            vals=vals.hash,
-            next_vals=next_vals.hash,
-            state=head.state_hash,
-            last_commit=ZERO_HASH if last_commit is None else last_commit.hash(),
-        )
-        block = Block.build(header, raws, last_commit)
+        next_vals = state.validators(overlay)
+        block = make_block(self.chain, ctx, proposer, chosen, next_vals, last_commit)
         digest = state.digest_after(overlay, overlay.changes, head.digest)
         self._remember(block.id, state.Execution(overlay.changes, digest), chosen)
         self._verdicts[block.id] = None
@@ -197,6 +182,32 @@ class Executor:
         """After a commit: cached verdicts were relative to the old head."""
         self._executions.clear()
         self._verdicts.clear()
+
+
+def make_block(
+    chain: Chain,
+    ctx: state.BlockContext,
+    proposer: bytes,
+    txs: list[Tx],
+    next_vals: dict[bytes, int],
+    last_commit: Certificate | None,
+) -> Block:
+    """The block of ``txs`` on top of the chain's head (their execution already known)."""
+    head = chain.head
+    header = Header(
+        chain=ctx.chain,
+        height=ctx.height,
+        time=ctx.time,
+        proposer=proposer,
+        prev=head.id,
+        txs=merkle.root([tx.id for tx in txs]),
+        ntx=len(txs),
+        vals=ValidatorSet(ctx.validators).hash,
+        next_vals=ValidatorSet(next_vals).hash,
+        state=head.state_hash,
+        last_commit=ZERO_HASH if last_commit is None else last_commit.hash(),
+    )
+    return Block.build(header, [tx.raw for tx in txs], last_commit)
 
 
 def block_context(chain: Chain, height: int, time_ms: int) -> state.BlockContext:
