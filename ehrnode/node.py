@@ -16,6 +16,7 @@ from aiohttp import web
 from ehrnode import config as cfg
 from ehrnode.admission import Admission
 from ehrnode.blobs.erasure import Eraser
+from ehrnode.blobs.relay import BlobRelay
 from ehrnode.blobs.replication import Replication, default_quorum
 from ehrnode.blobs.store import BlobStore
 from ehrnode.consensus.driver import Driver
@@ -94,6 +95,7 @@ class Node:
                 quorum=lambda: c.blobs.write_quorum or default_quorum(len(chain.validators())),
                 replicate=c.blobs.replicate,
             )
+            replication.relay = BlobRelay(switch, blobs, replication.stored, c.blobs.replicate)
             self.access = access = AccessLog(kv, self.identity)
             self.metrics = metrics = NodeMetrics()
             eraser = Eraser(chain, blobs)

@@ -301,3 +301,41 @@ async def test_a_double_vote_ends_up_on_chain_as_evidence(nodes: list[Node]) -> 
     assert entry["validator"] == cheat.public_id
     assert (entry["height"], entry["round"], entry["type"]) == (1, 0, PREVOTE)
     assert entry["reporter"] == nodes[0].identity.public_id
+
+
+async def test_an_attachment_flows_to_every_replica_and_a_failed_upload_leaves_nothing(
+    nodes: list[Node], tmp_path: Path
+) -> None:
+    people = await actors(nodes)
+    scan = tmp_path / "scan.bin"
+    scan.write_bytes(secrets.token_bytes(3 * 1024 * 1024 + 17))
+    async with Client(nodes[0].rpc_url, people["provider"]) as writer:
+        written = await writer.put_attachment(
+            people["patient"].public_key, scan, "application/octet-stream"
+        )
+    blob = nodes[0].chain.load_state(b"rec" + bytes.fromhex(written.id))["blob"]
+    await wait_for(lambda: all(n.blobs.has(blob) for n in nodes), 15, "replicas everywhere")
+    async with Client(nodes[3].rpc_url, people["patient"]) as patient:
+        back = tmp_path / "back.bin"
+        await patient.read(written.id, out=back)
+    assert back.read_bytes() == scan.read_bytes()
+
+    # An upload cut off half-way: neither the receiving node nor the relay chain keeps it.
+    async def cut_off() -> AsyncIterator[bytes]:
+        yield secrets.token_bytes(1024 * 1024)
+        yield secrets.token_bytes(1024 * 1024)
+        raise ConnectionError("client gave up")
+
+    held = [set(n.blobs.kv.scan(b"O")) for n in nodes]
+    async with Client(nodes[0].rpc_url, people["provider"]) as writer:
+        with pytest.raises(Exception):  # noqa: B017 - the client's own error, whatever it is
+            await writer.transport.stream_blob(people["provider"], cut_off())
+
+    def relays_idle() -> bool:
+        return all(
+            n.replication.relay is not None and n.replication.relay._idle.is_set() for n in nodes
+        )
+
+    await wait_for(relays_idle, 15, "the relays to end")
+    assert [set(n.blobs.kv.scan(b"O")) for n in nodes] == held
+    assert all(not any((n.config.blobs_dir / "tmp").iterdir()) for n in nodes)

@@ -29,6 +29,7 @@ import aiohttp
 from aiohttp import web
 
 from ehrnode.blobs.http import blob_response
+from ehrnode.blobs.relay import BlobRelay
 from ehrnode.blobs.store import INLINE_MAX, BlobStore, parse_hash
 from ehrnode.consensus.driver import Committed
 from ehrnode.core import crypto, request
@@ -81,6 +82,7 @@ class Replication:
         switch.handlers["blob_want"] = self._on_want
         switch.handlers["blob_data"] = self._on_data
         self._incoming: set[bytes] = set()
+        self.relay: BlobRelay | None = None
         switch.routes.append(web.get("/p2p/blobs/{hash}", self._serve))
         switch.on_connect.append(self._on_connect)
 
@@ -304,6 +306,8 @@ class Replication:
 
     async def _fetch(self, peer: Peer, blob: bytes) -> None:
         try:
+            if self.relay is not None:
+                await self.relay.settled()  # it may be arriving already, relayed
             if self.blobs.has(blob) or self.erased(blob):
                 return
             path = f"/p2p/blobs/{blob.hex()}"

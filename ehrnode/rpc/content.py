@@ -8,6 +8,7 @@ identity, reads from the patient, the record's author or a grantee in force.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import msgpack
@@ -116,9 +117,10 @@ class ContentApi:
     async def _stream_in(self, req: web.Request, expected: bytes | None) -> web.Response:
         signed = self.auth.verify(req)
         self._require_registered(signed.key)
-        info = await self.blobs.put_stream(
-            req.content.iter_chunked(256 * 1024), expected, req.content_length
-        )
+        chunks: AsyncIterator[bytes] = req.content.iter_chunked(256 * 1024)
+        if self.replication is not None and self.replication.relay is not None:
+            chunks = self.replication.relay.tee(chunks, req.content_length)
+        info = await self.blobs.put_stream(chunks, expected, req.content_length)
         replicas = await self._replicate([info.hash])
         return web.json_response(
             {"hash": info.hash.hex(), "size": info.size, **replicas[0]}, status=201
