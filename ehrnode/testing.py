@@ -13,6 +13,7 @@ import asyncio
 import inspect
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -131,11 +132,33 @@ class ProcessNode:
         self.process.wait(timeout=30)
 
 
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
+    """A free loopback port below the kernel's ephemeral range: a port the kernel hands out
+    for outgoing connections could be taken between now and the node's bind, one below it
+    cannot (and this process never hands out the same one twice)."""
+    high = _ephemeral_low()
+    for _ in range(1000):
+        port = random.randrange(max(1024, high - 12000), high)
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
         return port
+    raise RuntimeError("no free loopback port found below the ephemeral range")
 
 
 def start_process_node(home: Path, timeout: float = 30.0) -> ProcessNode:
