@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -86,8 +87,17 @@ def _install_uvloop() -> None:
     uvloop.install()
 
 
+def _tune_gc() -> None:
+    """A node holds many small long-lived objects (pending transactions, caches) and makes
+    few reference cycles: collect the young generation less often, and keep what start-up
+    built out of every collection."""
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     _install_uvloop()
+    _tune_gc()
     asyncio.run(run_node(Path(args.home)))
     return 0
 
