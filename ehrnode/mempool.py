@@ -49,6 +49,7 @@ class Mempool:
         self._overlay = state.Overlay(reader)
         self._changes: dict[bytes, dict[bytes, bytes | None]] = {}  # each pending tx's writes
         self._relayed: set[bytes] = set()  # admitted from peers without a state check
+        self._nonces: set[tuple[bytes, int]] = set()  # (signer, nonce) of every pending tx
         self._parked: dict[bytes, dict[int, Tx]] = {}
         self._parked_ids: dict[bytes, Tx] = {}
         self._evicted: list[tuple[Tx, InvalidTransaction]] = []
@@ -113,23 +114,32 @@ class Mempool:
         """
         if tx.id in self._txs or tx.id in self._parked_ids:
             raise Conflict("this transaction is already pending", code="duplicate")
+        if (tx.signer, tx.nonce) in self._nonces:
+            raise Conflict("another transaction with this nonce is pending", code="duplicate")
         if len(self._txs) >= self.limits.max_txs or self._bytes + tx.size > self.limits.max_bytes:
             raise LimitExceeded(
                 "the node's mempool is full; retry after the next block", code="mempool_full"
             )
+        # Its nonce must follow the committed one or a pending one: a relayed transaction
+        # that cannot be next may never be, and would hold a place in every block's reap.
+        account = state.load(self._reader, state.P_ACCT + tx.signer)
+        committed = 0 if account is None else int(account["nonce"])
+        if tx.nonce <= committed:
+            raise InvalidTransaction("nonce already used", code="stale_nonce")
+        if tx.nonce != committed + 1 and (tx.signer, tx.nonce - 1) not in self._nonces:
+            raise InvalidTransaction("an earlier nonce of this signer is missing", code="nonce_gap")
         self._txs[tx.id] = tx
         self._changes[tx.id] = {}
         self._relayed.add(tx.id)
+        self._nonces.add((tx.signer, tx.nonce))
         self._bytes += tx.size
-
-    def relayed(self, tx_id: bytes) -> bool:
-        return tx_id in self._relayed
 
     def _admit(self, tx: Tx) -> None:
         scratch = self._overlay.child()
         state.apply_tx(scratch, self._context(), tx)
         self._overlay.merge(scratch)
         self._changes[tx.id] = scratch.changes
+        self._nonces.add((tx.signer, tx.nonce))
         self._txs[tx.id] = tx
         self._bytes += tx.size
 
@@ -207,6 +217,7 @@ class Mempool:
             self._bytes -= tx.size
             self._changes.pop(tx_id, None)
             self._relayed.discard(tx_id)
+            self._nonces.discard((tx.signer, tx.nonce))
         return tx
 
     def update(self, committed: Iterable[bytes]) -> list[tuple[Tx, InvalidTransaction]]:
@@ -235,14 +246,15 @@ class Mempool:
             self._txs.clear()
             self._changes.clear()
             self._relayed = set()
+            self._nonces = set()
             self._bytes = 0
             self._overlay = state.Overlay(self._reader)
             for tx in remaining:
-                if tx.id in relayed:
-                    self.add_relayed(tx)
-                    continue
                 try:
-                    self._admit(tx)
+                    if tx.id in relayed:
+                        self.add_relayed(tx)
+                    else:
+                        self._admit(tx)
                 except InvalidTransaction as err:
                     dropped.append((tx, err))
         for signer in list(self._parked):

@@ -81,6 +81,7 @@ class Node:
                 rebroadcast=c.consensus.rebroadcast_s,
             )
             self.switch = switch = Switch(self.identity, self.genesis, c.p2p)
+            switch.allowed = lambda key: key in chain.validators()
             gossip = ConsensusGossip(switch, self.genesis.params.max_block_bytes)
             self.driver = driver = Driver(self.identity, executor, kv, gossip, timeouts)
             gossip.driver = driver

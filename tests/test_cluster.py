@@ -115,10 +115,11 @@ async def test_a_peer_with_another_chain_or_a_bad_signature_is_refused(
             await ws.receive()  # the node's auth
             await ws.send_bytes(messages.encode("auth", sig=bytes(64)))
             assert (await ws.receive()).type == aiohttp.WSMsgType.CLOSE
-        async with http.ws_connect(url) as ws:
+
+        async def authenticated_link() -> aiohttp.ClientWebSocketResponse:
+            ws = await http.ws_connect(url)
             their_hello = messages.decode((await ws.receive()).data, 1 << 20)[1]
-            ours = hello()
-            await ws.send_bytes(ours)
+            await ws.send_bytes(hello())
             await ws.receive()
             sig = stranger.sign(
                 b"",
@@ -131,16 +132,29 @@ async def test_a_peer_with_another_chain_or_a_bad_signature_is_refused(
                 ),
             )
             await ws.send_bytes(messages.encode("auth", sig=sig))
-            await wait_for(lambda: stranger.public_key in target.switch.peers, 5, "admission")
-            await ws.send_bytes(b"\xc1 not msgpack")
+            return ws
+
+        async def until_closed(ws: aiohttp.ClientWebSocketResponse) -> None:
             while (await ws.receive()).type not in (
                 aiohttp.WSMsgType.CLOSE,
                 aiohttp.WSMsgType.CLOSED,
             ):
                 pass
+            await ws.close()
+
+        # A key that proves itself but is neither a validator nor a configured peer.
+        await until_closed(await authenticated_link())
+        assert stranger.public_key not in target.switch.peers
+        # An operator-configured full node that then sends garbage is dropped.
+        target.switch.configured_keys.add(stranger.public_key)
+        ws = await authenticated_link()
+        await wait_for(lambda: stranger.public_key in target.switch.peers, 5, "admission")
+        await ws.send_bytes(b"\xc1 not msgpack")
+        await until_closed(ws)
     text = caplog.text
     assert "peer is on chain 'another-chain'" in text
     assert "failed to prove its key (bad handshake signature)" in text
+    assert "neither a validator nor a configured peer" in text
     assert "malformed frame" in text
     assert stranger.public_key not in target.switch.peers
 

@@ -356,3 +356,21 @@ def test_pending_txs_apply_as_a_block_in_reap_order(w: World) -> None:
     reaped = mempool.reap(1 << 20, 100)
     execution = state.execute_block(w.base, w.ctx, reaped, w.base.digest())
     assert execution.changes[state.P_REC + wanted[2].id] is not None
+
+
+def test_relayed_transactions_must_follow_a_known_nonce(w: World) -> None:
+    """A peer's transaction that cannot be next is refused: kept, it would hold a place at
+    the head of every block's reap for ever."""
+    registered(w, PATIENT)  # committed nonce 1
+    mempool = pool(w)
+    with pytest.raises(InvalidTransaction) as info:
+        mempool.add_relayed(standing(w, 3))
+    assert info.value.code == "nonce_gap"
+    with pytest.raises(InvalidTransaction) as info:
+        mempool.add_relayed(standing(w, 1))
+    assert info.value.code == "stale_nonce"
+    mempool.add_relayed(standing(w, 2))
+    mempool.add_relayed(standing(w, 3))
+    with pytest.raises(Conflict):
+        mempool.add_relayed(standing(w, 3, grantee=w.validators[0]))  # another tx, same nonce
+    assert [t.nonce for t in mempool.reap(1 << 20, 10)] == [2, 3]

@@ -813,3 +813,16 @@ def test_a_standing_grant_by_type_cannot_carry_keys_of_other_types() -> None:
     body["records"] = fake_keys([note.id])
     world.do(patient, "grant", body)
     assert world.may_read(note, grantee) and not world.may_read(claim, grantee)
+
+
+def test_a_record_cannot_name_a_blob_another_record_uses() -> None:
+    """Else a patient could write a record naming a victim's public blob hash and erase it,
+    deleting the victim's ciphertext on every node."""
+    world = World()
+    victim, attacker = world.patient(1), world.patient(2)
+    doctor = world.provider(3)
+    original = world.record_body(doctor, victim)
+    world.do(doctor, "record", original)
+    copied = world.record_body(attacker, attacker, with_author=False)
+    copied["blob"], copied["size"] = original["blob"], original["size"]
+    assert world.rejects(world.sign(attacker, "record", copied)) == "blob_in_use"

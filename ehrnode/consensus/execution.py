@@ -74,8 +74,6 @@ class Executor:
                 state.apply_tx(scratch, ctx, tx)
             except InvalidTransaction as err:
                 skipped.add(tx.signer)  # its later nonces cannot apply either
-                if err.code == "nonce_gap" and self.mempool.relayed(tx.id):
-                    continue  # an earlier one of its signer is still on its way to us
                 log.info("dropping %s, which no longer applies: %s", tx.id.hex()[:16], err)
                 self.mempool.remove(tx.id)
                 self.dropped.append((tx, err))

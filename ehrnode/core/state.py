@@ -20,6 +20,7 @@ except where the table says raw bytes.
     b"pgr"  + patient(32) + grant id(32)   raw b"": the patient's grants
     b"std"  + patient(32)                  [[grantee, grant id, types | nil, expires | nil]...]
                                             the standing grants in force (not revoked)
+    b"blob" + blob hash(32)                raw record id: the one record a ciphertext belongs to
     b"lgr"  + record id(32) + grantee(32)  [grant id, ...]: the listed grants not revoked that
                                             name that record for that grantee, in order
 
@@ -79,6 +80,7 @@ P_GRANT = b"grant"
 P_PGR = b"pgr"
 P_STD = b"std"
 P_LGR = b"lgr"
+P_BLOB = b"blob"
 
 
 # --- genesis ------------------------------------------------------------------------------
@@ -227,6 +229,11 @@ def _record(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]
             "unexpected_key_holder",
             "a record may wrap its key only for the patient, its author and standing grantees",
         )
+    # One blob, one record: otherwise erasing one record (whose owner may have named
+    # someone else's public blob hash) would delete the ciphertext of another.
+    if scratch.get(P_BLOB + body["blob"]) is not None:
+        raise _reject("blob_in_use", "that ciphertext already belongs to another record")
+    scratch.put(P_BLOB + body["blob"], tx.id)
     entry: dict[str, Any] = {
         "patient": patient,
         "author": tx.signer,

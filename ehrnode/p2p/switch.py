@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -39,6 +40,8 @@ from ehrnode.rpc.limits import RateLimiter
 log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 5.0
+MAX_PEERS = 64
+_LISTEN = re.compile(r"^[A-Za-z0-9.\-]{1,253}:[0-9]{1,5}$|^\[[0-9A-Fa-f:.]{2,45}\]:[0-9]{1,5}$")
 HEARTBEAT = 5.0
 MAX_QUEUED_BYTES = 256 * 1024 * 1024
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
@@ -126,6 +129,9 @@ class Switch:
         self._inbound: set[web.WebSocketResponse] = set()
         self._stopping = False
         self.configured = [parse_peer(p) for p in config.peers]
+        self.configured_keys = {key for key, _ in self.configured}
+        # Whether a key may link even if not configured: the node wires "is a validator".
+        self.allowed: Callable[[bytes], bool] = lambda key: False
 
     # --- lifecycle ------------------------------------------------------------------------
 
@@ -279,6 +285,8 @@ class Switch:
         them = hello["node"]
         if them == self.me:
             raise PeerError("connected to ourselves")
+        if not _LISTEN.match(hello["listen"]):
+            raise PeerError("hello 'listen' must be a plain host:port")
         if expected is not None and them != expected:
             raise PeerError(f"expected node {expected.hex()[:12]}, peer is {them.hex()[:12]}")
         sig = self.identity.sign(
@@ -297,6 +305,12 @@ class Switch:
             raise PeerError(
                 f"peer {them.hex()[:12]} failed to prove its key (bad handshake signature)"
             )
+        # Only validators and the peers this node's operator listed may link: a link reads
+        # blobs and relays transactions, so it is not for anyone holding the genesis file.
+        if not (self.allowed(them) or them in self.configured_keys):
+            raise PeerError(f"node {them.hex()[:12]} is neither a validator nor a configured peer")
+        if them not in self.peers and len(self.peers) >= MAX_PEERS:
+            raise PeerError(f"this node already has {MAX_PEERS} peers")
         peer = Peer(them, hello["listen"], ws, self.me if dialer else them)
         peer.height = hello["height"]
         existing = self.peers.get(them)
