@@ -36,6 +36,7 @@ from ehrnode.core.tx import Tx
 from ehrnode.store.db import KV
 
 log = logging.getLogger(__name__)
+MAX_EVIDENCE = 1000
 
 
 class Network(Protocol):
@@ -166,11 +167,17 @@ class Driver:
     def _dispatch(self, kind: str, payload: Any) -> list[eng.Action]:
         chain_id = self.chain.genesis.chain_id
         if kind == "proposal":
+            # Membership first (cheap), then the signature: an outsider's messages cost
+            # no signature checks.
+            if payload.proposer not in self.engine.vals:
+                return []
             if not payload.verify(chain_id):
                 log.warning("dropping a proposal with a bad signature")
                 return []
             return self.engine.on_proposal(payload)
         if kind == "vote":
+            if payload.validator not in self.engine.vals:
+                return []
             if not payload.verify(chain_id):
                 log.warning("dropping a vote with a bad signature")
                 return []
@@ -220,13 +227,18 @@ class Driver:
         )
         if not same_slot or first.block == second.block:
             return
+        if first.validator not in self.engine.vals:
+            return  # only a validator's double vote is evidence of anything
         if not (first.verify(chain_id) and second.verify(chain_id)):
             return
         key = (first.validator, first.height, first.round, first.type)
         if key in self._evidence_seen:
             return
         self._evidence_seen.add(key)
+        if len(self._evidence_seen) > MAX_EVIDENCE:
+            self._evidence_seen.clear()  # duplicates then fail on chain, still bounded
         self.evidence.append((first, second))
+        del self.evidence[:-MAX_EVIDENCE]
         for callback in self.evidence_listeners:
             callback(first, second)
 

@@ -78,6 +78,8 @@ __all__ = [
 
 MAX_FUTURE_MESSAGES = 10_000
 MAX_ROUND_AHEAD = 1_000
+MAX_FUTURE_PROPOSALS = 2  # per validator, for the next height
+MAX_FUTURE_VOTES = 16  # per validator, for the next height
 MAX_VALUES_PER_VOTER = 4  # distinct values one validator's votes of one (round, type) count for
 
 
@@ -130,6 +132,7 @@ class Engine:
         self._senders: dict[int, dict[bytes, int]] = {}  # round -> sender -> power (line 55)
         self._done: set[tuple[str, int]] = set()  # "for the first time" guards
         self._future: list[Proposal | Vote] = []
+        self._future_count: dict[bytes, int] = {}  # next-height votes kept, per validator
 
     def start_height(
         self,
@@ -277,8 +280,7 @@ class Engine:
         if self.decided is not None and message.height == self.height:
             return
         if message.height == self.height + 1 and self.height > 0:
-            if len(self._future) < MAX_FUTURE_MESSAGES:
-                self._future.append(message)
+            self._keep_for_next_height(message)
             return
         if message.height != self.height or message.round > self.round + MAX_ROUND_AHEAD:
             return
@@ -287,6 +289,22 @@ class Engine:
         else:
             self._receive_vote(message)
         self._apply_rules()
+
+    def _keep_for_next_height(self, message: Proposal | Vote) -> None:
+        """Buffer a message of the next height, from validators of this one only and a
+        few per sender (a proposal carries a whole block: memory an outsider could fill)."""
+        sender = message.proposer if isinstance(message, Proposal) else message.validator
+        if sender not in self.vals or len(self._future) >= MAX_FUTURE_MESSAGES:
+            return
+        count = self._future_count.get(sender, 0)
+        limit = MAX_FUTURE_PROPOSALS if isinstance(message, Proposal) else MAX_FUTURE_VOTES
+        if isinstance(message, Proposal):
+            count = sum(1 for m in self._future if isinstance(m, Proposal) and m.proposer == sender)
+        if count >= limit:
+            return
+        if not isinstance(message, Proposal):
+            self._future_count[sender] = count + 1
+        self._future.append(message)
 
     def _receive_proposal(self, proposal: Proposal) -> None:
         if proposal.proposer != self.vals.proposer(proposal.height, proposal.round):

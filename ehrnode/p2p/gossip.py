@@ -16,6 +16,7 @@ from typing import Any
 
 from ehrnode.admission import Admission
 from ehrnode.consensus.driver import Driver
+from ehrnode.core import codec, crypto
 from ehrnode.core.block import Proposal, Vote
 from ehrnode.core.errors import EhrError, InvalidEncoding, PeerError
 from ehrnode.core.tx import Tx
@@ -34,6 +35,8 @@ class ConsensusGossip:
         self.driver: Driver | None = None
         # Signatures of consensus messages already passed on: peers relay each other's
         # messages, so most arrive more than once; checking a signature once is enough.
+        # Keyed by a hash of the whole message, not its signature alone: a forged copy that
+        # reuses a genuine signature must not make the genuine message look seen.
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         switch.handlers["proposal"] = self._on_proposal
         switch.handlers["vote"] = self._on_vote
@@ -48,16 +51,16 @@ class ConsensusGossip:
     def broadcast_evidence(self, first: Vote, second: Vote) -> None:
         self.switch.broadcast("evidence", a=first.to_wire(), b=second.to_wire())
 
-    def _first_time(self, sig: bytes) -> bool:
-        if sig in self._seen:
+    def _first_time(self, key: bytes) -> bool:
+        if key in self._seen:
             return False
-        self._seen[sig] = None
+        self._seen[key] = None
         if len(self._seen) > SEEN_MAX:
             self._seen.popitem(last=False)
         return True
 
     def _on_proposal(self, peer: Peer, fields: dict[str, Any]) -> None:
-        if not self._first_time(fields["proposal"].get("sig", b"")):
+        if not self._first_time(crypto.sha256(codec.encode(fields["proposal"]))):
             return
         try:
             proposal = Proposal.from_wire(fields["proposal"], max_block_bytes=self.max_block_bytes)
@@ -67,7 +70,7 @@ class ConsensusGossip:
             self.driver.submit_proposal(proposal)
 
     def _on_vote(self, peer: Peer, fields: dict[str, Any]) -> None:
-        if not self._first_time(fields["vote"].get("sig", b"")):
+        if not self._first_time(crypto.sha256(codec.encode(fields["vote"]))):
             return
         try:
             vote = Vote.from_wire(fields["vote"])
