@@ -29,6 +29,12 @@ from ehrnode.store.chain import Chain
 log = logging.getLogger(__name__)
 
 MAX_CLOCK_DRIFT_MS = 10_000
+
+
+class _TooEarly(InvalidBlock):
+    """A block from too far in this node's future (its clock, not the block, decides)."""
+
+
 _CACHE_BLOCKS = 16
 
 
@@ -102,10 +108,17 @@ class Executor:
         two thirds of the validators and are not checked again here; everything else is.
         """
         if block.id in self._verdicts:
-            return self._verdicts[block.id]
+            cached = self._verdicts[block.id]
+            if cached is None or not certified:
+                return cached  # a rejection is checked again once a quorum certified it
         try:
             self._check(block, certified)
             verdict = None
+        except _TooEarly as err:
+            # Judged by our clock, not by the block: a later look (or a quorum's
+            # certificate) may find it fine, so this is not remembered.
+            log.warning("rejecting block at height %d for now: %s", block.header.height, err)
+            return str(err)
         except (InvalidBlock, InvalidTransaction) as err:
             verdict = str(err)
             log.warning(
@@ -130,7 +143,7 @@ class Executor:
         if h.time <= head.time:
             raise InvalidBlock("block time is not after the previous block's")
         if not certified and h.time > self.now_ms() + MAX_CLOCK_DRIFT_MS:
-            raise InvalidBlock("block time is too far in the future")
+            raise _TooEarly("block time is too far in the future")
         if h.proposer not in vals:
             raise InvalidBlock("block proposer is not a validator")
         if h.vals != vals.hash:
