@@ -96,6 +96,7 @@ class Node:
                 quorum=lambda: c.blobs.write_quorum or default_quorum(len(chain.validators())),
                 replicate=c.blobs.replicate,
             )
+            replication.is_validator = lambda key: key in chain.validators()
             replication.relay = BlobRelay(switch, blobs, replication.stored, c.blobs.replicate)
             self.access = access = AccessLog(kv, self.identity)
             self.metrics = metrics = NodeMetrics()
@@ -121,6 +122,9 @@ class Node:
                 status_extra=self._status,
                 metrics=self._render_metrics,
             )
+            recovered = replication.recover(chain)
+            if recovered:
+                log.info("%d committed records' ciphertext to fetch after a crash", recovered)
             await switch.start()
             replication.start()
             await driver.start()

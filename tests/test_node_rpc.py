@@ -243,8 +243,13 @@ async def test_signed_request_from_another_path_or_clock_is_refused(
         assert (await response.json())["error"]["code"] == "stale_request"
     async with http.get(path, headers={"Authorization": "EHR nonsense"}) as response:
         assert (await response.json())["error"]["code"] == "bad_request_signature"
-    stranger = crypto.Identity.generate()
+    stranger = crypto.Identity.generate()  # not even registered: turned away first
     async with http.get(path, headers=_auth(stranger, chain, "GET", path)) as response:
+        assert response.status == 403
+        assert (await response.json())["error"]["code"] == "unregistered_signer"
+    other = crypto.Identity.generate()
+    await register(http, node, other, "patient")
+    async with http.get(path, headers=_auth(other, chain, "GET", path)) as response:
         assert response.status == 403
         assert (await response.json())["error"]["code"] == "not_patient"
     async with http.get(path, headers=_auth(patient, chain, "GET", path)) as response:

@@ -32,10 +32,11 @@ from ehrnode.blobs.http import blob_response
 from ehrnode.blobs.relay import BlobRelay
 from ehrnode.blobs.store import INLINE_MAX, BlobStore, parse_hash
 from ehrnode.consensus.driver import Committed
-from ehrnode.core import crypto, request
+from ehrnode.core import codec, crypto, request
 from ehrnode.core.errors import EhrError, InvalidEncoding, LimitExceeded, NotAuthorised, NotFound
 from ehrnode.p2p.switch import Peer, Switch
 from ehrnode.rpc.limits import ReplayCache
+from ehrnode.store.chain import Chain
 from ehrnode.store.db import KV
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ MAX_TRACKED = 200_000
 FETCH_CONCURRENCY = 4
 PUSH_FRAME_BYTES = 4 * 1024 * 1024
 ASK_AGAIN_S = 2.0
+MAX_QUEUED_FETCHES = 10_000
 RETRY_MISSING_S = 5.0
 
 
@@ -66,6 +68,7 @@ class Replication:
         self.blobs = blobs
         self.kv = kv
         self._quorum = quorum
+        self.is_validator: Callable[[bytes], bool] = lambda key: True
         self.replay = ReplayCache(request.MAX_SKEW_MS * 2)
         self.replicate = replicate
         self.me = switch.me
@@ -85,6 +88,24 @@ class Replication:
         self.relay: BlobRelay | None = None
         switch.routes.append(web.get("/p2p/blobs/{hash}", self._serve))
         switch.on_connect.append(self._on_connect)
+
+    def recover(self, chain: Chain, last_blocks: int = 16) -> int:
+        """At start: the missing list is written just after a commit, so a crash in between
+        can lose entries of the newest blocks; look at their records again."""
+        found = []
+        head = chain.head.height
+        for height in range(max(1, head - last_blocks + 1), head + 1):
+            for raw in chain.block(height).txs:
+                body = codec.decode(raw)
+                if body["kind"] != "record":
+                    continue
+                blob = body["body"]["blob"]
+                if blob not in self.missing and not self.blobs.has(blob) and not self.erased(blob):
+                    found.append(blob)
+        if found:
+            self.missing.update(found)
+            self.kv.write({T_MISSING + b: b"" for b in found}, sync=True)
+        return len(found)
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -116,7 +137,10 @@ class Replication:
         return holders
 
     def replicas(self, blob: bytes) -> list[bytes]:
-        found = set(self.holders.get(blob, set()))
+        """The nodes known to hold ``blob`` that count for the write quorum: this node and
+        current validators (a configured full node's copy is welcome but not counted)."""
+        validators = self.is_validator
+        found = {key for key in self.holders.get(blob, set()) if validators(key)}
         if self.blobs.has(blob):
             found.add(self.me)
         return sorted(found)
@@ -294,8 +318,8 @@ class Replication:
 
     def _schedule_fetch(self, peer: Peer, blob: bytes) -> None:
         """Queue a pull of a large blob (a few workers pull them; memory stays bounded)."""
-        if blob in self._fetching:
-            return
+        if blob in self._fetching or len(self._fetching) >= MAX_QUEUED_FETCHES:
+            return  # a blob left out now is asked for again while it is missing
         self._fetching.add(blob)
         self._fetch_queue.put_nowait((peer, blob))
 

@@ -24,6 +24,7 @@ import hashlib
 import io
 import os
 import secrets
+import threading
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ class BlobStore:
         self.root = root
         self.kv = kv
         self.max_blob_bytes = max_blob_bytes
+        # Storing and erasing one blob exclude each other (uploads finish on worker threads).
+        self._lock = threading.Lock()
         self._tmp = root / "tmp"
         self._tmp.mkdir(parents=True, exist_ok=True)
         for stale in self._tmp.iterdir():  # half-written uploads from before a crash
@@ -110,7 +113,11 @@ class BlobStore:
                 {"size": len(data), "inline": True, "stored": now}
             )
         if batch:
-            self.kv.write(batch, sync=True)
+            with self._lock:  # an erasure between our check and this write must win
+                for key in [k for k in batch if k.startswith(T_META)]:
+                    if self.erased(key[len(T_META) :]):
+                        del batch[key], batch[T_INLINE + key[len(T_META) :]]
+                self.kv.write(batch, sync=True)
         return hashes
 
     async def put_stream(
@@ -168,7 +175,9 @@ class BlobStore:
                 handle.close()
             tmp_path.unlink(missing_ok=True)
         info = self.info(blob_hash)
-        assert info is not None
+        if info is None:  # erased while it arrived
+            self._refuse_erased(blob_hash)
+            raise NotFound("the blob was removed while it was being stored")
         return info
 
     def _finish_file(
@@ -179,10 +188,14 @@ class BlobStore:
         handle.close()
         final = self._path(blob_hash)
         final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(tmp_path, final)
-        _fsync_dir(final.parent)
-        meta = {"size": size, "inline": False, "stored": int(time.time() * 1000)}
-        self.kv.write({T_META + blob_hash: codec.encode(meta)}, sync=True)
+        with self._lock:  # an erasure between our check and this write must win
+            if self.erased(blob_hash):
+                tmp_path.unlink(missing_ok=True)
+                return
+            os.replace(tmp_path, final)
+            _fsync_dir(final.parent)
+            meta = {"size": size, "inline": False, "stored": int(time.time() * 1000)}
+            self.kv.write({T_META + blob_hash: codec.encode(meta)}, sync=True)
 
     # --- reading --------------------------------------------------------------------------
 
@@ -215,15 +228,16 @@ class BlobStore:
 
     def delete(self, blob_hash: bytes, *, tombstone: bool = True) -> bool:
         """Remove a blob's bytes (and, for an erasure, refuse it from now on)."""
-        info = self.info(blob_hash)
         batch: dict[bytes, bytes | None] = {T_META + blob_hash: None, T_INLINE + blob_hash: None}
         if tombstone:
             batch[T_TOMBSTONE + blob_hash] = b""
-        self.kv.write(batch, sync=True)
+        with self._lock:
+            info = self.info(blob_hash)
+            self.kv.write(batch, sync=True)
+            if info is not None and not info.inline:
+                self._path(blob_hash).unlink(missing_ok=True)
         if info is None:
             return False
-        if not info.inline:
-            self._path(blob_hash).unlink(missing_ok=True)
         compact = getattr(self.kv, "compact", None)
         if compact is not None:
             compact(T_INLINE + blob_hash, T_INLINE + blob_hash + b"\xff")

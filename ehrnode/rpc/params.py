@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -50,10 +51,14 @@ async def raw_body(req: web.Request) -> bytes:
 
 
 class RequestAuth:
-    """Checks signed requests (``core.request``) and refuses a nonce seen before."""
+    """Checks signed requests (``core.request``) and refuses a nonce seen before.
 
-    def __init__(self, chain_id: str) -> None:
+    Only registered keys get as far as the replay cache: a key costs nothing to make, so a
+    stranger's requests must not be able to fill it and lock everyone else out."""
+
+    def __init__(self, chain_id: str, known: Callable[[bytes], bool] | None = None) -> None:
         self.chain_id = chain_id
+        self.known = known or (lambda key: True)
         self.replay = ReplayCache(request.MAX_SKEW_MS * 2)
 
     def verify(self, req: web.Request, body: bytes | None = None) -> request.SignedRequest:
@@ -65,6 +70,10 @@ class RequestAuth:
             now_ms(),
             body,
         )
+        if not self.known(signed.key):
+            raise NotAuthorised(
+                "this key is not registered on the chain", code="unregistered_signer"
+            )
         if not self.replay.add(signed.nonce, signed.ts):
             raise NotAuthorised("this signed request was already used", code="replayed_request")
         return signed

@@ -75,7 +75,7 @@ class Api:
         self.metrics = metrics
         self.chain_id = chain.genesis.chain_id
         self.rate = RateLimiter(config.rate_per_s, burst=config.rate_per_s * 2)
-        self.auth = params.RequestAuth(self.chain_id)
+        self.auth = params.RequestAuth(self.chain_id, self._registered)
         self.replication = replication
         self.content = ContentApi(
             config=config,
@@ -183,6 +183,12 @@ class Api:
                 "index": location.index,
             }
         )
+
+    def _registered(self, key: bytes) -> bool:
+        """Registered on chain, or about to be (its register is pending here)."""
+        if self.chain.state.get(state.P_ACCT + key) is not None:
+            return True
+        return self.admission.mempool.check_state.get(state.P_ACCT + key) is not None
 
     async def _short_of_replicas(self, txs: list[Tx]) -> dict[bytes, int]:
         """Wait (up to the commit timeout) until a write quorum holds each record's
