@@ -8,7 +8,7 @@ import logging
 
 from ehrnode.blobs.store import BlobStore
 from ehrnode.consensus.driver import Committed
-from ehrnode.core import codec, state
+from ehrnode.core import state
 from ehrnode.store.chain import Chain
 
 log = logging.getLogger(__name__)
@@ -28,18 +28,14 @@ class Eraser:
                 if record is not None and self.blobs.delete(record["blob"]):
                     log.info("erased the ciphertext of record %s", record_id.hex()[:16])
 
-    def sweep(self, last_blocks: int = 16) -> int:
-        """At start: finish erasures the last blocks committed just before a crash (deletion
-        follows the commit, so only the newest blocks can have any left undone)."""
+    def sweep(self, last_blocks: int = 2) -> int:
+        """At start: finish erasures of the newest blocks (deletion follows a commit before
+        the next block starts, so only the last block can have any left undone; two for
+        margin)."""
         removed = 0
-        head = self.chain.head.height
-        for height in range(max(1, head - last_blocks + 1), head + 1):
-            for raw in self.chain.block(height).txs:
-                body = codec.decode(raw)
-                if body["kind"] != "erase":
-                    continue
-                for record_id in body["body"]["records"]:
-                    record = self.chain.load_state(state.P_REC + record_id)
-                    if record is not None and self.blobs.delete(record["blob"]):
-                        removed += 1
+        for erase in self.chain.recent_txs("erase", last_blocks):
+            for record_id in erase["body"]["records"]:
+                record = self.chain.load_state(state.P_REC + record_id)
+                if record is not None and self.blobs.delete(record["blob"]):
+                    removed += 1
         return removed

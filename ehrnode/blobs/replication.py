@@ -32,7 +32,7 @@ from ehrnode.blobs.http import blob_response
 from ehrnode.blobs.relay import BlobRelay
 from ehrnode.blobs.store import INLINE_MAX, BlobStore, parse_hash
 from ehrnode.consensus.driver import Committed
-from ehrnode.core import codec, crypto, request
+from ehrnode.core import crypto, request
 from ehrnode.core.errors import EhrError, InvalidEncoding, LimitExceeded, NotAuthorised, NotFound
 from ehrnode.p2p.switch import Peer, Switch
 from ehrnode.rpc.limits import ReplayCache
@@ -89,19 +89,15 @@ class Replication:
         switch.routes.append(web.get("/p2p/blobs/{hash}", self._serve))
         switch.on_connect.append(self._on_connect)
 
-    def recover(self, chain: Chain, last_blocks: int = 16) -> int:
-        """At start: the missing list is written just after a commit, so a crash in between
-        can lose entries of the newest blocks; look at their records again."""
+    def recover(self, chain: Chain, last_blocks: int = 2) -> int:
+        """At start: the missing list is written just after a commit, before the next block
+        starts, so a crash in between can lose entries of the last block; look at its
+        records again (two blocks for margin)."""
         found = []
-        head = chain.head.height
-        for height in range(max(1, head - last_blocks + 1), head + 1):
-            for raw in chain.block(height).txs:
-                body = codec.decode(raw)
-                if body["kind"] != "record":
-                    continue
-                blob = body["body"]["blob"]
-                if blob not in self.missing and not self.blobs.has(blob) and not self.erased(blob):
-                    found.append(blob)
+        for record in chain.recent_txs("record", last_blocks):
+            blob = record["body"]["blob"]
+            if blob not in self.missing and not self.blobs.has(blob) and not self.erased(blob):
+                found.append(blob)
         if found:
             self.missing.update(found)
             self.kv.write({T_MISSING + b: b"" for b in found}, sync=True)

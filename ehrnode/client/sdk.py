@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import re
-import secrets
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -25,9 +24,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
-import aiohttp
-
-from ehrnode.client import consent, envelope, fhir
+from ehrnode.client import consent, envelope, fhir, files
 from ehrnode.client.errors import (
     InvalidEncoding,
     InvalidTransaction,
@@ -363,14 +360,14 @@ class Client:
                 resource = fhir.decode(envelope.open_resource(data_key, blob))
                 if out is not None:
                     text = json.dumps(resource, indent=2, ensure_ascii=False) + "\n"
-                    await asyncio.to_thread(_write_atomically, Path(out), text.encode())
+                    await asyncio.to_thread(files.write_atomically, Path(out), text.encode())
                 return resource
             if out is None:
                 raise EhrError(
                     "this record is a streamed attachment; give a file to write it to (out=)",
                     code="output_required",
                 )
-            return await _stream_to_file(response, first, data_key, Path(out))
+            return await files.stream_to_file(response, first, data_key, Path(out))
 
     def _unwrap(self, header: str, record_id: bytes) -> bytes:
         if not header:
@@ -455,42 +452,6 @@ class Client:
 
     async def verify(self, tx_id: KeyLike) -> int:
         return await consent.verify(self, tx_id)
-
-
-def _part_path(out: Path) -> Path:
-    return out.with_name(f".{out.name}.{secrets.token_hex(4)}.part")
-
-
-def _write_atomically(out: Path, data: bytes) -> None:
-    part = _part_path(out)
-    try:
-        part.write_bytes(data)
-        os.replace(part, out)
-    finally:
-        part.unlink(missing_ok=True)
-
-
-async def _stream_to_file(
-    response: aiohttp.ClientResponse, first: bytes, data_key: bytes, out: Path
-) -> dict[str, Any]:
-    """Decrypt an attachment as it arrives into ``out`` (renamed into place when whole)."""
-    opener = envelope.StreamOpener(data_key)
-    part = _part_path(out)
-    handle = await asyncio.to_thread(open, part, "wb")
-    try:
-        handle.write(opener.feed(first))
-        async for chunk in response.content.iter_chunked(_READ_CHUNK):
-            plain = await asyncio.to_thread(opener.feed, chunk)
-            await asyncio.to_thread(handle.write, plain)
-        handle.write(opener.close())
-        await asyncio.to_thread(handle.close)
-        os.replace(part, out)
-    finally:
-        handle.close()
-        part.unlink(missing_ok=True)
-    assert opener.metadata is not None
-    meta = fhir.decode(opener.metadata)
-    return meta
 
 
 __all__ = [

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import struct
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,8 +22,7 @@ from ehrnode.blobs.replication import Replication
 from ehrnode.blobs.store import BlobStore
 from ehrnode.config import RpcConfig
 from ehrnode.consensus.driver import Driver
-from ehrnode.core import authority, codec, crypto, state
-from ehrnode.core.block import validator_set_hash
+from ehrnode.core import codec, crypto, state
 from ehrnode.core.errors import (
     EhrError,
     InvalidEncoding,
@@ -34,6 +32,7 @@ from ehrnode.core.errors import (
 )
 from ehrnode.core.tx import Tx
 from ehrnode.rpc import params, views
+from ehrnode.rpc.authority import AuthorityApi
 from ehrnode.rpc.content import ContentApi
 from ehrnode.rpc.events import BlockEvents
 from ehrnode.rpc.limits import RateLimiter
@@ -109,15 +108,13 @@ class Api:
         r.add_get("/v1/patients/{key}/grants", self.get_patient_grants)
         r.add_get("/v1/records/{id}", self.get_record)
         r.add_get("/v1/records/{id}/versions", self.get_record_versions)
-        r.add_get("/v1/validators", self.get_validators)
-        r.add_get("/v1/validators/changes", self.get_validator_changes)
-        r.add_get("/v1/evidence", self.get_evidence)
         r.add_get("/v1/status", self.get_status)
         r.add_get("/v1/health", self.get_health)
         r.add_get("/v1/genesis", self.get_genesis)
         r.add_get("/v1/events", self.events.subscribe)
         r.add_get("/metrics", self.get_metrics)
         self.content.add_routes(app)
+        AuthorityApi(self.chain).add_routes(app)
         self.driver.listeners.append(self.events.publish)
         app.on_shutdown.append(self.events.close)
         return app
@@ -452,58 +449,6 @@ class Api:
         if self.status_extra is not None:
             body.update(self.status_extra())
         return web.json_response(body)
-
-    async def get_validators(self, req: web.Request) -> web.Response:
-        """The set that voted on block ``height`` (default: the set voting on the next one)."""
-        head = self.chain.head.height
-        height = params.int_query(req, "height", head + 1, 1, head + 1)
-        powers = (
-            state.validators(self.chain.state)
-            if height == head + 1
-            else self.chain.validators_at(height)
-        )
-        return web.json_response(
-            {
-                "height": height,
-                "hash": validator_set_hash(powers).hex(),
-                "validators": [{"key": k.hex(), "power": p} for k, p in sorted(powers.items())],
-            }
-        )
-
-    async def get_validator_changes(self, req: web.Request) -> web.Response:
-        """Every validator set with the height it signs from (the genesis set from 1): what
-        a verifier walks, header by header, to trust a later set (see ehrnode.client)."""
-        changes = []
-        cut = len(authority.P_FROM)
-        for key, value in self.chain.state.scan(authority.P_FROM, limit=views.MAX_PAGE):
-            powers = authority.decode_set(codec.decode(value))
-            changes.append(
-                {
-                    "height": struct.unpack(">Q", key[cut:])[0],
-                    "hash": validator_set_hash(powers).hex(),
-                    "validators": [{"key": k.hex(), "power": p} for k, p in sorted(powers.items())],
-                }
-            )
-        return web.json_response({"changes": changes})
-
-    async def get_evidence(self, req: web.Request) -> web.Response:
-        """Double votes recorded on chain."""
-        out = []
-        for key, value in self.chain.state.scan(authority.P_EVIDENCE, limit=views.MAX_PAGE):
-            validator = key[len(authority.P_EVIDENCE) : len(authority.P_EVIDENCE) + 32]
-            height, round_, vote_type = struct.unpack(">QIB", key[len(authority.P_EVIDENCE) + 32 :])
-            entry = codec.decode(value)
-            out.append(
-                {
-                    "validator": validator.hex(),
-                    "height": height,
-                    "round": round_,
-                    "type": vote_type,
-                    "recorded_at": entry["height"],
-                    "reporter": entry["reporter"].hex(),
-                }
-            )
-        return web.json_response({"evidence": out})
 
     async def get_health(self, req: web.Request) -> web.Response:
         return web.json_response({"ok": True, "height": self.chain.head.height})

@@ -209,6 +209,17 @@ class Chain:
             certificate=self.certificate(location.height),
         )
 
+    def recent_txs(self, kind: str, last_blocks: int) -> Iterator[dict[str, Any]]:
+        """The ``kind`` transactions of the newest blocks, as stored (for start-up checks of
+        what happens after a commit: these bytes were checked when they were committed)."""
+        head = self._head.height
+        for height in range(max(1, head - last_blocks + 1), head + 1):
+            block = codec.decode_trusted(self.block_raw(height))
+            for raw in block["txs"]:
+                tx = codec.decode_trusted(raw)
+                if tx["kind"] == kind:
+                    yield tx
+
     def validators_at(self, height: int) -> dict[bytes, int]:
         """The validator set that voted on the block at ``height``."""
         start = authority.P_FROM + struct.pack(">Q", height + 1)
