@@ -55,10 +55,6 @@ class Node:
         self._runner: web.AppRunner | None = None
         self.rpc_port: int | None = None
 
-    @classmethod
-    def from_home(cls, home: Any) -> Node:
-        return cls(cfg.load(home))
-
     async def start(self) -> None:
         c = self.config
         self.kv = kv = LevelKV(c.data_dir)

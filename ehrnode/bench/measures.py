@@ -17,7 +17,6 @@ from typing import Any
 import aiohttp
 
 from ehrnode import config as cfg
-from ehrnode.bench import workload
 from ehrnode.bench.bigchain import build_chain
 from ehrnode.bench.network import Network
 from ehrnode.bench.throughput import sustained
@@ -140,7 +139,3 @@ async def query_and_start(root: Path, records: int, patients: int, queries: int)
         }
     finally:
         node.terminate()
-
-
-def resources_for(count: int) -> tuple[list[dict[str, Any]], str]:
-    return workload.sample_resources(count)

@@ -192,16 +192,3 @@ async def upload_blobs(url: str, chain: str, uploader: Identity, blobs: list[byt
             *(one(small[i : i + 1000]) for i in range(0, len(small), 1000)),
             *(alone(b) for b in large),
         )
-
-
-def nonce_after(raws: list[bytes]) -> dict[bytes, int]:
-    """The next nonce of each signer after these transactions."""
-    out: dict[bytes, int] = {}
-    for raw in raws:
-        t = tx.decode(raw, verify_sig=False)
-        out[t.signer] = max(out.get(t.signer, 0), t.nonce + 1)
-    return out
-
-
-def tx_id(raw: bytes) -> bytes:
-    return crypto.sha256(raw)

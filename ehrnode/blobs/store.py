@@ -19,7 +19,6 @@ LevelDB drops the bytes from its files too.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import os
@@ -209,20 +208,6 @@ class BlobStore:
                 raise NotFound("this node does not hold that blob")
             return data
         return self._path(blob_hash).read_bytes()
-
-    async def read_stream(self, blob_hash: bytes, chunk_size: int = CHUNK) -> AsyncIterator[bytes]:
-        info = self.info(blob_hash)
-        if info is None:
-            raise NotFound("this node does not hold that blob")
-        if info.inline:
-            yield self.read_small(blob_hash)
-            return
-        with open(self._path(blob_hash), "rb") as handle:
-            while True:
-                chunk = await asyncio.to_thread(handle.read, chunk_size)
-                if not chunk:
-                    return
-                yield chunk
 
     # --- erasure --------------------------------------------------------------------------
 

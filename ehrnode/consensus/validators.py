@@ -40,8 +40,3 @@ class ValidatorSet:
     def is_one_third(self, power: int) -> bool:
         """More than 1/3 of the power: Tendermint's f+1 (at least one honest voter)."""
         return 3 * power > self.total
-
-    @property
-    def max_faulty(self) -> int:
-        """f, the number of equal-power validators that may fail: n = 3f + 1 (+ spare)."""
-        return (len(self.keys) - 1) // 3

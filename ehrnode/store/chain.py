@@ -175,13 +175,6 @@ class Chain:
             raise NotFound(f"no certificate for height {height}")
         return Certificate.from_wire(codec.decode(raw))
 
-    def height_of(self, block_id: bytes) -> int:
-        raw = self.kv.get(T_BLOCK_ID + block_id)
-        if raw is None:
-            raise NotFound("no block with that id")
-        height: int = struct.unpack(">Q", raw)[0]
-        return height
-
     def tx_location(self, tx_id: bytes) -> TxLocation | None:
         raw = self.kv.get(T_TX + tx_id)
         if raw is None:
