@@ -27,9 +27,8 @@ from aiohttp import web
 
 from ehrnode.blobs.store import INLINE_MAX, BlobStore
 from ehrnode.core import request
-from ehrnode.core.errors import EhrError, NotAuthorised
+from ehrnode.core.errors import EhrError
 from ehrnode.p2p.switch import Peer, Switch
-from ehrnode.rpc.limits import ReplayCache
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,6 @@ class BlobRelay:
         self.blobs = blobs
         self.stored = stored  # Replication.stored: announce what we now hold
         self.replicate = replicate
-        self.replay = ReplayCache(request.MAX_SKEW_MS * 2)
         self._legs: set[asyncio.Task[None]] = set()
         self._receiving = 0
         self._idle = asyncio.Event()
@@ -168,17 +166,7 @@ class BlobRelay:
 
     async def _receive_one(self, req: web.Request) -> web.Response:
         try:
-            signed = request.verify(
-                req.headers.get("Authorization"),
-                self.switch.genesis.chain_id,
-                req.method,
-                req.path_qs,
-                now_ms(),
-            )
-            if signed.key not in self.switch.peers:
-                raise NotAuthorised("only connected peers may relay blobs")
-            if not self.replay.add(signed.nonce, signed.ts):
-                raise NotAuthorised("this signed request was already used")
+            self.switch.authenticate(req)
             route = self._route(req.headers.get(ROUTE_HEADER, ""))
             chunks = self.tee(req.content.iter_chunked(256 * 1024), None, route)
             info = await self.blobs.put_stream(chunks)

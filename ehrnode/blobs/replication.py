@@ -35,7 +35,6 @@ from ehrnode.consensus.driver import Committed
 from ehrnode.core import crypto, request
 from ehrnode.core.errors import EhrError, InvalidEncoding, LimitExceeded, NotAuthorised, NotFound
 from ehrnode.p2p.switch import Peer, Switch
-from ehrnode.rpc.limits import ReplayCache
 from ehrnode.store.chain import Chain
 from ehrnode.store.db import KV
 
@@ -69,7 +68,6 @@ class Replication:
         self.kv = kv
         self._quorum = quorum
         self.is_validator: Callable[[bytes], bool] = lambda key: True
-        self.replay = ReplayCache(request.MAX_SKEW_MS * 2)
         self.replicate = replicate
         self.me = switch.me
         self.holders: OrderedDict[bytes, set[bytes]] = OrderedDict()
@@ -355,17 +353,7 @@ class Replication:
 
     async def _serve(self, req: web.Request) -> web.StreamResponse:
         try:
-            signed = request.verify(
-                req.headers.get("Authorization"),
-                self.switch.genesis.chain_id,
-                req.method,
-                req.path_qs,
-                now_ms(),
-            )
-            if signed.key not in self.switch.peers:
-                raise NotAuthorised("only connected peers may fetch blobs")
-            if not self.replay.add(signed.nonce, signed.ts):
-                raise NotAuthorised("this signed request was already used")
+            self.switch.authenticate(req)
             blob = parse_hash(req.match_info["hash"])
             info = self.blobs.info(blob)
             if info is None:

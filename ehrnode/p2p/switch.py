@@ -24,6 +24,7 @@ import logging
 import random
 import re
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -31,11 +32,11 @@ import aiohttp
 from aiohttp import web
 
 from ehrnode.config import P2pConfig, split_address
-from ehrnode.core import crypto
-from ehrnode.core.errors import ConfigError, EhrError, InvalidEncoding, PeerError
+from ehrnode.core import crypto, request
+from ehrnode.core.errors import ConfigError, EhrError, InvalidEncoding, NotAuthorised, PeerError
 from ehrnode.core.genesis import Genesis
 from ehrnode.p2p import messages
-from ehrnode.rpc.limits import RateLimiter
+from ehrnode.rpc.limits import RateLimiter, ReplayCache
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,7 @@ class Switch:
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._inbound: set[web.WebSocketResponse] = set()
+        self._replay = ReplayCache(request.MAX_SKEW_MS * 2)
         self._stopping = False
         self.configured = [parse_peer(p) for p in config.peers]
         self.configured_keys = {key for key, _ in self.configured}
@@ -179,6 +181,22 @@ class Switch:
     def session(self) -> aiohttp.ClientSession:
         assert self._session is not None
         return self._session
+
+    def authenticate(self, req: web.Request) -> request.SignedRequest:
+        """A peer's signed HTTP request (blob fetches and relays on the p2p port): the key
+        must be a connected peer's, and each signed request is taken once."""
+        signed = request.verify(
+            req.headers.get("Authorization"),
+            self.genesis.chain_id,
+            req.method,
+            req.path_qs,
+            int(time.time() * 1000),
+        )
+        if signed.key not in self.peers:
+            raise NotAuthorised("only connected peers may use this")
+        if not self._replay.add(signed.nonce, signed.ts):
+            raise NotAuthorised("this signed request was already used")
+        return signed
 
     # --- sending --------------------------------------------------------------------------
 
