@@ -302,6 +302,12 @@ async def test_a_double_vote_ends_up_on_chain_as_evidence(nodes: list[Node]) -> 
     second = sign_vote(cheat, chain_id, PREVOTE, 1, 0, b"\x02" * 32)
     assert nodes[0].switch is not None
     peer = next(iter(nodes[0].switch.peers.values()))
+    # A double vote by a key that is no validator is no evidence of anything: it is sent
+    # first, and when the real one is on chain the outsider's is not.
+    outsider = crypto.Identity.generate()
+    fake_a = sign_vote(outsider, chain_id, PREVOTE, 1, 0, b"\x01" * 32)
+    fake_b = sign_vote(outsider, chain_id, PREVOTE, 1, 0, b"\x02" * 32)
+    nodes[0].switch.handlers["evidence"](peer, {"a": fake_a.to_wire(), "b": fake_b.to_wire()})
     nodes[0].switch.handlers["evidence"](peer, {"a": first.to_wire(), "b": second.to_wire()})
     async with aiohttp.ClientSession() as http:
 
@@ -315,6 +321,7 @@ async def test_a_double_vote_ends_up_on_chain_as_evidence(nodes: list[Node]) -> 
     assert entry["validator"] == cheat.public_id
     assert (entry["height"], entry["round"], entry["type"]) == (1, 0, PREVOTE)
     assert entry["reporter"] == nodes[0].identity.public_id
+    assert [v for v, _ in nodes[0].driver.evidence] == [first]
 
 
 async def test_an_attachment_flows_to_every_replica_and_a_failed_upload_leaves_nothing(
