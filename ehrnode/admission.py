@@ -52,6 +52,10 @@ class Admission:
     def decode(self, raw: bytes) -> Tx:
         return txmod.decode(raw, max_bytes=self.chain.genesis.params.max_tx_bytes)
 
+    def known(self, tx_id: bytes) -> bool:
+        """Pending here or committed already."""
+        return tx_id in self.mempool or self.chain.tx_location(tx_id) is not None
+
     def submit(self, raw: bytes, *, relay: bool = True, from_peer: bool = False) -> Tx:
         """Check and admit one transaction; raise the reason it cannot be admitted."""
         tx = self.decode(raw)

@@ -113,6 +113,8 @@ class TxGossip:
     def _on_txs(self, peer: Peer, fields: dict[str, Any]) -> None:
         rejected = 0
         for raw in fields["txs"]:
+            if self.admission.known(crypto.sha256(raw)):
+                continue  # a block brought it first: no second signature check
             try:
                 self.admission.submit(raw, relay=False, from_peer=True)
             except EhrError:
