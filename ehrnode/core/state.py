@@ -48,6 +48,9 @@ from ehrnode.core.statekv import (
     StateReader as StateReader,
 )
 from ehrnode.core.statekv import (
+    digest_moved as digest_moved,
+)
+from ehrnode.core.statekv import (
     digest_of as digest_of,
 )
 from ehrnode.core.statekv import (
@@ -445,7 +448,15 @@ def digest_after(
 ) -> int:
     """The digest after ``changes``; ``reader`` gives each key's value before them (an
     Overlay gives its base's value, from its read cache)."""
-    old = reader.original if isinstance(reader, Overlay) else reader.get
+    old_value = reader.original if isinstance(reader, Overlay) else reader.get
+    added: list[tuple[bytes, bytes]] = []
+    removed: list[tuple[bytes, bytes]] = []
     for key, new in changes.items():
-        digest = update_digest(digest, key, old(key), new)
-    return digest
+        old = old_value(key)
+        if old == new:
+            continue  # rewritten unchanged: no effect on the multiset
+        if old is not None:
+            removed.append((key, old))
+        if new is not None:
+            added.append((key, new))
+    return digest_moved(digest, added, removed)

@@ -92,7 +92,7 @@ def save(overlay: Overlay, key: bytes, value: Any) -> None:
 
 
 def entry_digest(key: bytes, value: bytes) -> int:
-    h = hashlib.shake_256(struct.pack(">I", len(key)) + key + value).digest(_DIGEST_BYTES)
+    h = hashlib.shake_256(len(key).to_bytes(4, "big") + key + value).digest(_DIGEST_BYTES)
     return int.from_bytes(h, "big")
 
 
@@ -102,6 +102,19 @@ def update_digest(digest: int, key: bytes, old: bytes | None, new: bytes | None)
     if new is not None:
         digest += entry_digest(key, new)
     return digest % _MODULUS
+
+
+def digest_moved(
+    digest: int, added: Iterable[tuple[bytes, bytes]], removed: Iterable[tuple[bytes, bytes]]
+) -> int:
+    """``digest`` with ``added`` entries in and ``removed`` ones out, one reduction at the
+    end (the same value as updating entry by entry)."""
+    total = digest
+    for key, value in added:
+        total += entry_digest(key, value)
+    for key, value in removed:
+        total -= entry_digest(key, value)
+    return total % _MODULUS
 
 
 def digest_of(entries: Iterable[tuple[bytes, bytes]]) -> int:
