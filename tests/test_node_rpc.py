@@ -358,3 +358,33 @@ async def test_concurrent_reads_keep_the_access_log_chain_intact(
         await asyncio.gather(*(me.read(written.id) for _ in range(24)))
         entries = await me.audit()  # raises if the chain does not link
     assert len(entries) == 24
+
+
+async def test_the_key_endpoint_gives_a_reader_its_wrapped_key_and_logs_no_read(
+    node: Node, http: aiohttp.ClientSession
+) -> None:
+    chain = node.genesis.chain_id
+    patient, other = crypto.Identity.generate(), crypto.Identity.generate()
+    async with Client(node.rpc_url, patient) as me:
+        await me.register("patient")
+        await me.as_identity(other).register("patient")
+        written = await me.put(
+            patient.public_key,
+            {"resourceType": "Observation", "status": "final", "code": {"text": "k"}},
+        )
+        path = f"/v1/records/{written.id}/key"
+        async with http.get(path, headers=_auth(patient, chain, "GET", path)) as response:
+            wrapped = bytes.fromhex((await response.json())["wrapped_key"])
+        assert len(patient.unwrap_key(wrapped)) == 32
+        async with http.get(path, headers=_auth(other, chain, "GET", path)) as response:
+            assert (response.status, (await response.json())["error"]["code"]) == (
+                403,
+                "not_granted",
+            )
+        assert await me.audit() == []  # fetching a key reads no ciphertext
+        await me.erase(written.id)
+        async with http.get(path, headers=_auth(patient, chain, "GET", path)) as response:
+            assert (response.status, (await response.json())["error"]["code"]) == (
+                410,
+                "record_erased",
+            )

@@ -43,7 +43,6 @@ Source = str | os.PathLike[str] | BinaryIO
 PAGE = 1000
 BATCH_BLOB_MAX = 64 * 1024  # the node takes blobs up to this size in a batch upload
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}$")
-_READ_CHUNK = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -383,14 +382,12 @@ class Client:
         return self.identity.unwrap_key(wrapped)
 
     async def data_key(self, record_id: bytes) -> bytes:
-        """The record's data key, unwrapped with this identity (fetches the ciphertext
-        headers only, through a signed and logged read)."""
-        path = f"/v1/records/{record_id.hex()}/content"
-        async with self.transport.request("GET", path, signer=self.identity) as response:
-            key = self._unwrap(response.headers.get("Ehr-Wrapped-Key", ""), record_id)
-            if (response.content_length or 0) <= _READ_CHUNK:
-                await response.read()  # small: read it so the connection is reused
-            return key
+        """The record's data key, unwrapped with this identity (a signed request for the
+        wrapped key alone: no ciphertext moves)."""
+        reply = await self.transport.get_json(
+            f"/v1/records/{record_id.hex()}/key", signer=self.identity
+        )
+        return self._unwrap(str(reply.get("wrapped_key", "")), record_id)
 
     async def records(self, patient: KeyLike | None = None, type: str | None = None) -> list[Any]:
         """The latest version of each of a patient's records (all pages)."""

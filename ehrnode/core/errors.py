@@ -9,6 +9,7 @@ machine-readable slug that RPC clients switch on) and a sentence a person can ac
     ├── InvalidBlock           a block or certificate that does not verify
     ├── NotAuthorised          a signed request whose signer may not do this
     ├── NotFound               no such transaction, block, record, blob or account
+    ├── Gone                   it existed and was erased
     ├── Conflict               the request contradicts what is already there
     ├── LimitExceeded          a size, count or rate limit
     ├── Unavailable            the node cannot serve this now (shutting down, syncing)
@@ -60,6 +61,11 @@ class NotAuthorised(EhrError):
 class NotFound(EhrError):
     code = "not_found"
     http_status = 404
+
+
+class Gone(EhrError):
+    code = "gone"
+    http_status = 410
 
 
 class Conflict(EhrError):

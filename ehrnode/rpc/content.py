@@ -19,10 +19,10 @@ from ehrnode.blobs.replication import Replication
 from ehrnode.blobs.store import BlobStore, parse_hash
 from ehrnode.config import RpcConfig
 from ehrnode.core import crypto, state
-from ehrnode.core.errors import InvalidEncoding, NotAuthorised, NotFound
+from ehrnode.core.errors import Gone, InvalidEncoding, NotAuthorised, NotFound
 from ehrnode.mempool import Mempool
 from ehrnode.rpc import params, views
-from ehrnode.rpc.params import error_response, now_ms
+from ehrnode.rpc.params import now_ms
 from ehrnode.store.access import AccessLog
 from ehrnode.store.chain import Chain
 
@@ -52,6 +52,7 @@ class ContentApi:
     def add_routes(self, app: web.Application) -> None:
         r = app.router
         r.add_get("/v1/records/{id}/content", self.get_record_content)
+        r.add_get("/v1/records/{id}/key", self.get_record_key)
         r.add_get("/v1/patients/{key}/access-log", self.get_access_log)
         r.add_put("/v1/blobs/{hash}", self.put_blob)
         r.add_post("/v1/blobs", self.post_blobs)
@@ -59,23 +60,36 @@ class ContentApi:
         r.add_route("HEAD", "/v1/blobs/{hash}", self.head_blob)
         r.add_get("/v1/blobs/{hash}/replicas", self.get_replicas)
 
-    async def get_record_content(self, req: web.Request) -> web.StreamResponse:
-        """The ciphertext and the reader's wrapped key, for a signed, authorised reader."""
+    def _readable(self, req: web.Request) -> tuple[Any, bytes, dict[str, Any], int]:
+        """(signed request, record id, record, now) for a reader allowed to read it."""
         signed = self.auth.verify(req)
         record_id = params.tx_id(req)
         record = views.committed_record(self.chain, record_id)
         if record["erased"]:
-            return error_response(
-                410,
-                "record_erased",
+            raise Gone(
                 f"the patient erased this record at height {record.get('erased_at')}; "
                 "only its hash remains",
+                code="record_erased",
             )
         now = now_ms()
         if not state.may_read(self.chain.state, record_id, signed.key, now):
             raise NotAuthorised(
                 "the patient has not granted this key access to this record", code="not_granted"
             )
+        return signed, record_id, record, now
+
+    async def get_record_key(self, req: web.Request) -> web.Response:
+        """Only the reader's wrapped data key (what a patient re-wraps for a grantee):
+        no ciphertext, so nothing is read and nothing is logged."""
+        signed, record_id, _record, _now = self._readable(req)
+        wrapped = self.chain.state.get(state.P_KEY + record_id + signed.key)
+        if wrapped is None:
+            raise NotFound("no data key is wrapped for this key on that record", code="no_key")
+        return web.json_response({"record": record_id.hex(), "wrapped_key": wrapped.hex()})
+
+    async def get_record_content(self, req: web.Request) -> web.StreamResponse:
+        """The ciphertext and the reader's wrapped key, for a signed, authorised reader."""
+        signed, record_id, record, now = self._readable(req)
         info = self.blobs.info(record["blob"])
         if info is None:
             raise NotFound("this node does not hold the record's ciphertext", code="blob_missing")
