@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,12 +13,13 @@ import pytest
 from ehrnode.bench.__main__ import KEYS
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     result = subprocess.run(
-        [sys.executable, "-m", "ehrnode.bench", "--smoke", "--out", str(out)],
+        [str(ROOT / "scripts" / "bench"), "--smoke", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
