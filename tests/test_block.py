@@ -7,7 +7,18 @@ from fractions import Fraction
 from typing import Any
 
 import pytest
-from helpers_core import CHAIN, identity
+from helpers_block import (
+    BLOCK_ID,
+    MAX,
+    OUTSIDER,
+    POWERS,
+    VALIDATORS,
+    certify,
+    chain_of_two,
+    header,
+    txs,
+)
+from helpers_core import CHAIN
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,64 +26,14 @@ from ehrnode.core import codec, crypto, merkle, tx
 from ehrnode.core.block import (
     PRECOMMIT,
     PREVOTE,
-    ZERO_HASH,
     Block,
     Certificate,
-    Header,
     InclusionProof,
     has_quorum,
-    make_certificate,
     sign_vote,
     validator_set_hash,
 )
 from ehrnode.core.errors import InvalidBlock, InvalidEncoding, InvalidTransaction
-
-VALIDATORS = [identity(100 + i) for i in range(4)]
-POWERS = {v.public_key: 1 for v in VALIDATORS}
-OUTSIDER = identity(200)
-MAX = 1 << 20
-
-
-def txs(n: int, start: int = 0) -> list[bytes]:
-    return [
-        tx.make(identity(300 + i), CHAIN, "register", 1, {"role": "patient"}).raw
-        for i in range(start, start + n)
-    ]
-
-
-def header(height: int, raws: list[bytes], **changes: Any) -> Header:
-    fields: dict[str, Any] = {
-        "chain": CHAIN,
-        "height": height,
-        "time": 1_000 + height,
-        "proposer": VALIDATORS[height % 4].public_key,
-        "prev": ZERO_HASH,
-        "txs": merkle.root([crypto.sha256(t) for t in raws]),
-        "ntx": len(raws),
-        "vals": validator_set_hash(POWERS),
-        "next_vals": validator_set_hash(POWERS),
-        "state": crypto.sha256(b"state"),
-        "last_commit": ZERO_HASH,
-    }
-    fields.update(changes)
-    return Header(**fields)
-
-
-def certify(
-    block_id: bytes, height: int, signers: list[crypto.Identity], round_: int = 0
-) -> Certificate:
-    return make_certificate(
-        [sign_vote(v, CHAIN, PRECOMMIT, height, round_, block_id) for v in signers]
-    )
-
-
-def chain_of_two(n_txs: int = 3) -> tuple[Block, Certificate, Block]:
-    first = Block.build(header(1, txs(2)), txs(2), None)
-    cert = certify(first.id, 1, VALIDATORS[:3])
-    raws = txs(n_txs, start=10)
-    second = Block.build(header(2, raws, prev=first.id, last_commit=cert.hash()), raws, cert)
-    return first, cert, second
-
 
 # --- quorum arithmetic -----------------------------------------------------------------------
 
@@ -112,8 +73,6 @@ def test_validator_set_hash_ignores_dict_order_but_not_power() -> None:
 
 
 # --- certificates ----------------------------------------------------------------------------
-
-BLOCK_ID = crypto.sha256(b"block")
 
 
 def test_three_of_four_is_a_quorum() -> None:
