@@ -117,25 +117,32 @@ def start_generators(
     return processes
 
 
-async def sustained(
-    urls: list[str], raws: list[bytes], *, warmup_s: float = 2.0, batch: int = 250
-) -> dict[str, Any]:
-    """Send everything as fast as the nodes take it; the committed rate after warm-up."""
+async def _load(
+    urls: list[str], raws: list[bytes], batch: int, rate: float | None, sent_dir: str | None
+) -> tuple[list[Block], float]:
+    """Send ``raws`` from generator processes until all are committed (or 600 s pass);
+    the blocks the watcher saw, and when sending started."""
     blocks: list[Block] = []
     stop = asyncio.Event()
     watcher = asyncio.create_task(watch(urls[0], stop, blocks))
     await asyncio.sleep(0.2)
     lanes = split_by_node(raws, len(urls))
     started = time.time()
-    processes = start_generators(urls, lanes, batch, None, None)
-    total = len(raws)
-    deadline = started + 600
-    while sum(len(b.txs) for b in blocks) < total and time.time() < deadline:
+    processes = start_generators(urls, lanes, batch, rate, sent_dir)
+    while sum(len(b.txs) for b in blocks) < len(raws) and time.time() < started + 600:
         await asyncio.sleep(0.1)
     stop.set()
     await watcher
     for process in processes:
-        process.join(timeout=10)
+        process.join(timeout=30)
+    return blocks, started
+
+
+async def sustained(
+    urls: list[str], raws: list[bytes], *, warmup_s: float = 2.0, batch: int = 250
+) -> dict[str, Any]:
+    """Send everything as fast as the nodes take it; the committed rate after warm-up."""
+    blocks, started = await _load(urls, raws, batch, None, None)
     window = [b for b in blocks if b.seen >= started + warmup_s]
     if len(window) < 2:
         window = blocks
@@ -152,19 +159,7 @@ async def sustained(
 async def latency(
     urls: list[str], raws: list[bytes], rate: float, sent_dir: str, *, warmup_s: float = 2.0
 ) -> dict[str, Any]:
-    blocks: list[Block] = []
-    stop = asyncio.Event()
-    watcher = asyncio.create_task(watch(urls[0], stop, blocks))
-    await asyncio.sleep(0.2)
-    lanes = split_by_node(raws, len(urls))
-    processes = start_generators(urls, lanes, 20, rate, sent_dir)
-    deadline = time.time() + 600
-    while sum(len(b.txs) for b in blocks) < len(raws) and time.time() < deadline:
-        await asyncio.sleep(0.1)
-    stop.set()
-    await watcher
-    for process in processes:
-        process.join(timeout=30)
+    blocks, _started = await _load(urls, raws, 20, rate, sent_dir)
     committed_at = {t: b.seen for b in blocks for t in b.txs}
     timeline = []
     for i in range(len(urls)):
