@@ -63,6 +63,9 @@ from ehrnode.core.statekv import (
     save as save,
 )
 from ehrnode.core.statekv import (
+    save_new as save_new,
+)
+from ehrnode.core.statekv import (
     seq_key as seq_key,
 )
 from ehrnode.core.statekv import (
@@ -252,8 +255,8 @@ def _record(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]
         seq = patient_account["nrec"]
         patient_account["nrec"] = seq + 1
         save(scratch, P_ACCT + patient, patient_account)
-        scratch.put(seq_key(P_PREC, patient, seq), tx.id)
-        scratch.put(seq_key(P_VER, tx.id, 0), tx.id)
+        scratch.put_new(seq_key(P_PREC, patient, seq), tx.id)
+        scratch.put_new(seq_key(P_VER, tx.id, 0), tx.id)
     else:
         previous = load(scratch, P_REC + amends)
         if previous is None or previous["patient"] != patient:
@@ -274,10 +277,10 @@ def _record(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]
         if previous["root"] == tx.id:  # pragma: no cover - ids are unique
             raise _reject("unknown_record", "a record cannot amend itself")
         save(scratch, P_REC + previous["root"], root)
-        scratch.put(seq_key(P_VER, previous["root"], version - 1), tx.id)
-    save(scratch, P_REC + tx.id, entry)
+        scratch.put_new(seq_key(P_VER, previous["root"], version - 1), tx.id)
+    save_new(scratch, P_REC + tx.id, entry)
     for reader, wrapped in body["keys"]:
-        scratch.put(P_KEY + tx.id + reader, wrapped)
+        scratch.put_new(P_KEY + tx.id + reader, wrapped)
 
 
 def _grant(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]) -> None:
@@ -328,8 +331,8 @@ def _grant(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any])
         standing = standing_grants(scratch, tx.signer)
         standing.append([grantee, tx.id, entry.get("types"), expires])
         save(scratch, P_STD + tx.signer, standing)
-    save(scratch, P_GRANT + tx.id, entry)
-    scratch.put(P_PGR + tx.signer + tx.id, b"")
+    save_new(scratch, P_GRANT + tx.id, entry)
+    scratch.put_new(P_PGR + tx.signer + tx.id, b"")
 
 
 def _revoke(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]) -> None:

@@ -40,12 +40,16 @@ class Overlay:
 
     ``cache_reads``: remember what was read from the base (a block's execution reads the
     same accounts many times, and the state hash needs each changed key's old value).
+    ``fresh``: keys written with ``put_new``, which the rules know are not in the base (they
+    embed a transaction id or a counter never used before), so the state hash needs no
+    read to learn their old value.
     """
 
     def __init__(self, base: StateReader, *, cache_reads: bool = False) -> None:
         self.base = base
         self.changes: dict[bytes, bytes | None] = {}
         self.reads: dict[bytes, bytes | None] | None = {} if cache_reads else None
+        self.fresh: set[bytes] = set()
 
     def get(self, key: bytes) -> bytes | None:
         if key in self.changes:
@@ -60,6 +64,8 @@ class Overlay:
 
     def original(self, key: bytes) -> bytes | None:
         """The base's value of ``key``, from the read cache when it was read before."""
+        if key in self.fresh:
+            return None
         if self.reads is not None and key in self.reads:
             return self.reads[key]
         return self.base.get(key)
@@ -67,11 +73,17 @@ class Overlay:
     def put(self, key: bytes, value: bytes | None) -> None:
         self.changes[key] = value
 
+    def put_new(self, key: bytes, value: bytes) -> None:
+        """Write a key the rules guarantee is absent from the base."""
+        self.changes[key] = value
+        self.fresh.add(key)
+
     def child(self) -> Overlay:
         return Overlay(self)
 
     def merge(self, child: Overlay) -> None:
         self.changes.update(child.changes)
+        self.fresh.update(child.fresh)
 
 
 def seq_key(prefix: bytes, owner: bytes, seq: int) -> bytes:
@@ -85,7 +97,11 @@ def load(reader: StateReader, key: bytes) -> Any:
 
 
 def save(overlay: Overlay, key: bytes, value: Any) -> None:
-    overlay.put(key, codec.encode(value))
+    overlay.put(key, codec.encode_trusted(value))
+
+
+def save_new(overlay: Overlay, key: bytes, value: Any) -> None:
+    overlay.put_new(key, codec.encode_trusted(value))
 
 
 # --- state hash ---------------------------------------------------------------------------
