@@ -49,16 +49,24 @@ class Admission:
         self.rejected: OrderedDict[bytes, Rejection] = OrderedDict()
         self._waiters: dict[bytes, list[asyncio.Future[TxLocation]]] = {}
 
-    def decode(self, raw: bytes) -> Tx:
-        return txmod.decode(raw, max_bytes=self.chain.genesis.params.max_tx_bytes)
+    def decode(self, raw: bytes, tx_id: bytes | None = None) -> Tx:
+        return txmod.decode(raw, max_bytes=self.chain.genesis.params.max_tx_bytes, tx_id=tx_id)
 
     def known(self, tx_id: bytes) -> bool:
         """Pending here or committed already."""
         return tx_id in self.mempool or self.chain.tx_location(tx_id) is not None
 
-    def submit(self, raw: bytes, *, relay: bool = True, from_peer: bool = False) -> Tx:
-        """Check and admit one transaction; raise the reason it cannot be admitted."""
-        tx = self.decode(raw)
+    def submit(
+        self,
+        raw: bytes,
+        *,
+        relay: bool = True,
+        from_peer: bool = False,
+        tx_id: bytes | None = None,
+    ) -> Tx:
+        """Check and admit one transaction; raise the reason it cannot be admitted
+        (``tx_id``: the SHA-256 of ``raw``, when the caller has it)."""
+        tx = self.decode(raw, tx_id)
         self.admit(tx, relay=relay, from_peer=from_peer)
         return tx
 

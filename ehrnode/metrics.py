@@ -24,8 +24,11 @@ class NodeMetrics:
     def on_commit(self, committed: Committed) -> None:
         self.height.set(committed.block.header.height)
         self.blocks.inc()
+        kinds: dict[str, int] = {}
         for tx in committed.txs:
-            self.txs.labels(tx.kind).inc()
+            kinds[tx.kind] = kinds.get(tx.kind, 0) + 1
+        for kind, count in kinds.items():
+            self.txs.labels(kind).inc(count)
 
     def render(self) -> bytes:
         data: bytes = generate_latest(self.registry)

@@ -20,7 +20,6 @@ from ehrnode.consensus.validators import ValidatorSet
 from ehrnode.core import authority, merkle, state
 from ehrnode.core import tx as txmod
 from ehrnode.core.block import ZERO_HASH, Block, Certificate, Header
-from ehrnode.core.crypto import sha256
 from ehrnode.core.errors import InvalidBlock, InvalidTransaction
 from ehrnode.core.tx import Tx
 from ehrnode.mempool import Mempool
@@ -156,7 +155,10 @@ class Executor:
         if block.last_commit is not None:
             previous = self.chain.validators_at(h.height - 1)
             block.last_commit.verify(genesis.chain_id, previous)
-        txs = [self._decode(raw, verify_sig=not certified) for raw in block.txs]
+        txs = [
+            self._decode(raw, tx_id, verify_sig=not certified)
+            for raw, tx_id in zip(block.txs, block.tx_ids, strict=True)
+        ]
         ctx = self.context(h.height, h.time)
         execution = state.execute_block(self.chain.state, ctx, txs, head.digest)
         after = state.Overlay(self.chain.state)
@@ -165,8 +167,8 @@ class Executor:
             raise InvalidBlock("block names the wrong next validator set")
         self._remember(block.id, execution, txs)
 
-    def _decode(self, raw: bytes, *, verify_sig: bool = True) -> Tx:
-        known = self.mempool.get(sha256(raw))
+    def _decode(self, raw: bytes, tx_id: bytes, *, verify_sig: bool = True) -> Tx:
+        known = self.mempool.get(tx_id)
         if known is not None and known.raw == raw:
             return known
         return txmod.decode(
@@ -184,7 +186,7 @@ class Executor:
         if found is None:
             # Decided by a quorum but not executed here (we missed the proposal, or block
             # sync brought it): its certificate is the authority, so execute it now.
-            txs = [self._decode(raw) for raw in block.txs]
+            txs = [self._decode(raw, i) for raw, i in zip(block.txs, block.tx_ids, strict=True)]
             ctx = self.context(block.header.height, block.header.time)
             found = (state.execute_block(self.chain.state, ctx, txs, self.chain.head.digest), txs)
         return found

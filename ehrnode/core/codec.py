@@ -162,4 +162,4 @@ def _diagnose(data: bytes) -> Value:
 
 def decode_trusted(data: bytes) -> Value:
     """Parse bytes this node wrote itself (its own state entries): no canonical check."""
-    return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=False)
+    return ormsgpack.unpackb(data)

@@ -283,8 +283,16 @@ def make(identity: crypto.Identity, chain: str, kind: str, nonce: int, body: dic
 _TOP_KEYS = {"v", "chain", "kind", "signer", "nonce", "body", "sig"}
 
 
-def decode(raw: bytes, *, max_bytes: int = DEFAULT_MAX_TX_BYTES, verify_sig: bool = True) -> Tx:
+def decode(
+    raw: bytes,
+    *,
+    max_bytes: int = DEFAULT_MAX_TX_BYTES,
+    verify_sig: bool = True,
+    tx_id: bytes | None = None,
+) -> Tx:
     """Parse and check a transaction's bytes: form, fields, body and signature.
+
+    ``tx_id``: the SHA-256 of ``raw`` when the caller has computed it already.
 
     The chain id is checked against the node's in ``core.state`` so that the error can
     name the right one.
@@ -330,7 +338,9 @@ def decode(raw: bytes, *, max_bytes: int = DEFAULT_MAX_TX_BYTES, verify_sig: boo
         raise InvalidTransaction(
             "signature does not verify for this signer and content", code="bad_signature"
         )
-    return Tx(chain, kind, signer, nonce, body, sig, bytes(raw), crypto.sha256(raw))
+    if tx_id is None:
+        tx_id = crypto.sha256(raw)
+    return Tx(chain, kind, signer, nonce, body, sig, bytes(raw), tx_id)
 
 
 def _signing_bytes_of(raw: bytes, sig: bytes) -> bytes:

@@ -113,10 +113,11 @@ class TxGossip:
     def _on_txs(self, peer: Peer, fields: dict[str, Any]) -> None:
         rejected = 0
         for raw in fields["txs"]:
-            if self.admission.known(crypto.sha256(raw)):
+            tx_id = crypto.sha256(raw)
+            if self.admission.known(tx_id):
                 continue  # a block brought it first: no second signature check
             try:
-                self.admission.submit(raw, relay=False, from_peer=True)
+                self.admission.submit(raw, relay=False, from_peer=True, tx_id=tx_id)
             except EhrError:
                 rejected += 1  # already pending, or raced with a commit: not the peer's fault
         if rejected:
