@@ -15,6 +15,7 @@ Nothing here is hand-rolled: we only compose libsodium's primitives. Pure: no I/
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -87,13 +88,21 @@ class Identity:
     def generate(cls) -> Identity:
         return cls(nacl.utils.random(32))
 
-    @property
+    # Derived once per identity (deriving the key pair from the seed is a scalar
+    # multiplication, as costly as a signature); kept out of pickles and comparisons.
+    @functools.cached_property
     def _signing_key(self) -> nacl.signing.SigningKey:
         return nacl.signing.SigningKey(self.seed)
 
-    @property
+    @functools.cached_property
     def public_key(self) -> bytes:
         return bytes(self._signing_key.verify_key)
+
+    def __getstate__(self) -> dict[str, bytes]:
+        return {"seed": self.seed}
+
+    def __setstate__(self, state: dict[str, bytes]) -> None:
+        object.__setattr__(self, "seed", state["seed"])
 
     @property
     def public_id(self) -> str:
@@ -117,12 +126,18 @@ class Identity:
 
 def wrap_key(data_key: bytes, recipient_public_key: bytes) -> bytes:
     """Seal ``data_key`` to the X25519 key derived from an ed25519 public key."""
+    return bytes(_sealed_box_to(recipient_public_key).encrypt(data_key))
+
+
+@functools.lru_cache(maxsize=4096)
+def _sealed_box_to(recipient_public_key: bytes) -> nacl.public.SealedBox[nacl.public.PublicKey]:
+    """A sealed box to an ed25519 key's X25519 twin (the conversion, a field inversion
+    and a point check, is done once per recipient rather than once per wrap)."""
     try:
         verify_key = nacl.signing.VerifyKey(recipient_public_key)
-        box = nacl.public.SealedBox(verify_key.to_curve25519_public_key())
+        return nacl.public.SealedBox(verify_key.to_curve25519_public_key())
     except (nacl.exceptions.CryptoError, TypeError, ValueError) as err:
         raise InvalidEncoding("the recipient is not a valid ed25519 public key") from err
-    return bytes(box.encrypt(data_key))
 
 
 def new_data_key() -> bytes:
