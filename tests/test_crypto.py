@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import pickle
 
 import pytest
 from helpers_core import identity
@@ -208,3 +209,27 @@ def test_full_envelope_reader_gets_plaintext_stranger_does_not() -> None:
     for key in wrapped.values():
         with pytest.raises(NotAuthorised):
             MALLORY.unwrap_key(key)
+
+
+def test_an_identity_pickles_as_its_seed_alone() -> None:
+    """Identities travel to worker processes; the derived key pair stays behind."""
+    me = crypto.Identity.generate()
+    signature = me.sign(b"", b"message")  # derives and keeps the key pair
+    copy = pickle.loads(pickle.dumps(me))
+    assert copy == me
+    assert copy.public_key == me.public_key
+    assert copy.sign(b"", b"message") == signature
+    assert len(pickle.dumps(me)) < 128  # seed only, no cached key objects
+
+
+def test_wrapping_to_the_same_recipient_twice_gives_different_wraps() -> None:
+    """The converted recipient key is reused; each wrap still has a fresh ephemeral key."""
+    reader = crypto.Identity.generate()
+    key = crypto.new_data_key()
+    first = crypto.wrap_key(key, reader.public_key)
+    second = crypto.wrap_key(key, reader.public_key)
+    assert first != second
+    assert reader.unwrap_key(first) == reader.unwrap_key(second) == key
+    for _ in range(2):  # a refused key is refused every time, not cached as accepted
+        with pytest.raises(InvalidEncoding):
+            crypto.wrap_key(key, b"\x00" * 31)
