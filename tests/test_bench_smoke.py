@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from ehrnode.bench import stages
 from ehrnode.bench.__main__ import KEYS
 
 pytestmark = pytest.mark.slow
@@ -34,3 +35,16 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert len(measured) == len(KEYS), f"smoke left figures unmeasured: {set(KEYS) - set(measured)}"
     assert figures["machine"]["cores"] >= 1
     assert "verify_per_s_per_core" in result.stdout  # the table went to stdout
+
+
+async def test_stage_timers_account_for_one_signature_check_per_node(tmp_path: Path) -> None:
+    """``python -m ehrnode.bench.stages``: the tool that says where a transaction's CPU
+    goes runs, and what it counts is the network's real work (each of the 4 validators
+    decodes each record once and checks its signature once)."""
+    report = await stages.measure(tmp_path, 40)
+    assert "us per tx per validator" in report
+    counts = {
+        line.split()[1]: int(line.split("(")[-1].split()[0]) for line in report.splitlines()[3:]
+    }
+    assert counts["ehrnode.core.tx.decode"] == 4 * 40
+    assert counts["Chain.commit"] >= 4  # each node committed at least one block

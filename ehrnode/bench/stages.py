@@ -1,0 +1,162 @@
+"""Where a transaction's CPU goes: a network of 4 validators in this one process, each
+stage of the transaction path wrapped in a timer.
+
+    python -m ehrnode.bench.stages [RECORDS]
+
+Prints the process's CPU per transaction per validator, and the time each stage took per
+transaction per validator (stages nest: a transaction's decoding includes its signature
+check). Sampling profilers mislead on this workload: they count threads waiting for a
+core as busy and cannot see LevelDB's own threads; these timers are exact, at the cost of
+about half a microsecond per wrapped call. Not part of ``scripts/bench``: a tool for
+finding what to optimise, not a figure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import shutil
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+
+from ehrnode import admission, mempool
+from ehrnode.bench import workload
+from ehrnode.bench.throughput import split_by_node
+from ehrnode.blobs import replication
+from ehrnode.consensus import execution
+from ehrnode.core import block, crypto, state
+from ehrnode.core import tx as txmod
+from ehrnode.p2p import gossip, messages
+from ehrnode.store import chain
+from ehrnode.testing import cluster, validator_identity, wait_for
+
+# (owner, attribute): the stages timed, in the order of a transaction's path.
+STAGES: list[tuple[Any, str]] = [
+    (gossip.TxGossip, "_on_txs"),
+    (admission.Admission, "submit"),
+    (txmod, "decode"),
+    (crypto, "verify"),
+    (admission.Admission, "admit"),
+    (mempool.Mempool, "add"),
+    (mempool.Mempool, "add_relayed"),
+    (messages, "encode"),
+    (messages, "decode"),
+    (gossip.ConsensusGossip, "_on_proposal"),
+    (block.Proposal, "from_wire"),
+    (block.Block, "decode"),
+    (execution.Executor, "build"),
+    (execution.Executor, "check"),
+    (state, "execute_block"),
+    (state, "digest_after"),
+    (chain.Chain, "commit"),
+    (mempool.Mempool, "update"),
+    (replication.Replication, "on_commit"),
+]
+
+
+class Timers:
+    def __init__(self) -> None:
+        self.seconds: defaultdict[str, float] = defaultdict(float)
+        self.calls: Counter[str] = Counter()
+        self._originals: list[tuple[Any, str, Any]] = []
+
+    def install(self) -> None:
+        for owner, name in STAGES:
+            original = getattr(owner, name)
+            label = f"{getattr(owner, '__name__', owner)}.{name}"
+            setattr(owner, name, self._timed(original, label))
+            self._originals.append((owner, name, original))
+
+    def remove(self) -> None:
+        for owner, name, original in reversed(self._originals):
+            setattr(owner, name, original)
+        self._originals.clear()
+
+    def _timed(self, fn: Callable[..., Any], label: str) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds[label] += time.perf_counter() - started
+                self.calls[label] += 1
+
+        return timed
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+
+async def measure(root: Path, records: int) -> str:
+    timers = Timers()
+    timers.install()
+    try:
+        async with cluster(root, 4) as nodes:
+            chain_id = nodes[0].genesis.chain_id
+            home = nodes[0].config.home
+            people = await workload.register_people(
+                nodes[0].rpc_url, chain_id, validator_identity(home), 16, 50
+            )
+            resources, source = workload.sample_resources(records)
+            work = workload.seal_and_sign(chain_id, people, workload.cycle(resources, records), {})
+            await workload.upload_blobs(
+                nodes[0].rpc_url, chain_id, people.providers[0], [b for b, _ in work]
+            )
+            raws = [raw for _, raw in work]
+            lanes = split_by_node(raws, len(nodes))
+            timers.reset()
+            cpu, wall = time.process_time(), time.perf_counter()
+            async with aiohttp.ClientSession() as http:
+
+                async def lane(i: int) -> None:
+                    for k in range(0, len(lanes[i]), 250):
+                        async with http.post(
+                            nodes[i].rpc_url + "/v1/txs/batch?mode=async",
+                            data=msgpack.packb(lanes[i][k : k + 250]),
+                            headers={"Content-Type": "application/msgpack"},
+                        ) as response:
+                            await response.read()
+
+                await asyncio.gather(*(lane(i) for i in range(len(nodes))))
+            last = [crypto.sha256(raw) for raw in raws[-50:]]
+            await wait_for(
+                lambda: all(n.chain.tx_location(t) is not None for n in nodes for t in last),
+                300,
+            )
+            cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    finally:
+        timers.remove()
+    per = len(raws) * 4
+    lines = [
+        f"{len(raws)} records ({source}); 4 validators in one process",
+        f"process CPU {cpu:.2f} s over {wall:.2f} s: {cpu / per * 1e6:.1f} us per tx per validator",
+        "us per tx per validator, by stage (nested stages include their parts):",
+    ]
+    for label, seconds in sorted(timers.seconds.items(), key=lambda item: -item[1]):
+        lines.append(f"{seconds / per * 1e6:8.1f}  {label} ({timers.calls[label]} calls)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    records = int(args[0]) if args else 6000
+    root = Path(tempfile.mkdtemp(prefix="ehr-stages-"))
+    try:
+        print(asyncio.run(measure(root, records)))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
