@@ -38,8 +38,9 @@ _SCALARS = (type(None), bool, int, str, bytes)
 _SORTED = ormsgpack.OPT_SORT_KEYS
 
 
-def _check_encodable(obj: Value, depth: int) -> None:
-    """Only the allowed types, str map keys, nesting within MAX_DEPTH (no copy made)."""
+def _check(obj: Value, depth: int) -> None:
+    """Only the allowed types (no float, no extension), str map keys, nesting within
+    MAX_DEPTH; the same walk for what is encoded and what was parsed (no copy made)."""
     kind = type(obj)
     if kind in _SCALARS:
         return
@@ -50,21 +51,21 @@ def _check_encodable(obj: Value, depth: int) -> None:
             if type(key) is not str:
                 raise InvalidEncoding(f"map keys must be strings, not {type(key).__name__}")
             if type(item) not in _SCALARS:
-                _check_encodable(item, depth + 1)
+                _check(item, depth + 1)
         return
     if kind is list or kind is tuple:
         for item in obj:
             if type(item) not in _SCALARS:
-                _check_encodable(item, depth + 1)
+                _check(item, depth + 1)
         return
     if isinstance(obj, _SCALARS) and not isinstance(obj, float):  # IntEnum, str subclasses
         return
-    raise InvalidEncoding(f"cannot encode a value of type {kind.__name__}")
+    raise InvalidEncoding(f"values of type {kind.__name__} are not allowed")
 
 
 def encode(obj: Value) -> bytes:
     """The canonical bytes of ``obj`` (dict keys sorted, shortest forms), its types checked."""
-    _check_encodable(obj, 0)
+    _check(obj, 0)
     return encode_trusted(obj)
 
 
@@ -94,22 +95,6 @@ def _sorted_pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def _check(obj: Value, depth: int) -> None:
-    """Nesting within MAX_DEPTH, and only the allowed types (no float, no timestamp)."""
-    kind = type(obj)
-    if kind is dict or kind is list:
-        if depth > MAX_DEPTH or (depth == MAX_DEPTH and obj):
-            raise InvalidEncoding(f"value nests deeper than {MAX_DEPTH} levels")
-        for item in obj.values() if kind is dict else obj:
-            item_kind = type(item)
-            if item_kind is dict or item_kind is list:
-                _check(item, depth + 1)
-            elif item_kind not in _SCALARS:
-                raise InvalidEncoding(f"values of type {item_kind.__name__} are not allowed")
-    elif kind not in _SCALARS:
-        raise InvalidEncoding(f"values of type {kind.__name__} are not allowed")
-
-
 def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Value:
     """Parse canonical msgpack, rejecting anything non-canonical or over the limits."""
     if not isinstance(data, bytes | bytearray | memoryview):
@@ -123,11 +108,7 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Value:
         obj = ormsgpack.unpackb(data)
     except Exception:  # ormsgpack raises ValueError/TypeError; the reference parser says why
         return _diagnose(data)
-    kind = type(obj)
-    if kind is dict or kind is list:
-        _check(obj, 0)
-    elif kind not in _SCALARS:
-        raise InvalidEncoding(f"values of type {kind.__name__} are not allowed")
+    _check(obj, 0)
     # Packing the parsed value with sorted keys gives the canonical bytes; any difference is
     # an unsorted or repeated key, a longer-than-shortest form, or trailing bytes.
     if ormsgpack.packb(obj, option=_SORTED) != data:
