@@ -1,8 +1,8 @@
 """Admission: how a transaction from a client or a peer gets into the mempool.
 
 Order of checks, cheapest first: size, form and signature (``core.tx.decode``); already
-committed or already pending; for a ``record``, its ciphertext blob must be held by this
-node with the declared size; then the state machine, on top of everything pending
+committed or already pending; for a ``record`` (or ``records``), each ciphertext blob must
+be held by this node with the declared size; then the state machine, on top of everything pending
 (``Mempool.add``). A transaction that passes wakes consensus and goes to the peers.
 
 Also keeps what a client asks about afterwards: recent rejections (bounded) and waiters for
@@ -88,18 +88,21 @@ class Admission:
             )
         if self.chain.tx_location(tx.id) is not None:
             raise Conflict("this transaction is already committed (a replay)", code="duplicate")
-        if tx.kind == "record" and not from_peer:
-            info = self.blobs.info(tx.body["blob"])
-            if info is None:
-                raise Conflict(
-                    "the record's ciphertext blob is not stored on this node; upload it first",
-                    code="blob_missing",
-                )
-            if info.size != tx.body["size"]:
-                raise InvalidTransaction(
-                    f"the record declares {tx.body['size']} bytes but its blob holds {info.size}",
-                    code="blob_size_mismatch",
-                )
+        if not from_peer:
+            for _, body in txmod.records_of(tx):
+                info = self.blobs.info(body["blob"])
+                if info is None:
+                    raise Conflict(
+                        f"the ciphertext blob {body['blob'].hex()[:16]}… of a record is not "
+                        "stored on this node; upload it first",
+                        code="blob_missing",
+                    )
+                if info.size != body["size"]:
+                    raise InvalidTransaction(
+                        f"a record declares {body['size']} bytes but its blob "
+                        f"{body['blob'].hex()[:16]}… holds {info.size}",
+                        code="blob_size_mismatch",
+                    )
         if from_peer:
             self.mempool.add_relayed(tx)
             self.wake()

@@ -317,3 +317,67 @@ async def test_put_without_waiting_returns_pending_then_commits(cast: Cast, node
     assert written.status == "pending" and written.height is None
     assert await node.admission.wait_committed(bytes.fromhex(written.id), timeout=10) is not None
     assert await cast.patient.read(written.id) == observation("async")
+
+
+async def test_put_many_writes_records_all_or_none_each_readable_and_provable(
+    cast: Cast, node: Node
+) -> None:
+    """A bundle's worth of resources in one ``records`` transaction: each record has its own
+    id, reads and proves like any other, and a standing grantee gets a key for each."""
+    await cast.patient.grant(cast.other.public_id, standing=True, types=["Condition"])
+    resources = [observation(f"Reading {i}", float(i)) for i in range(5)] + [CONDITION]
+    ids = await cast.doctor.put_many(cast.patient.public_id, resources)
+    assert len(set(ids)) == 6
+
+    listed = [r["id"] for r in await cast.patient.records()]
+    assert listed[-6:] == ids
+    txs = {(await cast.patient.record(rid))["tx"] for rid in ids}
+    assert len(txs) == 1 and txs.isdisjoint(ids)  # one transaction wrote them all
+    for rid, resource in zip(ids, resources, strict=True):
+        assert await cast.patient.read(rid) == resource
+        assert await cast.doctor.read(rid) == resource
+    assert await cast.other.read(ids[-1]) == CONDITION
+    with pytest.raises(NotAuthorised):
+        await cast.other.read(ids[0])
+    height = await cast.patient.verify(ids[2])
+    assert height == await cast.patient.verify(txs.pop())
+
+    # One record a rule refuses (its ciphertext names another record's blob) refuses all.
+    before = len(await cast.patient.records())
+    first = seal_record(cast.patient.public_key, observation("a"), {cast.patient.public_key})
+    taken = await cast.patient.record(ids[0])
+    reused = dict(first.body, blob=bytes.fromhex(taken["blob"]), size=taken["size"])
+    await cast.doctor.upload(first.blob)
+    with pytest.raises(InvalidTransaction) as caught:
+        await cast.doctor.submit("records", {"items": [first.body, reused]})
+    assert caught.value.code == "blob_in_use" and "record 1" in caught.value.message
+    assert len(await cast.patient.records()) == before
+
+
+async def test_a_records_transaction_needs_every_blob_uploaded_first(cast: Cast) -> None:
+    readers = {cast.patient.public_key}
+    uploaded = seal_record(cast.patient.public_key, observation("up"), readers)
+    missing = seal_record(cast.patient.public_key, observation("not up"), readers)
+    await cast.doctor.upload(uploaded.blob)
+    with pytest.raises(EhrError) as caught:
+        await cast.doctor.submit("records", {"items": [uploaded.body, missing.body]})
+    assert caught.value.code == "blob_missing"
+    assert missing.body["blob"].hex()[:16] in caught.value.message
+
+
+async def test_verify_refuses_a_record_the_named_transaction_did_not_write(
+    cast: Cast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = await cast.doctor.put_many(cast.patient.public_id, [observation("a"), observation("b")])
+    real = cast.patient.transport.get_json
+
+    async def lying(path: str, **kw: Any) -> Any:
+        reply = await real(path, **kw)
+        if path == f"/v1/records/{ids[0]}":
+            reply = dict(reply, item=1)  # the node claims the other item is this record
+        return reply
+
+    monkeypatch.setattr(cast.patient.transport, "get_json", lying)
+    with pytest.raises(EhrError) as caught:
+        await cast.patient.verify(ids[0])
+    assert caught.value.code == "bad_proof"

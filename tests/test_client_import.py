@@ -68,6 +68,11 @@ async def test_a_bundle_imports_and_reads_back_resource_by_resource(
             record_id = bundle["records"][entry["fullUrl"]]
             assert await client.read(record_id) == entry["resource"], entry["fullUrl"]
         assert len(await client.records()) == len(records)
+        # Each writer's records went up together: far fewer transactions than records.
+        views = [await client.record(bundle["records"][e["fullUrl"]]) for e in records]
+        by_tx = Counter(view["tx"] for view in views)
+        assert len(by_tx) < len(records) / 4
+        assert all(len({v["author"] for v in views if v["tx"] == t}) == 1 for t in by_tx)
         patient_account = await client.account()
         assert patient_account["role"] == "patient" and patient_account["name"] is None
 

@@ -88,6 +88,9 @@ async def test_kill_one_validator_and_it_catches_up(network: list[ProcessNode]) 
     async with Client(first.rpc_url, people["provider"]) as writer:
         for k in range(5):
             written.append(await writer.put(patient, {**NOTE, "id": f"while-down-{k}"}))
+        # and a bundle's worth in one records transaction
+        batch = [{**NOTE, "id": f"batch-{k}"} for k in range(3)]
+        batched = await writer.put_many(patient, batch)
     assert all(w.status == "committed" for w in written)
 
     restarted = start_process_node(second.home)
@@ -107,8 +110,8 @@ async def test_kill_one_validator_and_it_catches_up(network: list[ProcessNode]) 
         assert len(heads) == 1
 
         async def has_payloads() -> bool:
-            for w in written:
-                async with http.get(f"{restarted.rpc_url}/v1/records/{w.id}") as response:
+            for record_id in [w.id for w in written] + batched:
+                async with http.get(f"{restarted.rpc_url}/v1/records/{record_id}") as response:
                     blob = (await response.json())["blob"]
                 async with http.head(f"{restarted.rpc_url}/v1/blobs/{blob}") as response:
                     if response.status != 200:
@@ -119,6 +122,7 @@ async def test_kill_one_validator_and_it_catches_up(network: list[ProcessNode]) 
     # The grantee reads what was written while the node was down, through that node.
     async with Client(restarted.rpc_url, people["doctor"]) as doctor:
         assert await doctor.read(written[-1].id) == {**NOTE, "id": "while-down-4"}
+        assert [await doctor.read(record_id) for record_id in batched] == batch
 
 
 async def test_two_of_four_frozen_nothing_commits_then_it_goes_on(

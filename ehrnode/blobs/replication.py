@@ -33,6 +33,7 @@ from ehrnode.blobs.relay import BlobRelay
 from ehrnode.blobs.store import INLINE_MAX, BlobStore, parse_hash
 from ehrnode.consensus.driver import Committed
 from ehrnode.core import crypto, request
+from ehrnode.core import tx as txmod
 from ehrnode.core.errors import EhrError, InvalidEncoding, LimitExceeded, NotAuthorised, NotFound
 from ehrnode.p2p.switch import Peer, Switch
 from ehrnode.store.chain import Chain
@@ -91,11 +92,11 @@ class Replication:
         """At start: the missing list is written just after a commit, before the next block
         starts, so a crash in between can lose entries of the last block; look at its
         records again (two blocks for margin)."""
-        found = []
-        for record in chain.recent_txs("record", last_blocks):
-            blob = record["body"]["blob"]
-            if blob not in self.missing and not self.blobs.has(blob) and not self.erased(blob):
-                found.append(blob)
+        found: list[bytes] = []
+        for kind in ("record", "records"):
+            for stored in chain.recent_txs(kind, last_blocks):
+                blobs = txmod.blobs_of(kind, stored["body"])
+                found.extend(b for b in blobs if b not in self.missing and self._lacks(b))
         if found:
             self.missing.update(found)
             self.kv.write({T_MISSING + b: b"" for b in found}, sync=True)
@@ -245,16 +246,9 @@ class Replication:
         """A committed record whose blob we lack goes on the missing list."""
         new = []
         for tx in committed.txs:
-            if tx.kind != "record":
-                continue
-            blob = tx.body["blob"]
-            if (
-                blob not in self.missing
-                and blob not in self._incoming
-                and not self.blobs.has(blob)
-                and not self.erased(blob)
-            ):
-                new.append(blob)
+            for blob in txmod.blobs_of(tx.kind, tx.body):
+                if blob not in self.missing and blob not in self._incoming and self._lacks(blob):
+                    new.append(blob)
         if new:
             self.missing.update(new)
             self.kv.write({T_MISSING + b: b"" for b in new}, sync=False)
@@ -263,6 +257,10 @@ class Replication:
 
     def erased(self, blob: bytes) -> bool:
         return self.blobs.erased(blob)
+
+    def _lacks(self, blob: bytes) -> bool:
+        """Neither held here nor erased (so it should be fetched)."""
+        return not self.blobs.has(blob) and not self.erased(blob)
 
     # --- peers' messages --------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ehrnode.client.errors import InvalidEncoding, LimitExceeded, RecordErased
+from ehrnode.client.errors import InvalidEncoding, LimitExceeded, NotFound, RecordErased
 from ehrnode.client.values import KeyLike, Submitted, key_bytes, to_ms
 from ehrnode.client.verification import (
     AccessLogChecker,
@@ -143,9 +143,38 @@ async def verify(client: Client, tx_id: KeyLike) -> int:
     2/3 of the voting power of that height's validators signed. The set is trusted from
     genesis on: when it has changed since, each change is followed through the header
     before it (final under the set trusted so far), which names the next set's hash.
+
+    A record written by a ``records`` transaction is proved through that transaction: its
+    id must be ``record_id(tx id, item)`` and that item must name the record's blob.
     """
-    tid = key_bytes(tx_id, "transaction id")
+    tid = key_bytes(tx_id, "transaction or record id")
+    try:
+        raw = await client.transport.get_bytes(f"/v1/txs/{tid.hex()}/proof?format=msgpack")
+    except NotFound:
+        record = await client.transport.get_json(f"/v1/records/{tid.hex()}")
+        if record.get("item") is None:
+            raise
+        return await _verify_batched(client, tid, record)
+    return await _verify_raw(client, tid, raw)
+
+
+async def _verify_batched(client: Client, rid: bytes, record: dict[str, Any]) -> int:
+    tid, item = bytes.fromhex(record["tx"]), int(record["item"])
+    if tx.record_id(tid, item) != rid:
+        raise InvalidEncoding(
+            "the node names a transaction that did not write this record", code="bad_proof"
+        )
     raw = await client.transport.get_bytes(f"/v1/txs/{tid.hex()}/proof?format=msgpack")
+    height = await _verify_raw(client, tid, raw)
+    items = tx.decode(proof_header(raw).tx).body.get("items") or []
+    if item >= len(items) or items[item]["blob"].hex() != record["blob"]:
+        raise InvalidEncoding(
+            "the proven transaction does not hold this record's ciphertext", code="bad_proof"
+        )
+    return height
+
+
+async def _verify_raw(client: Client, tid: bytes, raw: bytes) -> int:
     if not raw:
         raise InvalidEncoding("the node sent an empty proof", code="bad_proof")
     height = proof_header(raw).header.height

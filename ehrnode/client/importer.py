@@ -11,7 +11,9 @@ Per bundle:
    a provider: the first practitioner the resource references, else the practitioner of
    its Encounter, else a provider of the bundle's first organization (else any provider
    of the bundle, else the patient). Records go up in batches: blobs in one request,
-   transactions in one ``/v1/txs/batch`` that waits for their commit.
+   each writer's records of the batch as one ``records`` transaction (all or none), the
+   transactions in one ``/v1/txs/batch``; the bundle's manifest is written once all of
+   them are committed.
 
 References may be ``urn:uuid:…`` fullUrls, ``Type/id`` or ``Type?identifier=system|value``.
 
@@ -36,7 +38,14 @@ from typing import Any
 
 from ehrnode.client.bundles import bundle_files as bundle_files
 from ehrnode.client.errors import InvalidResource
-from ehrnode.client.sdk import Client, SealedRecord, seal_record, standing_readers
+from ehrnode.client.sdk import (
+    Client,
+    SealedRecord,
+    batch_bodies,
+    record_ids,
+    seal_record,
+    standing_readers,
+)
 from ehrnode.core import tx
 from ehrnode.core.crypto import Identity
 from ehrnode.core.errors import ConfigError, EhrError, NotAuthorised
@@ -400,13 +409,14 @@ class Importer:
             todo.append(entry)
         grants = await self.client.grants(patient.public_key)
         pending: dict[str, str] = {}
+        sent: list[str] = []
         for start in range(0, len(todo), self.batch):
             chunk = todo[start : start + self.batch]
             writers = [self._writer(index, e["resource"], providers, default) for e in chunk]
-            await self._write(patient.public_key, chunk, writers, grants, result, pending)
+            await self._write(patient.public_key, chunk, writers, grants, result, pending, sent)
             self.progress(len(chunk))
         # Batches went in without waiting; the manifest names only what is committed.
-        await self.client.wait_committed(list(pending.values()))
+        await self.client.wait_committed(sent)
         result.records.update(pending)
         self._save_manifest(manifest_path, patient.public_id, result.records)
         return result
@@ -456,6 +466,7 @@ class Importer:
         grants: list[dict[str, Any]],
         result: BundleResult,
         pending: dict[str, str],
+        sent: list[str],
     ) -> None:
         jobs = []
         for entry, writer in zip(entries, writers, strict=True):
@@ -472,12 +483,27 @@ class Importer:
             raise InvalidResource(f"{result.file}: entry {entry_url(entries[position])}: {message}")
         sealed = outcome
         await self.client.upload_many([s.blob for s in sealed])
-        submitted = await self.client.submit_many(
-            [(w, "record", s.body) for w, s in zip(writers, sealed, strict=True)], wait=False
-        )
-        for entry, done in zip(entries, submitted, strict=True):
-            pending[entry_url(entry)] = done.id
-            result.counts[str(entry["resource"]["resourceType"])] += 1
+        # Each writer's records go up as one ``records`` transaction (or a few, within the
+        # size limit): one signature, nonce and mempool entry for many records.
+        by_writer: dict[bytes, list[int]] = {}
+        for position, writer in enumerate(writers):
+            by_writer.setdefault(writer.public_key, []).append(position)
+        txs: list[tuple[Identity, str, dict[str, Any]]] = []
+        owners: list[tuple[list[int], str]] = []
+        for positions in by_writer.values():
+            writer = writers[positions[0]]
+            start = 0
+            for kind, body, count in batch_bodies([sealed[p].body for p in positions]):
+                txs.append((writer, kind, body))
+                owners.append((positions[start : start + count], kind))
+                start += count
+        submitted = await self.client.submit_many(txs, wait=False)
+        for (positions, kind), done in zip(owners, submitted, strict=True):
+            ids = record_ids(kind, done.id, len(positions))
+            for position, rid in zip(positions, ids, strict=True):
+                pending[entry_url(entries[position])] = rid
+                result.counts[str(entries[position]["resource"]["resourceType"])] += 1
+            sent.append(done.id)
 
     @staticmethod
     def _load_manifest(path: Path, patient: str) -> dict[str, str]:

@@ -93,6 +93,41 @@ def record_body(
     return body
 
 
+# A records transaction's share of the 256 KiB transaction limit, estimated per record from
+# its wrapped keys (each pair about 120 bytes) so that no batch goes over.
+_BATCH_TX_BYTES = 128 * 1024
+
+
+def batch_bodies(bodies: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], int]]:
+    """Record bodies as few transactions as the limits allow, in order: (kind, body,
+    records). One record is a ``record``; more are ``records``, written all or none."""
+    groups: list[list[dict[str, Any]]] = []
+    size = 0
+    for body in bodies:
+        estimate = 160 + 120 * len(body["keys"])
+        if (
+            not groups
+            or len(groups[-1]) >= tx.MAX_RECORDS_PER_TX
+            or size + estimate > _BATCH_TX_BYTES
+        ):
+            groups.append([])
+            size = 0
+        groups[-1].append(body)
+        size += estimate
+    return [
+        ("record", group[0], 1) if len(group) == 1 else ("records", {"items": group}, len(group))
+        for group in groups
+    ]
+
+
+def record_ids(kind: str, tx_id: str, count: int) -> list[str]:
+    """The ids of the records a ``record`` or ``records`` transaction wrote."""
+    if kind == "record":
+        return [tx_id]
+    tid = bytes.fromhex(tx_id)
+    return [tx.record_id(tid, i).hex() for i in range(count)]
+
+
 def standing_readers(grants: list[dict[str, Any]], kind: str) -> set[bytes]:
     """Grantees a new record of ``kind`` must be wrapped to (the standing-grant rule)."""
     return {
@@ -276,6 +311,29 @@ class Client:
         await self.upload(sealed.blob)
         return await self.submit("record", sealed.body, wait=wait)
 
+    async def put_many(
+        self, patient_public_key: KeyLike, resources: list[dict[str, Any]], *, wait: bool = True
+    ) -> list[str]:
+        """Validate, encrypt and write many resources for the patient, in as few ``records``
+        transactions as the limits allow (each all or none); return the records' ids."""
+        patient = key_bytes(patient_public_key)
+        kinds = [fhir.validate(resource) for resource in resources]
+        grants = await self.grants(patient)
+        sealed = [
+            seal_record(
+                patient, r, {patient, self.public_key} | standing_readers(grants, k), kind=k
+            )
+            for r, k in zip(resources, kinds, strict=True)
+        ]
+        await self.upload_many([s.blob for s in sealed])
+        batches = batch_bodies([s.body for s in sealed])
+        done = await self.submit_many([(self.identity, k, b) for k, b, _ in batches], wait=wait)
+        return [
+            rid
+            for (kind, _, count), submitted in zip(batches, done, strict=True)
+            for rid in record_ids(kind, submitted.id, count)
+        ]
+
     async def upload(self, blob: bytes) -> None:
         await self.transport.put_blob(self.identity, crypto.sha256(blob), blob)
 
@@ -448,6 +506,7 @@ class Client:
         return await consent.audit(self)
 
     async def verify(self, tx_id: KeyLike) -> int:
+        """Check the inclusion proof of a transaction, or of the one that wrote a record."""
         return await consent.verify(self, tx_id)
 
 

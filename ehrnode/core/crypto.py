@@ -42,6 +42,7 @@ DOMAIN_ENDORSE = b"ehrnode/endorse/v1\x00"
 DOMAIN_REQUEST = b"ehrnode/request/v1\x00"
 DOMAIN_ACCESS = b"ehrnode/access/v1\x00"
 DOMAIN_PEER = b"ehrnode/peer/v1\x00"
+DOMAIN_RECORD = b"ehrnode/record/v1\x00"
 
 
 def sha256(data: bytes) -> bytes:

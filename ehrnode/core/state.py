@@ -11,7 +11,8 @@ except where the table says raw bytes.
     b"acct" + key(32)                      {"role", "nonce", "since", "name"?, "by"?, "nrec"}
     b"rec"  + record id(32)                {"patient", "author", "blob", "size", "type",
                                             "height", "root", "ver", "erased", "amends"?,
-                                            "erased_at"?, and on a root only: "head", "nver"}
+                                            "erased_at"?, on a root only: "head", "nver";
+                                            from a ``records`` transaction: "tx", "item"}
     b"prec" + patient(32) + seq(8, BE)     raw root record id: the patient's records, in order
     b"ver"  + root id(32) + seq(8, BE)     raw version id: the versions of one record, in order
     b"key"  + record id(32) + reader(32)   raw: the data key wrapped for that reader
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ehrnode.core import authority, crypto
+from ehrnode.core import tx as txmod
 from ehrnode.core.errors import InvalidTransaction
 from ehrnode.core.genesis import Genesis
 from ehrnode.core.statekv import (
@@ -213,7 +215,28 @@ def required_readers(
 
 
 def _record(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]) -> None:
-    body = tx.body
+    _write_record(scratch, ctx, tx, account, tx.id, tx.body)
+
+
+def _records(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]) -> None:
+    """Every record of the transaction, or none (the caller's scratch is dropped)."""
+    for index, body in enumerate(tx.body["items"]):
+        try:
+            _write_record(scratch, ctx, tx, account, txmod.record_id(tx.id, index), body, index)
+        except InvalidTransaction as err:
+            raise _reject(err.code, f"record {index}: {err.message}") from err
+
+
+def _write_record(
+    scratch: Overlay,
+    ctx: BlockContext,
+    tx: Tx,
+    account: dict[str, Any],
+    rid: bytes,
+    body: dict[str, Any],
+    index: int | None = None,
+) -> None:
+    """One record ``rid``; ``index``: its place in a ``records`` transaction."""
     patient = body["patient"]
     if account["role"] != "provider" and tx.signer != patient:
         raise _reject("not_provider", "only a provider or the patient may write a record")
@@ -239,7 +262,7 @@ def _record(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]
     # someone else's public blob hash) would delete the ciphertext of another.
     if scratch.get(P_BLOB + body["blob"]) is not None:
         raise _reject("blob_in_use", "that ciphertext already belongs to another record")
-    scratch.put(P_BLOB + body["blob"], tx.id)
+    scratch.put(P_BLOB + body["blob"], rid)
     entry: dict[str, Any] = {
         "patient": patient,
         "author": tx.signer,
@@ -249,14 +272,16 @@ def _record(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]
         "height": ctx.height,
         "erased": False,
     }
+    if index is not None:
+        entry.update(tx=tx.id, item=index)
     amends = body.get("amends")
     if amends is None:
-        entry.update(root=tx.id, ver=1, head=tx.id, nver=1)
+        entry.update(root=rid, ver=1, head=rid, nver=1)
         seq = patient_account["nrec"]
         patient_account["nrec"] = seq + 1
         save(scratch, P_ACCT + patient, patient_account)
-        scratch.put_new(seq_key(P_PREC, patient, seq), tx.id)
-        scratch.put_new(seq_key(P_VER, tx.id, 0), tx.id)
+        scratch.put_new(seq_key(P_PREC, patient, seq), rid)
+        scratch.put_new(seq_key(P_VER, rid, 0), rid)
     else:
         previous = load(scratch, P_REC + amends)
         if previous is None or previous["patient"] != patient:
@@ -273,14 +298,14 @@ def _record(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]
             raise _reject("type_mismatch", f"a new version must keep the type {previous['type']}")
         version = root["nver"] + 1
         entry.update(root=previous["root"], ver=version, amends=amends)
-        root.update(head=tx.id, nver=version)
-        if previous["root"] == tx.id:  # pragma: no cover - ids are unique
+        root.update(head=rid, nver=version)
+        if previous["root"] == rid:  # pragma: no cover - ids are unique
             raise _reject("unknown_record", "a record cannot amend itself")
         save(scratch, P_REC + previous["root"], root)
-        scratch.put_new(seq_key(P_VER, previous["root"], version - 1), tx.id)
-    save_new(scratch, P_REC + tx.id, entry)
+        scratch.put_new(seq_key(P_VER, previous["root"], version - 1), rid)
+    save_new(scratch, P_REC + rid, entry)
     for reader, wrapped in body["keys"]:
-        scratch.put_new(P_KEY + tx.id + reader, wrapped)
+        scratch.put_new(P_KEY + rid + reader, wrapped)
 
 
 def _grant(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]) -> None:
@@ -384,6 +409,7 @@ def _evidence(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, An
 
 _APPLY = {
     "record": _record,
+    "records": _records,
     "grant": _grant,
     "revoke": _revoke,
     "erase": _erase,

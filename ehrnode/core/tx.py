@@ -7,7 +7,9 @@ Byte form (canonical msgpack, see ``core.codec``), a map with exactly these keys
 
 - signing bytes = ``DOMAIN_TX || encode(the same map without "sig")``
 - id            = ``sha256(the transaction's bytes)``; it is the permanent identity of a
-  record, a grant, and so on.
+  record, a grant, and so on. A ``records`` transaction writes several records at once
+  (a FHIR transaction Bundle's worth, all or none); its i-th record's id is
+  ``record_id(tx id, i)``, as a Bitcoin output is named by its transaction and index.
 
 Each kind's body is described by ``BODY_SPECS`` below and in docs/protocol.md. A body may
 hold no key the spec does not name. What needs the chain's state (nonces, roles, grants)
@@ -30,12 +32,13 @@ MAX_NAME_CHARS = 200
 MAX_KEYS_PER_RECORD = 64
 MAX_RECORDS_PER_GRANT = 2000
 MAX_RECORDS_PER_ERASE = 256
+MAX_RECORDS_PER_TX = 256
 MAX_TYPES_PER_GRANT = 64
 MAX_BLOB_BYTES = 1 << 40  # 1 TiB: far above any attachment, far below int overflow
 MAX_NONCE = (1 << 63) - 1
 
 ROLES = ("patient", "provider", "institution")
-KINDS = ("register", "record", "grant", "revoke", "erase", "validator", "evidence")
+KINDS = ("register", "record", "records", "grant", "revoke", "erase", "validator", "evidence")
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}$")
 _CHAIN_ID = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
@@ -157,6 +160,17 @@ def _vote(name: str, value: Any) -> None:
 
 Spec = Mapping[str, tuple[bool, Check]]
 
+
+def _record_items(name: str, value: Any) -> None:
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_RECORDS_PER_TX:
+        raise _fail(name, f"must be a list of 1 to {MAX_RECORDS_PER_TX} record bodies")
+    for index, item in enumerate(value):
+        try:
+            check_body("record", item)
+        except InvalidTransaction as err:
+            raise InvalidTransaction(f"{name}[{index}]: {err.message}", code=err.code) from err
+
+
 BODY_SPECS: dict[str, Spec] = {
     "register": {
         "role": (True, _one_of(*ROLES)),
@@ -170,6 +184,9 @@ BODY_SPECS: dict[str, Spec] = {
         "type": (True, _text(64, _RESOURCE_TYPE)),
         "keys": (True, _pairs(MAX_KEYS_PER_RECORD)),
         "amends": (False, _bin(32)),
+    },
+    "records": {
+        "items": (True, _record_items),
     },
     "grant": {
         "grantee": (True, _bin(32)),
@@ -354,6 +371,30 @@ def _signing_bytes_of(raw: bytes, sig: bytes) -> bytes:
     at = raw.rindex(entry)
     assert raw[0] == 0x87, "a canonical transaction is a 7-entry fixmap"
     return crypto.DOMAIN_TX + b"\x86" + raw[1:at] + raw[at + len(entry) :]
+
+
+def record_id(tx_id: bytes, index: int) -> bytes:
+    """The id of the ``index``-th record of a ``records`` transaction."""
+    return crypto.sha256(crypto.DOMAIN_RECORD + tx_id + index.to_bytes(4, "big"))
+
+
+def records_of(tx: Tx) -> list[tuple[bytes, dict[str, Any]]]:
+    """The records a transaction writes, as (record id, record body): one for ``record``
+    (its id is the transaction's), each item for ``records``, none for other kinds."""
+    if tx.kind == "record":
+        return [(tx.id, tx.body)]
+    if tx.kind == "records":
+        return [(record_id(tx.id, i), item) for i, item in enumerate(tx.body["items"])]
+    return []
+
+
+def blobs_of(kind: str, body: dict[str, Any]) -> list[bytes]:
+    """The ciphertext blobs a transaction's records name (of a decoded or stored body)."""
+    if kind == "record":
+        return [body["blob"]]
+    if kind == "records":
+        return [item["blob"] for item in body["items"]]
+    return []
 
 
 def endorsement_bytes(chain: str, role: str, subject: bytes) -> bytes:

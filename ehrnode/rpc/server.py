@@ -23,6 +23,7 @@ from ehrnode.blobs.store import BlobStore
 from ehrnode.config import RpcConfig
 from ehrnode.consensus.driver import Driver
 from ehrnode.core import codec, crypto, state
+from ehrnode.core import tx as txmod
 from ehrnode.core.errors import (
     EhrError,
     InvalidEncoding,
@@ -197,7 +198,7 @@ class Api:
             return {}
         replication = self.replication
         held = self.admission.blobs.has
-        blobs = list({t.body["blob"] for t in txs if t.kind == "record" and held(t.body["blob"])})
+        blobs = list({b for t in txs for b in txmod.blobs_of(t.kind, t.body) if held(b)})
         if not blobs:
             return {}
         timeout = self.config.commit_timeout_s
@@ -207,8 +208,9 @@ class Api:
     def _admit_one(self, item: Tx | EhrError, short: dict[bytes, int]) -> Tx | EhrError:
         if isinstance(item, EhrError):
             return item
-        if item.kind == "record" and item.body["blob"] in short:
-            return self._replication_pending(short[item.body["blob"]])
+        for blob in txmod.blobs_of(item.kind, item.body):
+            if blob in short:
+                return self._replication_pending(short[blob])
         try:
             self.admission.admit(item)
         except EhrError as err:

@@ -94,6 +94,8 @@ def record_view(record_id: bytes, record: dict[str, Any]) -> dict[str, Any]:
         "amends": record["amends"].hex() if "amends" in record else None,
         "erased": record["erased"],
         "erased_at": record.get("erased_at"),
+        "tx": record.get("tx", record_id).hex(),
+        "item": record.get("item"),
     }
 
 

@@ -1,0 +1,144 @@
+"""``records``: many records in one transaction, each with its own id, all or none."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from helpers_core import CHAIN, World, fake_keys, identity, raw_tx
+
+from ehrnode.core import crypto, state, tx
+from ehrnode.core.errors import InvalidTransaction
+from ehrnode.core.state import P_KEY, P_PREC, P_REC, P_VER
+
+
+@pytest.fixture
+def w() -> World:
+    return World()
+
+
+def test_each_record_gets_its_own_id_in_order(w: World) -> None:
+    patient, provider = w.patient(1), w.provider(2)
+    w.record(provider, patient)  # an earlier single record keeps its place
+    keys = [crypto.new_data_key() for _ in range(3)]
+    items = [
+        w.record_body(provider, patient, type_=kind, data_key=key)
+        for kind, key in zip(("Condition", "Observation", "Encounter"), keys, strict=True)
+    ]
+    t = w.do(provider, "records", {"items": items})
+
+    ids = [tx.record_id(t.id, i) for i in range(3)]
+    assert len(set(ids)) == 3 and t.id not in ids
+    assert [rid for rid, _ in tx.records_of(t)] == ids
+    for index, (rid, item, key) in enumerate(zip(ids, items, keys, strict=True)):
+        entry = w.load(P_REC + rid)
+        assert entry["blob"] == item["blob"] and entry["type"] == item["type"]
+        assert entry["author"] == provider.public_key
+        assert (entry["root"], entry["head"], entry["ver"]) == (rid, rid, 1)
+        assert (entry["tx"], entry["item"]) == (t.id, index)
+        assert w.overlay.get(state.seq_key(P_PREC, patient.public_key, index + 1)) == rid
+        assert w.overlay.get(state.seq_key(P_VER, rid, 0)) == rid
+        assert patient.unwrap_key(w.overlay.get(P_KEY + rid + patient.public_key)) == key
+        assert w.overlay.get(state.P_BLOB + item["blob"]) == rid
+    assert w.account(patient)["nrec"] == 4
+    assert w.account(provider)["nonce"] == t.nonce  # one transaction, one nonce
+
+
+def _bad_items(w: World, fault: str) -> tuple[Any, Any, list[dict[str, Any]]]:
+    patient, provider, stranger = w.patient(1), w.provider(2), w.provider(3)
+    items = [w.record_body(provider, patient) for _ in range(3)]
+    if fault == "unknown patient":
+        items[2] = w.record_body(provider, identity(44))
+    elif fault == "stranger's key":
+        items[1] = w.record_body(provider, patient, readers=[stranger.public_key])
+    elif fault == "blob used twice":
+        items[2]["blob"] = items[0]["blob"]
+    elif fault == "standing grantee missing":
+        w.standing(patient, stranger, types=["Observation"])
+    return patient, provider, items
+
+
+@pytest.mark.parametrize(
+    ("fault", "code", "index"),
+    [
+        ("unknown patient", "unknown_patient", 2),
+        ("stranger's key", "unexpected_key_holder", 1),
+        ("blob used twice", "blob_in_use", 2),
+        ("standing grantee missing", "missing_grantee_key", 0),
+    ],
+)
+def test_one_bad_record_refuses_them_all(w: World, fault: str, code: str, index: int) -> None:
+    patient, provider, items = _bad_items(w, fault)
+    before = w.account(patient)["nrec"]
+    t = w.sign(provider, "records", {"items": items})
+    with pytest.raises(InvalidTransaction) as info:
+        state.apply_tx(w.overlay.child(), w.ctx, t)
+    assert info.value.code == code
+    assert info.value.message.startswith(f"record {index}: ")
+    assert w.rejects(t) == code  # and nothing of the good records stays behind
+    for rid, _ in tx.records_of(t):
+        assert w.load(P_REC + rid) is None
+    assert w.account(patient)["nrec"] == before
+
+
+def test_batched_records_are_amended_granted_erased_and_read_like_any(w: World) -> None:
+    patient, provider, gp = w.patient(1), w.provider(2), w.provider(3)
+    t = w.do(provider, "records", {"items": [w.record_body(provider, patient) for _ in range(2)]})
+    first, second = (rid for rid, _ in tx.records_of(t))
+    # an amendment (itself in a records transaction) of the first
+    again = w.do(provider, "records", {"items": [w.record_body(provider, patient, amends=first)]})
+    ((newer, _),) = tx.records_of(again)
+    assert w.load(P_REC + first)["head"] == newer
+    assert w.load(P_REC + newer)["ver"] == 2
+    # a listed grant of the second, then its erasure
+    assert not w.may_read(second, gp)
+    w.listed(patient, gp, [second])
+    assert w.may_read(second, gp)
+    w.do(patient, "erase", {"records": [second]})
+    assert w.load(P_REC + second)["erased"]
+    assert not w.may_read(second, gp)
+
+
+def _records_body(items: Any) -> dict[str, Any]:
+    return {"items": items}
+
+
+def _item(**changes: Any) -> dict[str, Any]:
+    patient = identity(1).public_key
+    body = {
+        "patient": patient,
+        "blob": bytes(32),
+        "size": 1,
+        "type": "Observation",
+        "keys": fake_keys([patient]),
+    }
+    body.update(changes)
+    return {k: v for k, v in body.items() if v is not None}
+
+
+@pytest.mark.parametrize(
+    ("items", "says"),
+    [
+        ([], "list of 1 to 256"),
+        ([_item()] * 257, "list of 1 to 256"),
+        ("not a list", "list of 1 to 256"),
+        ([_item(), _item(size=-1)], "items[1]: body field 'size'"),
+        ([_item(keys=fake_keys([identity(2).public_key]))], "items[0]: a record must wrap"),
+        ([_item(extra=1)], "items[0]: record body has unknown field(s): extra"),
+        ([_item(blob=None)], "items[0]: body field 'blob' is required"),
+    ],
+)
+def test_malformed_items_are_refused_naming_the_item(items: Any, says: str) -> None:
+    raw = raw_tx(identity(2), kind="records", nonce=2, body=_records_body(items))
+    with pytest.raises(InvalidTransaction) as info:
+        tx.decode(raw)
+    assert says in info.value.message
+
+
+def test_record_ids_depend_on_transaction_and_place() -> None:
+    a, b = crypto.sha256(b"a"), crypto.sha256(b"b")
+    assert tx.record_id(a, 0) != tx.record_id(a, 1)
+    assert tx.record_id(a, 0) != tx.record_id(b, 0)
+    expected = crypto.sha256(b"ehrnode/record/v1\x00" + a + (1).to_bytes(4, "big"))
+    assert tx.record_id(a, 1) == expected
+    assert tx.make(identity(2), CHAIN, "records", 1, {"items": [_item()]}).kind == "records"
