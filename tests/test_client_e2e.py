@@ -24,7 +24,7 @@ from ehrnode.client.errors import (
 )
 from ehrnode.client.sdk import seal_record
 from ehrnode.client.verification import AccessLogChecker, decode_entry, verify_proof
-from ehrnode.core import codec
+from ehrnode.core import codec, crypto
 from ehrnode.core.crypto import Identity
 from ehrnode.core.errors import EhrError
 from ehrnode.core.genesis import Genesis, ValidatorInfo
@@ -333,6 +333,11 @@ async def test_put_many_writes_records_all_or_none_each_readable_and_provable(
     assert listed[-6:] == ids
     txs = {(await cast.patient.record(rid))["tx"] for rid in ids}
     assert len(txs) == 1 and txs.isdisjoint(ids)  # one transaction wrote them all
+    # Its keys are wrapped from one ephemeral key made for this call, not one per key.
+    body = (await cast.patient.transport.get_json(f"/v1/txs/{next(iter(txs))}"))["tx"]["body"]
+    wraps = [bytes.fromhex(w) for item in body["items"] for _, w in item["keys"]]
+    assert {len(w) for w in wraps} == {crypto.BATCH_WRAPPED_KEY_BYTES}
+    assert len({w[:32] for w in wraps}) == 1 and len(wraps) == 6 * 2 + 1
     for rid, resource in zip(ids, resources, strict=True):
         assert await cast.patient.read(rid) == resource
         assert await cast.doctor.read(rid) == resource

@@ -156,7 +156,10 @@ def test_tampered_wrapped_key_does_not_open(position: int) -> None:
         BOB.unwrap_key(bytes(wrapped))
 
 
-@pytest.mark.parametrize("wrapped", [b"", b"x", bytes(47), bytes(crypto.WRAPPED_KEY_BYTES)])
+@pytest.mark.parametrize(
+    "wrapped",
+    [b"", b"x", bytes(47), bytes(crypto.WRAPPED_KEY_BYTES), bytes(crypto.BATCH_WRAPPED_KEY_BYTES)],
+)
 def test_garbage_wrapped_key_is_not_authorised(wrapped: bytes) -> None:
     with pytest.raises(NotAuthorised):
         BOB.unwrap_key(wrapped)
@@ -166,6 +169,36 @@ def test_garbage_wrapped_key_is_not_authorised(wrapped: bytes) -> None:
 def test_wrapping_to_an_invalid_public_key_is_an_encoding_error(recipient: bytes) -> None:
     with pytest.raises(InvalidEncoding):
         crypto.wrap_key(crypto.new_data_key(), recipient)
+    with pytest.raises(InvalidEncoding):
+        crypto.KeyWrapper().wrap(crypto.new_data_key(), recipient)
+
+
+def test_a_batch_wrapper_opens_for_each_recipient_only_with_a_fresh_nonce_each_time() -> None:
+    wrapper = crypto.KeyWrapper()
+    keys = [crypto.new_data_key() for _ in range(3)]
+    to_bob = [wrapper.wrap(key, BOB.public_key) for key in keys]
+    to_alice = [wrapper.wrap(key, ALICE.public_key) for key in keys]
+    for key, bob, alice in zip(keys, to_bob, to_alice, strict=True):
+        assert len(bob) == len(alice) == crypto.BATCH_WRAPPED_KEY_BYTES
+        assert BOB.unwrap_key(bob) == ALICE.unwrap_key(alice) == key
+        for wrong, wrapped in ((ALICE, bob), (BOB, alice), (MALLORY, bob)):
+            with pytest.raises(NotAuthorised):
+                wrong.unwrap_key(wrapped)
+    # One ephemeral key for the batch (the first 32 bytes), a new nonce for every wrap.
+    assert len({w[:32] for w in to_bob + to_alice}) == 1
+    assert len({w[32:56] for w in to_bob + to_alice}) == 6
+    again = wrapper.wrap(keys[0], BOB.public_key)
+    assert again != to_bob[0] and BOB.unwrap_key(again) == keys[0]
+    # Another batch, another ephemeral key.
+    assert crypto.KeyWrapper().wrap(keys[0], BOB.public_key)[:32] != to_bob[0][:32]
+
+
+@pytest.mark.parametrize("position", [0, 31, 32, 55, 56, 103])
+def test_tampered_batch_wrapped_key_does_not_open(position: int) -> None:
+    wrapped = bytearray(crypto.KeyWrapper().wrap(crypto.new_data_key(), BOB.public_key))
+    wrapped[position] ^= 0x40
+    with pytest.raises(NotAuthorised):
+        BOB.unwrap_key(bytes(wrapped))
 
 
 # --- sealing payloads ----------------------------------------------------------------------

@@ -134,6 +134,15 @@ def test_record_round_trip_property(
     assert decoded.body["keys"] == fake_keys([PATIENT, *readers])
 
 
+def test_record_keys_may_be_sealed_boxes_or_batch_wraps() -> None:
+    batch = crypto.KeyWrapper()
+    key = crypto.new_data_key()
+    keys = sorted([[PATIENT, batch.wrap(key, PATIENT)], [OTHER, crypto.wrap_key(key, OTHER)]])
+    made = tx.make(SIGNER, CHAIN, "record", 1, record_body(keys=keys))
+    assert [len(w) for _, w in tx.decode(made.raw).body["keys"]] == [len(w) for _, w in keys]
+    assert {len(w) for _, w in keys} == set(crypto.WRAPPED_KEY_SIZES)
+
+
 # --- malformed bodies --------------------------------------------------------------------
 
 MALFORMED_BODIES: dict[str, tuple[str, Any]] = {
@@ -173,6 +182,10 @@ MALFORMED_BODIES: dict[str, tuple[str, Any]] = {
         record_body(keys=[[PATIENT, bytes(WRAPPED)], [PATIENT, bytes(WRAPPED)]]),
     ),
     "record key wrong length": ("record", record_body(keys=[[PATIENT, bytes(WRAPPED - 1)]])),
+    "record key between the two forms": (
+        "record",
+        record_body(keys=[[PATIENT, bytes(crypto.BATCH_WRAPPED_KEY_BYTES - 1)]]),
+    ),
     "record key pair of three": (
         "record",
         record_body(keys=[[PATIENT, bytes(WRAPPED), b""]]),

@@ -39,11 +39,12 @@ LOG_PAGE = 1000
 async def rewrap(client: Client, record_ids: list[bytes], grantee: bytes) -> list[list[bytes]]:
     """[[record id, data key wrapped for grantee], ...] sorted by record id."""
     gate = asyncio.Semaphore(PARALLEL_READS)
+    wrapper = crypto.KeyWrapper()  # one key agreement with the grantee for the whole grant
 
     async def one(record_id: bytes) -> list[bytes]:
         async with gate:
             data_key = await client.data_key(record_id)
-        return [record_id, crypto.wrap_key(data_key, grantee)]
+        return [record_id, wrapper.wrap(data_key, grantee)]
 
     pairs = await asyncio.gather(*(one(r) for r in sorted(set(record_ids))))
     return list(pairs)

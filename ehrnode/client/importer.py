@@ -47,7 +47,7 @@ from ehrnode.client.sdk import (
     standing_readers,
 )
 from ehrnode.core import tx
-from ehrnode.core.crypto import Identity
+from ehrnode.core.crypto import Identity, KeyWrapper
 from ehrnode.core.errors import ConfigError, EhrError, NotAuthorised
 from ehrnode.keys import load_identity, save_identity
 
@@ -187,9 +187,10 @@ def _seal_all(
     """In a worker process: validate and seal each resource; (position, reason) for the
     first one that is not valid FHIR."""
     out = []
+    wrapper = KeyWrapper()  # one ephemeral key for this batch, gone with it
     for position, (patient, resource, readers) in enumerate(jobs):
         try:
-            out.append(seal_record(patient, resource, readers))
+            out.append(seal_record(patient, resource, readers, wrapper=wrapper))
         except InvalidResource as err:
             return position, str(err)
     return out

@@ -60,13 +60,16 @@ def seal_record(
     amends: bytes | None = None,
     *,
     kind: str | None = None,
+    wrapper: crypto.KeyWrapper | None = None,
 ) -> SealedRecord:
     """Validate (unless ``kind`` says the caller did), encrypt with a fresh data key and
-    wrap that key for each reader."""
+    wrap that key for each reader (with ``wrapper`` when sealing many records at once)."""
     kind = kind or fhir.validate(resource)
     data_key = crypto.new_data_key()
     blob = envelope.seal_resource(data_key, fhir.encode(resource))
-    body = record_body(patient, crypto.sha256(blob), len(blob), kind, data_key, readers, amends)
+    body = record_body(
+        patient, crypto.sha256(blob), len(blob), kind, data_key, readers, amends, wrapper
+    )
     return SealedRecord(blob, body)
 
 
@@ -78,9 +81,12 @@ def record_body(
     data_key: bytes,
     readers: Iterable[bytes],
     amends: bytes | None = None,
+    wrapper: crypto.KeyWrapper | None = None,
 ) -> dict[str, Any]:
-    """A record transaction's body: the data key wrapped for each reader, sorted by id."""
-    keys = [[reader, crypto.wrap_key(data_key, reader)] for reader in sorted(set(readers))]
+    """A record transaction's body: the data key wrapped for each reader, sorted by id (a
+    sealed box each, or a box from ``wrapper``'s ephemeral key)."""
+    wrap = crypto.wrap_key if wrapper is None else wrapper.wrap
+    keys = [[reader, wrap(data_key, reader)] for reader in sorted(set(readers))]
     body: dict[str, Any] = {
         "patient": patient,
         "blob": blob_hash,
@@ -319,10 +325,9 @@ class Client:
         patient = key_bytes(patient_public_key)
         kinds = [fhir.validate(resource) for resource in resources]
         grants = await self.grants(patient)
+        mine, wrapper = {patient, self.public_key}, crypto.KeyWrapper()
         sealed = [
-            seal_record(
-                patient, r, {patient, self.public_key} | standing_readers(grants, k), kind=k
-            )
+            seal_record(patient, r, mine | standing_readers(grants, k), kind=k, wrapper=wrapper)
             for r, k in zip(resources, kinds, strict=True)
         ]
         await self.upload_many([s.blob for s in sealed])

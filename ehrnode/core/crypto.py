@@ -8,7 +8,10 @@
   a NUL byte, so a signature made for one purpose never verifies for another.
 - Hashes are SHA-256.
 - A record's data key is a random 32-byte SecretBox key (XSalsa20-Poly1305); it is wrapped
-  for each reader with a SealedBox to the reader's X25519 key.
+  for each reader with a SealedBox to the reader's X25519 key (80 bytes), or, when many
+  keys are wrapped at once, with a crypto_box from one ephemeral key pair made for that
+  batch (104 bytes: ephemeral public key, nonce, box), which spares the two X25519
+  operations a SealedBox pays per wrap.
 
 Nothing here is hand-rolled: we only compose libsodium's primitives. Pure: no I/O.
 """
@@ -34,6 +37,9 @@ HASH_BYTES = 32
 DATA_KEY_BYTES = nacl.secret.SecretBox.KEY_SIZE
 # A SealedBox adds an ephemeral public key and a MAC to the 32-byte data key.
 WRAPPED_KEY_BYTES = DATA_KEY_BYTES + nacl.bindings.crypto_box_SEALBYTES
+# A batch wrap (KeyWrapper): the same ephemeral key, MAC and data key, plus the nonce.
+BATCH_WRAPPED_KEY_BYTES = WRAPPED_KEY_BYTES + nacl.public.Box.NONCE_SIZE
+WRAPPED_KEY_SIZES = (WRAPPED_KEY_BYTES, BATCH_WRAPPED_KEY_BYTES)
 
 DOMAIN_TX = b"ehrnode/tx/v1\x00"
 DOMAIN_VOTE = b"ehrnode/vote/v1\x00"
@@ -114,11 +120,16 @@ class Identity:
         return bytes(signed.signature)
 
     def unwrap_key(self, wrapped: bytes) -> bytes:
-        """Open a data key wrapped for this identity; NotAuthorised if it was not."""
+        """Open a data key wrapped for this identity (either form); NotAuthorised if it was
+        not."""
         private = self._signing_key.to_curve25519_private_key()
         try:
+            if len(wrapped) == BATCH_WRAPPED_KEY_BYTES:
+                sender = nacl.public.PublicKey(wrapped[:PUBLIC_KEY_BYTES])
+                box = nacl.public.Box(private, sender)
+                return bytes(box.decrypt(wrapped[PUBLIC_KEY_BYTES:]))
             return bytes(nacl.public.SealedBox(private).decrypt(wrapped))
-        except nacl.exceptions.CryptoError as err:
+        except (nacl.exceptions.CryptoError, ValueError, TypeError) as err:
             raise NotAuthorised("this key cannot open the wrapped data key") from err
 
     def __repr__(self) -> str:
@@ -132,13 +143,41 @@ def wrap_key(data_key: bytes, recipient_public_key: bytes) -> bytes:
 
 @functools.lru_cache(maxsize=4096)
 def _sealed_box_to(recipient_public_key: bytes) -> nacl.public.SealedBox[nacl.public.PublicKey]:
-    """A sealed box to an ed25519 key's X25519 twin (the conversion, a field inversion
-    and a point check, is done once per recipient rather than once per wrap)."""
+    return nacl.public.SealedBox(_x25519_of(recipient_public_key))
+
+
+@functools.lru_cache(maxsize=4096)
+def _x25519_of(recipient_public_key: bytes) -> nacl.public.PublicKey:
+    """An ed25519 key's X25519 twin (the conversion, a field inversion and a point check,
+    is done once per recipient rather than once per wrap)."""
     try:
-        verify_key = nacl.signing.VerifyKey(recipient_public_key)
-        return nacl.public.SealedBox(verify_key.to_curve25519_public_key())
+        return nacl.signing.VerifyKey(recipient_public_key).to_curve25519_public_key()
     except (nacl.exceptions.CryptoError, TypeError, ValueError) as err:
         raise InvalidEncoding("the recipient is not a valid ed25519 public key") from err
+
+
+class KeyWrapper:
+    """Wraps many data keys at once: ``crypto_box`` from one ephemeral X25519 key pair, made
+    here and never stored, to each reader, with a random nonce per wrap. The key agreement
+    with a reader is done once per batch instead of twice per wrap (a SealedBox makes a new
+    ephemeral key pair for every wrap): about 3 us a wrap instead of 53.
+
+    Use one per batch (an import batch, one ``put_many``, one grant) and drop it: whoever
+    held its private key could open every key it wrapped.
+    """
+
+    def __init__(self) -> None:
+        self._private = nacl.public.PrivateKey.generate()
+        self._public = bytes(self._private.public_key)
+        self._boxes: dict[bytes, nacl.public.Box] = {}
+
+    def wrap(self, data_key: bytes, recipient_public_key: bytes) -> bytes:
+        """``ephemeral public key || nonce || box(data_key)`` for an ed25519 public key."""
+        box = self._boxes.get(recipient_public_key)
+        if box is None:
+            recipient = _x25519_of(recipient_public_key)
+            box = self._boxes[recipient_public_key] = nacl.public.Box(self._private, recipient)
+        return self._public + bytes(box.encrypt(data_key))
 
 
 def new_data_key() -> bytes:

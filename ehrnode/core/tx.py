@@ -92,8 +92,11 @@ def _one_of(*choices: str) -> Check:
     return check
 
 
+_WRAP_SIZES = " or ".join(str(size) for size in crypto.WRAPPED_KEY_SIZES)
+
+
 def _pairs(max_items: int, min_items: int = 1) -> Check:
-    """[[bin32 key, bin wrapped-key], ...] sorted by key, keys unique."""
+    """[[bin32 key, bin80 or bin104 wrapped key], ...] sorted by key, keys unique."""
 
     def check(name: str, value: Any) -> None:
         if not isinstance(value, list) or not min_items <= len(value) <= max_items:
@@ -106,11 +109,9 @@ def _pairs(max_items: int, min_items: int = 1) -> Check:
                 or not isinstance(item[0], bytes)
                 or len(item[0]) != 32
                 or not isinstance(item[1], bytes)
-                or len(item[1]) != crypto.WRAPPED_KEY_BYTES
+                or len(item[1]) not in crypto.WRAPPED_KEY_SIZES
             ):
-                raise _fail(
-                    name, f"must hold [32-byte id, {crypto.WRAPPED_KEY_BYTES}-byte key] pairs"
-                )
+                raise _fail(name, f"must hold [32-byte id, {_WRAP_SIZES}-byte key] pairs")
             if item[0] <= previous:
                 raise _fail(name, "must be sorted by id with no id twice")
             previous = item[0]
