@@ -19,6 +19,7 @@ LevelDB drops the bytes from its files too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -37,6 +38,7 @@ T_META = b"O"
 T_INLINE = b"P"
 T_TOMBSTONE = b"X"
 INLINE_MAX = 64 * 1024
+WRITE_BACK_BYTES = 32 * 1024 * 1024  # a large blob goes to disk as it arrives, in steps
 DEFAULT_MAX_BLOB_BYTES = 8 * 1024**3
 
 
@@ -138,6 +140,7 @@ class BlobStore:
                 return found
         digest = hashlib.sha256()
         size = 0
+        written_back = 0
         head = bytearray()
         tmp_path = self._tmp / secrets.token_hex(16)
         handle = None
@@ -157,6 +160,8 @@ class BlobStore:
                     handle.write(head)
                     head.clear()
                 handle.write(chunk)
+                if size - written_back >= WRITE_BACK_BYTES:
+                    written_back = _start_write_back(handle, written_back, size)
             blob_hash = digest.digest()
             if expected is not None and blob_hash != expected:
                 raise Conflict(
@@ -226,6 +231,17 @@ class BlobStore:
         if compact is not None:
             compact(T_INLINE + blob_hash, T_INLINE + blob_hash + b"\xff")
         return True
+
+
+def _start_write_back(handle: io.BufferedWriter, start: int, end: int) -> int:
+    """Ask the kernel to start writing ``start``..``end`` of the file to disk now, without
+    waiting (Linux starts write-back for POSIX_FADV_DONTNEED on dirty pages): without it a
+    large upload sits in the page cache and the final fsync writes it all at once, with
+    every replica doing the same at the same moment. Returns ``end``."""
+    handle.flush()
+    with contextlib.suppress(OSError, AttributeError):
+        os.posix_fadvise(handle.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
+    return end
 
 
 def _fsync_dir(path: Path) -> None:
