@@ -22,7 +22,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import aiohttp
@@ -140,26 +140,34 @@ class Replication:
             found.add(self.me)
         return sorted(found)
 
-    async def wait_quorum(self, blob: bytes, timeout: float) -> int:
-        """Wait until ``quorum`` nodes hold ``blob`` (or ``timeout``); return how many do."""
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            count = len(self.replicas(blob))
-            remaining = deadline - asyncio.get_running_loop().time()
-            if count >= self.quorum or remaining <= 0:
-                return count
+    async def wait_quorum(self, blobs: list[bytes], timeout: float) -> list[int]:
+        """Wait until ``quorum`` nodes hold each of ``blobs`` (or ``timeout``); return how
+        many hold each. One waiter for the whole batch, woken by news of any of its blobs
+        (a task per blob cost a batch upload's node a tenth of its CPU)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        short = self._short(set(blobs))
+        while short and (remaining := deadline - loop.time()) > 0:
             event = asyncio.Event()
-            self._waiters.setdefault(blob, []).append(event)
+            for blob in short:
+                self._waiters.setdefault(blob, []).append(event)
             try:
                 await asyncio.wait_for(event.wait(), remaining)
             except TimeoutError:
-                return len(self.replicas(blob))
+                pass
             finally:
-                waiters = self._waiters.get(blob, [])
-                if event in waiters:
-                    waiters.remove(event)
-                if not waiters:
-                    self._waiters.pop(blob, None)
+                for blob in short:
+                    waiters = self._waiters.get(blob, [])
+                    if event in waiters:
+                        waiters.remove(event)
+                    if not waiters:
+                        self._waiters.pop(blob, None)
+            short = self._short(short)
+        return [len(self.replicas(blob)) for blob in blobs]
+
+    def _short(self, blobs: Iterable[bytes]) -> list[bytes]:
+        quorum = self.quorum
+        return [blob for blob in blobs if len(self.replicas(blob)) < quorum]
 
     def _wake(self, blob: bytes) -> None:
         for event in self._waiters.get(blob, []):

@@ -7,7 +7,6 @@ identity, reads from the patient, the record's author or a grantee in force.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -167,7 +166,7 @@ class ContentApi:
         replication = self.replication
         replication.stored(hashes)
         timeout = self.config.commit_timeout_s
-        counts = await asyncio.gather(*(replication.wait_quorum(h, timeout) for h in hashes))
+        counts = await replication.wait_quorum(hashes, timeout)
         return [
             {"replicas": n, "quorum": replication.quorum, "durable": n >= replication.quorum}
             for n in counts

@@ -202,7 +202,7 @@ class Api:
         if not blobs:
             return {}
         timeout = self.config.commit_timeout_s
-        counts = await asyncio.gather(*(replication.wait_quorum(b, timeout) for b in blobs))
+        counts = await replication.wait_quorum(blobs, timeout)
         return {b: n for b, n in zip(blobs, counts, strict=True) if n < replication.quorum}
 
     def _admit_one(self, item: Tx | EhrError, short: dict[bytes, int]) -> Tx | EhrError:

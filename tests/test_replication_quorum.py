@@ -1,0 +1,60 @@
+"""The write quorum: a batch of blobs waits until enough validators hold each of them."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
+from ehrnode.blobs.replication import Replication
+from ehrnode.blobs.store import BlobStore
+from ehrnode.core import crypto
+from ehrnode.store.db import MemoryKV
+
+ME, P1, P2, P3 = (bytes([n]) * 32 for n in range(4))
+
+
+def replication(tmp_path: Path, quorum: int) -> Replication:
+    switch = SimpleNamespace(me=ME, handlers={}, routes=[], on_connect=[], peers={})
+    kv = MemoryKV()
+    return Replication(
+        switch,  # type: ignore[arg-type]
+        BlobStore(tmp_path / "blobs", kv),
+        kv,
+        quorum=lambda: quorum,
+        replicate=False,
+    )
+
+
+def announce(r: Replication, peer: bytes, *blobs: bytes) -> None:
+    r._on_have(SimpleNamespace(key=peer), {"hashes": list(blobs)})  # type: ignore[arg-type]
+
+
+async def test_a_batch_waits_for_the_quorum_of_every_blob(tmp_path: Path) -> None:
+    r = replication(tmp_path, quorum=3)
+    [a] = r.blobs.put_many([b"held here"])
+    b = crypto.sha256(b"held elsewhere")
+    waiting = asyncio.create_task(r.wait_quorum([a, b], 30))
+    announce(r, P1, a, b)
+    announce(r, P2, a)
+    await asyncio.sleep(0)
+    assert not waiting.done()  # a has 3 holders (this node, P1, P2), b only 2
+    announce(r, P2, b)
+    announce(r, P3, b)
+    assert await asyncio.wait_for(waiting, 5) == [3, 3]
+    assert r._waiters == {}  # nothing left registered
+
+
+async def test_a_batch_short_of_the_quorum_returns_the_counts_at_the_timeout(
+    tmp_path: Path,
+) -> None:
+    r = replication(tmp_path, quorum=2)
+    [a] = r.blobs.put_many([b"only here"])
+    [c] = r.blobs.put_many([b"also with a peer"])
+    announce(r, P1, c)
+    assert await r.wait_quorum([a, c], 0.05) == [1, 2]
+    assert r._waiters == {}
+    # a holder that is not a validator does not count
+    r.is_validator = lambda key: key != P2
+    announce(r, P2, a)
+    assert await r.wait_quorum([a], 0.05) == [1]
