@@ -89,7 +89,7 @@ class Admission:
         if self.chain.tx_location(tx.id) is not None:
             raise Conflict("this transaction is already committed (a replay)", code="duplicate")
         if not from_peer:
-            for _, body in txmod.records_of(tx):
+            for body in txmod.record_bodies(tx.kind, tx.body):
                 info = self.blobs.info(body["blob"])
                 if info is None:
                     raise Conflict(

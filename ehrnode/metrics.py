@@ -18,6 +18,11 @@ class NodeMetrics:
         self.txs = Counter(
             "ehr_txs_committed", "Transactions committed", ["kind"], registry=self.registry
         )
+        self.records = Counter(
+            "ehr_records_written",
+            "Records written (one per record transaction, one per item of a records one)",
+            registry=self.registry,
+        )
         self.mempool = Gauge("ehr_mempool_txs", "Transactions pending", registry=self.registry)
         self.peers = Gauge("ehr_peers_connected", "Peers connected", registry=self.registry)
 
@@ -25,10 +30,14 @@ class NodeMetrics:
         self.height.set(committed.block.header.height)
         self.blocks.inc()
         kinds: dict[str, int] = {}
+        records = 0
         for tx in committed.txs:
             kinds[tx.kind] = kinds.get(tx.kind, 0) + 1
+            if tx.kind == "records":
+                records += len(tx.body["items"])
         for kind, count in kinds.items():
             self.txs.labels(kind).inc(count)
+        self.records.inc(records + kinds.get("record", 0))
 
     def render(self) -> bytes:
         data: bytes = generate_latest(self.registry)

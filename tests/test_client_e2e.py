@@ -386,3 +386,21 @@ async def test_verify_refuses_a_record_the_named_transaction_did_not_write(
     with pytest.raises(EhrError) as caught:
         await cast.patient.verify(ids[0])
     assert caught.value.code == "bad_proof"
+
+
+async def test_metrics_count_transactions_by_kind_and_records_one_by_one(
+    cast: Cast, node: Node
+) -> None:
+    async def metric(name: str) -> float:
+        text = (await cast.patient.transport.get_bytes("/metrics")).decode()
+        found = [line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")]
+        return float(found[0]) if found else 0.0
+
+    records = await metric("ehr_records_written_total")
+    batches = await metric('ehr_txs_committed_total{kind="records"}')
+    await cast.doctor.put_many(cast.patient.public_id, [observation("a"), observation("b")])
+    await cast.doctor.put(cast.patient.public_id, observation("c"))
+    assert await metric("ehr_records_written_total") == records + 3
+    assert await metric('ehr_txs_committed_total{kind="records"}') == batches + 1
+    assert await metric('ehr_txs_committed_total{kind="record"}') >= 1
+    assert await metric("ehr_chain_height") == node.chain.head.height

@@ -379,23 +379,21 @@ def record_id(tx_id: bytes, index: int) -> bytes:
     return crypto.sha256(crypto.DOMAIN_RECORD + tx_id + index.to_bytes(4, "big"))
 
 
-def records_of(tx: Tx) -> list[tuple[bytes, dict[str, Any]]]:
-    """The records a transaction writes, as (record id, record body): one for ``record``
-    (its id is the transaction's), each item for ``records``, none for other kinds."""
-    if tx.kind == "record":
-        return [(tx.id, tx.body)]
-    if tx.kind == "records":
-        return [(record_id(tx.id, i), item) for i, item in enumerate(tx.body["items"])]
+def record_bodies(kind: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The record bodies a transaction writes (of a decoded or stored body): its body for
+    ``record``, its items for ``records`` (record i is ``record_id(tx id, i)``), none for
+    other kinds."""
+    if kind == "record":
+        return [body]
+    if kind == "records":
+        items: list[dict[str, Any]] = body["items"]
+        return items
     return []
 
 
 def blobs_of(kind: str, body: dict[str, Any]) -> list[bytes]:
-    """The ciphertext blobs a transaction's records name (of a decoded or stored body)."""
-    if kind == "record":
-        return [body["blob"]]
-    if kind == "records":
-        return [item["blob"] for item in body["items"]]
-    return []
+    """The ciphertext blobs a transaction's records name."""
+    return [record["blob"] for record in record_bodies(kind, body)]
 
 
 def endorsement_bytes(chain: str, role: str, subject: bytes) -> bytes:
