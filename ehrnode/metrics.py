@@ -6,6 +6,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from ehrnode.consensus.driver import Committed
+from ehrnode.core.tx import record_bodies
 
 
 class NodeMetrics:
@@ -33,11 +34,10 @@ class NodeMetrics:
         records = 0
         for tx in committed.txs:
             kinds[tx.kind] = kinds.get(tx.kind, 0) + 1
-            if tx.kind == "records":
-                records += len(tx.body["items"])
+            records += len(record_bodies(tx.kind, tx.body))
         for kind, count in kinds.items():
             self.txs.labels(kind).inc(count)
-        self.records.inc(records + kinds.get("record", 0))
+        self.records.inc(records)
 
     def render(self) -> bytes:
         data: bytes = generate_latest(self.registry)

@@ -38,7 +38,7 @@ async def test_a_batch_waits_for_the_quorum_of_every_blob(tmp_path: Path) -> Non
     announce(r, P1, a, b)
     announce(r, P2, a)
     await asyncio.sleep(0)
-    assert not waiting.done()  # a has 3 holders (this node, P1, P2), b only 2
+    assert not waiting.done()  # a has 3 holders (this node, P1, P2), b only P1
     announce(r, P2, b)
     announce(r, P3, b)
     assert await asyncio.wait_for(waiting, 5) == [3, 3]

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from helpers_core import CHAIN, World, fake_keys, identity, raw_tx
+from helpers_core import World, fake_keys, identity, raw_tx
 
 from ehrnode.core import crypto, state, tx
 from ehrnode.core.errors import InvalidTransaction
 from ehrnode.core.state import P_KEY, P_PREC, P_REC, P_VER
+from ehrnode.mempool import Mempool
 
 
 @pytest.fixture
@@ -141,4 +142,23 @@ def test_record_ids_depend_on_transaction_and_place() -> None:
     assert tx.record_id(a, 0) != tx.record_id(b, 0)
     expected = crypto.sha256(b"ehrnode/record/v1\x00" + a + (1).to_bytes(4, "big"))
     assert tx.record_id(a, 1) == expected
-    assert tx.make(identity(2), CHAIN, "records", 1, {"items": [_item()]}).kind == "records"
+
+
+def test_a_refused_records_transaction_leaves_nothing_pending(w: World) -> None:
+    """The mempool applies a transaction on a scratch overlay too: none of the good items
+    of a refused ``records`` transaction become part of what later ones are checked on."""
+    patient, provider = w.patient(1), w.provider(2)
+    w.commit()
+    mempool = Mempool(w.base, lambda: w.ctx)
+    good = w.record_body(provider, patient)
+    bad = w.record_body(provider, identity(44))  # not a registered patient
+    t = w.sign(provider, "records", {"items": [good, bad]})
+    with pytest.raises(InvalidTransaction) as info:
+        mempool.add(t)
+    assert info.value.code == "unknown_patient"
+    assert len(mempool) == 0 and t.id not in mempool
+    assert mempool.check_state.get(state.P_BLOB + good["blob"]) is None
+    assert mempool.check_state.get(P_REC + tx.record_id(t.id, 0)) is None
+    # and the same good item goes in on its own afterwards, with the same nonce
+    again = w.sign(provider, "records", {"items": [good]}, nonce=t.nonce)
+    assert mempool.add(again) == [again]

@@ -139,8 +139,20 @@ def test_record_keys_may_be_sealed_boxes_or_batch_wraps() -> None:
     key = crypto.new_data_key()
     keys = sorted([[PATIENT, batch.wrap(key, PATIENT)], [OTHER, crypto.wrap_key(key, OTHER)]])
     made = tx.make(SIGNER, CHAIN, "record", 1, record_body(keys=keys))
-    assert [len(w) for _, w in tx.decode(made.raw).body["keys"]] == [len(w) for _, w in keys]
-    assert {len(w) for _, w in keys} == set(crypto.WRAPPED_KEY_SIZES)
+    assert tx.decode(made.raw).body["keys"] == keys
+
+
+def test_a_grant_takes_sealed_boxes_only() -> None:
+    """2,000 batch wraps would not fit a transaction: a grant carries sealed boxes."""
+    key = crypto.new_data_key()
+    record = crypto.sha256(b"a record")
+    body = {"grantee": OTHER, "scope": "records"}
+    sealed = [[record, crypto.wrap_key(key, OTHER)]]
+    assert tx.decode(tx.make(SIGNER, CHAIN, "grant", 1, {**body, "records": sealed}).raw)
+    batch = [[record, crypto.KeyWrapper().wrap(key, OTHER)]]
+    with pytest.raises(InvalidTransaction) as info:
+        tx.make(SIGNER, CHAIN, "grant", 1, {**body, "records": batch})
+    assert "80-byte key" in info.value.message
 
 
 # --- malformed bodies --------------------------------------------------------------------

@@ -33,7 +33,7 @@ class Eraser:
         the next block starts, so only the last block can have any left undone; two for
         margin)."""
         removed = 0
-        for erase in self.chain.recent_txs("erase", last_blocks):
+        for erase in self.chain.recent_txs(("erase",), last_blocks):
             for record_id in erase["body"]["records"]:
                 record = self.chain.load_state(state.P_REC + record_id)
                 if record is not None and self.blobs.delete(record["blob"]):

@@ -93,10 +93,9 @@ class Replication:
         starts, so a crash in between can lose entries of the last block; look at its
         records again (two blocks for margin)."""
         found: list[bytes] = []
-        for kind in ("record", "records"):
-            for stored in chain.recent_txs(kind, last_blocks):
-                blobs = txmod.blobs_of(kind, stored["body"])
-                found.extend(b for b in blobs if b not in self.missing and self._lacks(b))
+        for stored in chain.recent_txs(("record", "records"), last_blocks):
+            blobs = txmod.blobs_of(stored["kind"], stored["body"])
+            found.extend(b for b in blobs if b not in self.missing and self._lacks(b))
         if found:
             self.missing.update(found)
             self.kv.write({T_MISSING + b: b"" for b in found}, sync=True)

@@ -161,7 +161,8 @@ class BlobStore:
                     head.clear()
                 handle.write(chunk)
                 if size - written_back >= WRITE_BACK_BYTES:
-                    written_back = _start_write_back(handle, written_back, size)
+                    await self.kv.run(_start_write_back, handle, written_back, size)
+                    written_back = size
             blob_hash = digest.digest()
             if expected is not None and blob_hash != expected:
                 raise Conflict(
@@ -233,15 +234,14 @@ class BlobStore:
         return True
 
 
-def _start_write_back(handle: io.BufferedWriter, start: int, end: int) -> int:
-    """Ask the kernel to start writing ``start``..``end`` of the file to disk now, without
-    waiting (Linux starts write-back for POSIX_FADV_DONTNEED on dirty pages): without it a
-    large upload sits in the page cache and the final fsync writes it all at once, with
-    every replica doing the same at the same moment. Returns ``end``."""
+def _start_write_back(handle: io.BufferedWriter, start: int, end: int) -> None:
+    """Ask the kernel to start writing ``start``..``end`` of the file to disk now (Linux
+    starts write-back for POSIX_FADV_DONTNEED on dirty pages; it may block while it queues
+    the I/O, so it runs on a worker thread): without it a large upload sits in the page
+    cache and the final fsync writes it all at once, on every replica at the same moment."""
     handle.flush()
     with contextlib.suppress(OSError, AttributeError):
         os.posix_fadvise(handle.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
-    return end
 
 
 def _fsync_dir(path: Path) -> None:

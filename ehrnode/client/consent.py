@@ -39,12 +39,11 @@ LOG_PAGE = 1000
 async def rewrap(client: Client, record_ids: list[bytes], grantee: bytes) -> list[list[bytes]]:
     """[[record id, data key wrapped for grantee], ...] sorted by record id."""
     gate = asyncio.Semaphore(PARALLEL_READS)
-    wrapper = crypto.KeyWrapper()  # one key agreement with the grantee for the whole grant
 
     async def one(record_id: bytes) -> list[bytes]:
         async with gate:
             data_key = await client.data_key(record_id)
-        return [record_id, wrapper.wrap(data_key, grantee)]
+        return [record_id, crypto.wrap_key(data_key, grantee)]
 
     pairs = await asyncio.gather(*(one(r) for r in sorted(set(record_ids))))
     return list(pairs)
@@ -160,15 +159,23 @@ async def verify(client: Client, tx_id: KeyLike) -> int:
 
 
 async def _verify_batched(client: Client, rid: bytes, record: dict[str, Any]) -> int:
-    tid, item = bytes.fromhex(record["tx"]), int(record["item"])
+    named, item = record.get("tx"), record.get("item")
+    try:
+        tid = bytes.fromhex(named) if isinstance(named, str) else b""
+    except ValueError:
+        tid = b""
+    if len(tid) != 32 or type(item) is not int or not 0 <= item < tx.MAX_RECORDS_PER_TX:
+        raise InvalidEncoding("the node's record names no transaction and place", code="bad_proof")
     if tx.record_id(tid, item) != rid:
         raise InvalidEncoding(
             "the node names a transaction that did not write this record", code="bad_proof"
         )
     raw = await client.transport.get_bytes(f"/v1/txs/{tid.hex()}/proof?format=msgpack")
     height = await _verify_raw(client, tid, raw)
-    items = tx.decode(proof_header(raw).tx).body.get("items") or []
-    if item >= len(items) or items[item]["blob"].hex() != record["blob"]:
+    # The proof checked out, so these are the bytes of the transaction with that id.
+    proven = tx.decode(proof_header(raw).tx, verify_sig=False)
+    items = proven.body.get("items") or []
+    if item >= len(items) or items[item]["blob"].hex() != record.get("blob"):
         raise InvalidEncoding(
             "the proven transaction does not hold this record's ciphertext", code="bad_proof"
         )
@@ -178,9 +185,10 @@ async def _verify_batched(client: Client, rid: bytes, record: dict[str, Any]) ->
 async def _verify_raw(client: Client, tid: bytes, raw: bytes) -> int:
     if not raw:
         raise InvalidEncoding("the node sent an empty proof", code="bad_proof")
-    height = proof_header(raw).header.height
+    header = proof_header(raw).header
+    height = header.height
     powers: dict[bytes, int] = dict(client.genesis.powers)
-    if proof_header(raw).header.vals != validator_set_hash(powers):
+    if header.vals != validator_set_hash(powers):
         reply = await client.transport.get_json("/v1/validators/changes")
         for change in sorted(reply["changes"], key=lambda c: c["height"]):
             if not 1 < change["height"] <= height:

@@ -38,14 +38,7 @@ from typing import Any
 
 from ehrnode.client.bundles import bundle_files as bundle_files
 from ehrnode.client.errors import InvalidResource
-from ehrnode.client.sdk import (
-    Client,
-    SealedRecord,
-    batch_bodies,
-    record_ids,
-    seal_record,
-    standing_readers,
-)
+from ehrnode.client.sdk import Client, SealedRecord, seal_record, standing_readers
 from ehrnode.core import tx
 from ehrnode.core.crypto import Identity, KeyWrapper
 from ehrnode.core.errors import ConfigError, EhrError, NotAuthorised
@@ -486,25 +479,13 @@ class Importer:
         await self.client.upload_many([s.blob for s in sealed])
         # Each writer's records go up as one ``records`` transaction (or a few, within the
         # size limit): one signature, nonce and mempool entry for many records.
-        by_writer: dict[bytes, list[int]] = {}
-        for position, writer in enumerate(writers):
-            by_writer.setdefault(writer.public_key, []).append(position)
-        txs: list[tuple[Identity, str, dict[str, Any]]] = []
-        owners: list[tuple[list[int], str]] = []
-        for positions in by_writer.values():
-            writer = writers[positions[0]]
-            start = 0
-            for kind, body, count in batch_bodies([sealed[p].body for p in positions]):
-                txs.append((writer, kind, body))
-                owners.append((positions[start : start + count], kind))
-                start += count
-        submitted = await self.client.submit_many(txs, wait=False)
-        for (positions, kind), done in zip(owners, submitted, strict=True):
-            ids = record_ids(kind, done.id, len(positions))
-            for position, rid in zip(positions, ids, strict=True):
-                pending[entry_url(entries[position])] = rid
-                result.counts[str(entries[position]["resource"]["resourceType"])] += 1
-            sent.append(done.id)
+        ids, submitted = await self.client.submit_records(
+            [(w, s.body) for w, s in zip(writers, sealed, strict=True)], wait=False
+        )
+        for entry, rid in zip(entries, ids, strict=True):
+            pending[entry_url(entry)] = rid
+            result.counts[str(entry["resource"]["resourceType"])] += 1
+        sent.extend(done.id for done in submitted)
 
     @staticmethod
     def _load_manifest(path: Path, patient: str) -> dict[str, str]:

@@ -100,17 +100,17 @@ def record_body(
 
 
 # A records transaction's share of the 256 KiB transaction limit, estimated per record from
-# its wrapped keys (each pair about 120 bytes) so that no batch goes over.
-_BATCH_TX_BYTES = 128 * 1024
+# its wrapped keys (a pair of a batch wrap takes 141 bytes) so that no batch goes over.
+_BATCH_TX_BYTES = 160 * 1024
 
 
-def batch_bodies(bodies: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], int]]:
+def _batch_bodies(bodies: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], int]]:
     """Record bodies as few transactions as the limits allow, in order: (kind, body,
     records). One record is a ``record``; more are ``records``, written all or none."""
     groups: list[list[dict[str, Any]]] = []
     size = 0
     for body in bodies:
-        estimate = 160 + 120 * len(body["keys"])
+        estimate = 160 + 145 * len(body["keys"])
         if (
             not groups
             or len(groups[-1]) >= tx.MAX_RECORDS_PER_TX
@@ -126,7 +126,7 @@ def batch_bodies(bodies: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]
     ]
 
 
-def record_ids(kind: str, tx_id: str, count: int) -> list[str]:
+def _record_ids(kind: str, tx_id: str, count: int) -> list[str]:
     """The ids of the records a ``record`` or ``records`` transaction wrote."""
     if kind == "record":
         return [tx_id]
@@ -331,13 +331,34 @@ class Client:
             for r, k in zip(resources, kinds, strict=True)
         ]
         await self.upload_many([s.blob for s in sealed])
-        batches = batch_bodies([s.body for s in sealed])
-        done = await self.submit_many([(self.identity, k, b) for k, b, _ in batches], wait=wait)
-        return [
-            rid
-            for (kind, _, count), submitted in zip(batches, done, strict=True)
-            for rid in record_ids(kind, submitted.id, count)
-        ]
+        ids, _ = await self.submit_records([(self.identity, s.body) for s in sealed], wait=wait)
+        return ids
+
+    async def submit_records(
+        self, writes: list[tuple[Identity, dict[str, Any]]], *, wait: bool = True
+    ) -> tuple[list[str], list[Submitted]]:
+        """Submit record bodies of any writers in one batch, each writer's as few ``records``
+        transactions as the limits allow (each all or none). Returns the records' ids in
+        the order given, and the transactions."""
+        by_writer: dict[bytes, list[int]] = {}
+        for position, (writer, _) in enumerate(writes):
+            by_writer.setdefault(writer.public_key, []).append(position)
+        txs: list[tuple[Identity, str, dict[str, Any]]] = []
+        owners: list[tuple[list[int], str]] = []
+        for positions in by_writer.values():
+            start = 0
+            for kind, body, count in _batch_bodies([writes[p][1] for p in positions]):
+                txs.append((writes[positions[0]][0], kind, body))
+                owners.append((positions[start : start + count], kind))
+                start += count
+        submitted = await self.submit_many(txs, wait=wait)
+        ids = [""] * len(writes)
+        for (positions, kind), done in zip(owners, submitted, strict=True):
+            for position, rid in zip(
+                positions, _record_ids(kind, done.id, len(positions)), strict=True
+            ):
+                ids[position] = rid
+        return ids, submitted
 
     async def upload(self, blob: bytes) -> None:
         await self.transport.put_blob(self.identity, crypto.sha256(blob), blob)

@@ -162,7 +162,7 @@ class KeyWrapper:
     with a reader is done once per batch instead of twice per wrap (a SealedBox makes a new
     ephemeral key pair for every wrap): about 3 us a wrap instead of 53.
 
-    Use one per batch (an import batch, one ``put_many``, one grant) and drop it: whoever
+    Use one per batch (an import batch, one ``put_many``) and drop it: whoever
     held its private key could open every key it wrapped.
     """
 

@@ -92,15 +92,14 @@ def _one_of(*choices: str) -> Check:
     return check
 
 
-_WRAP_SIZES = " or ".join(str(size) for size in crypto.WRAPPED_KEY_SIZES)
-
-
-def _pairs(max_items: int, min_items: int = 1) -> Check:
-    """[[bin32 key, bin80 or bin104 wrapped key], ...] sorted by key, keys unique."""
+def _pairs(max_items: int, sizes: tuple[int, ...]) -> Check:
+    """[[bin32 key, wrapped key of one of ``sizes`` bytes], ...] sorted by key, keys
+    unique."""
+    described = " or ".join(str(size) for size in sizes)
 
     def check(name: str, value: Any) -> None:
-        if not isinstance(value, list) or not min_items <= len(value) <= max_items:
-            raise _fail(name, f"must be a list of {min_items} to {max_items} pairs")
+        if not isinstance(value, list) or not 1 <= len(value) <= max_items:
+            raise _fail(name, f"must be a list of 1 to {max_items} pairs")
         previous = b""
         for item in value:
             if (
@@ -109,9 +108,9 @@ def _pairs(max_items: int, min_items: int = 1) -> Check:
                 or not isinstance(item[0], bytes)
                 or len(item[0]) != 32
                 or not isinstance(item[1], bytes)
-                or len(item[1]) not in crypto.WRAPPED_KEY_SIZES
+                or len(item[1]) not in sizes
             ):
-                raise _fail(name, f"must hold [32-byte id, {_WRAP_SIZES}-byte key] pairs")
+                raise _fail(name, f"must hold [32-byte id, {described}-byte key] pairs")
             if item[0] <= previous:
                 raise _fail(name, "must be sorted by id with no id twice")
             previous = item[0]
@@ -183,7 +182,7 @@ BODY_SPECS: dict[str, Spec] = {
         "blob": (True, _bin(32)),
         "size": (True, _uint(MAX_BLOB_BYTES)),
         "type": (True, _text(64, _RESOURCE_TYPE)),
-        "keys": (True, _pairs(MAX_KEYS_PER_RECORD)),
+        "keys": (True, _pairs(MAX_KEYS_PER_RECORD, crypto.WRAPPED_KEY_SIZES)),
         "amends": (False, _bin(32)),
     },
     "records": {
@@ -192,7 +191,8 @@ BODY_SPECS: dict[str, Spec] = {
     "grant": {
         "grantee": (True, _bin(32)),
         "scope": (True, _one_of("records", "standing")),
-        "records": (False, _pairs(MAX_RECORDS_PER_GRANT)),
+        # Sealed boxes only: 2,000 pairs of batch wraps would not fit max_tx_bytes.
+        "records": (False, _pairs(MAX_RECORDS_PER_GRANT, (crypto.WRAPPED_KEY_BYTES,))),
         "types": (False, _types),
         "expires": (False, _uint(MAX_NONCE)),
     },

@@ -198,7 +198,15 @@ class Api:
             return {}
         replication = self.replication
         held = self.admission.blobs.has
-        blobs = list({b for t in txs for b in txmod.blobs_of(t.kind, t.body) if held(b)})
+        # A transaction missing a blob here is refused by admission at once: no waiting.
+        blobs = list(
+            {
+                b
+                for t in txs
+                if all(held(b) for b in txmod.blobs_of(t.kind, t.body))
+                for b in txmod.blobs_of(t.kind, t.body)
+            }
+        )
         if not blobs:
             return {}
         timeout = self.config.commit_timeout_s

@@ -20,7 +20,7 @@ This module persists and reads; it decides nothing (``core.state`` does).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -202,15 +202,15 @@ class Chain:
             certificate=self.certificate(location.height),
         )
 
-    def recent_txs(self, kind: str, last_blocks: int) -> Iterator[dict[str, Any]]:
-        """The ``kind`` transactions of the newest blocks, as stored (for start-up checks of
-        what happens after a commit: these bytes were checked when they were committed)."""
+    def recent_txs(self, kinds: Collection[str], last_blocks: int) -> Iterator[dict[str, Any]]:
+        """The transactions of these ``kinds`` in the newest blocks, as stored (for start-up
+        checks of what happens after a commit: these bytes were checked when committed)."""
         head = self._head.height
         for height in range(max(1, head - last_blocks + 1), head + 1):
             block = codec.decode_trusted(self.block_raw(height))
             for raw in block["txs"]:
                 tx = codec.decode_trusted(raw)
-                if tx["kind"] == kind:
+                if tx["kind"] in kinds:
                     yield tx
 
     def validators_at(self, height: int) -> dict[bytes, int]:
