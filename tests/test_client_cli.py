@@ -21,6 +21,7 @@ OBSERVATION = {
     "code": {"text": "Blood pressure"},
     "valueQuantity": {"value": 120, "unit": "mm[Hg]"},
 }
+CONDITION = {"resourceType": "Condition", "code": {"text": "Asthma"}, "subject": {"reference": "x"}}
 
 
 @pytest.fixture(autouse=True)
@@ -201,8 +202,30 @@ async def test_the_commands_against_a_node(
     assert code == 1 and doc["error"]["code"] == "record_erased"
     assert "erased" in one_line(err)
 
+    # Several files: one transaction, all or none, a record id each.
+    second = tmp_path / "cond.json"
+    second.write_text(json.dumps(CONDITION))
+    files = [str(resource_file), str(second)]
+    code, doc, err = await ehr(capsys, *as_("doctor"), "put", "--patient", ids["patient"], *files)
+    assert code == 0 and doc["status"] == "committed", err
+    assert [r["type"] for r in doc["records"]] == ["Observation", "Condition"]
+    for written, expected in zip(doc["records"], (OBSERVATION, CONDITION), strict=True):
+        code, back, err = await ehr(capsys, *as_("patient"), "read", written["record"])
+        assert code == 0 and back["resource"] == expected, err
+    code, doc, err = await ehr(
+        capsys, *as_("doctor"), "put", "--patient", ids["patient"], "--amends", "ab" * 32, *files
+    )
+    assert code == 2 and doc["error"]["code"] == "usage" and "--amends" in err
+
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"resourceType": "Observation", "status": "final"}))
+    _, before, _ = await ehr(capsys, *as_("patient"), "records")
+    code, doc, err = await ehr(
+        capsys, *as_("doctor"), "put", "--patient", ids["patient"], str(second), str(bad)
+    )
+    assert code == 1 and doc["error"]["code"] == "invalid_resource"
+    _, after, _ = await ehr(capsys, *as_("patient"), "records")
+    assert after["records"] == before["records"]  # the valid one was not written either
     code, doc, err = await ehr(capsys, *as_("doctor"), "put", "--patient", ids["patient"], str(bad))
     assert code == 1 and doc["error"]["code"] == "invalid_resource"
     assert "code: Field required" in one_line(err)

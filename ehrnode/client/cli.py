@@ -76,10 +76,18 @@ def _load_resource(path: Path) -> dict[str, Any]:
 
 
 async def cmd_put(client: Client, args: argparse.Namespace) -> Output:
-    resource = _load_resource(Path(args.file))
-    done = await client.put(args.patient, resource, args.amends)
-    doc = {"record": done.id, "type": resource["resourceType"], **done.to_json()}
-    return doc, done.id
+    resources = [_load_resource(Path(name)) for name in args.files]
+    if len(resources) == 1:
+        done = await client.put(args.patient, resources[0], args.amends)
+        doc = {"record": done.id, "type": resources[0]["resourceType"], **done.to_json()}
+        return doc, done.id
+    if args.amends:
+        raise UsageError("--amends takes one file: it names the record that file replaces")
+    ids = await client.put_many(args.patient, resources)
+    records = [
+        {"record": rid, "type": r["resourceType"]} for rid, r in zip(ids, resources, strict=True)
+    ]
+    return {"records": records, "status": "committed"}, "\n".join(ids)
 
 
 async def cmd_attach(client: Client, args: argparse.Namespace) -> Output:
@@ -253,10 +261,15 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("role", choices=tx.ROLES)
     c.add_argument("--name", help="public name (never a patient's: the chain is public)")
     c.add_argument("--endorser", help="key file of the institution (or validator) endorsing you")
-    c = command("put", cmd_put, "validate, encrypt and write a FHIR resource for a patient")
+    c = command("put", cmd_put, "validate, encrypt and write FHIR resources for a patient")
     c.add_argument("--patient", required=True, help="the patient's public id")
     c.add_argument("--amends", help="record id this is a new version of")
-    c.add_argument("file", help="the FHIR resource (JSON)")
+    c.add_argument(
+        "files",
+        nargs="+",
+        metavar="FILE",
+        help="the FHIR resource (JSON); several are written in one transaction, all or none",
+    )
     c = command("attach", cmd_attach, "encrypt and write a large file as a Binary record")
     c.add_argument("--patient", required=True, help="the patient's public id")
     c.add_argument("--content-type", help="MIME type (default: guessed from the name)")
