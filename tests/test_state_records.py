@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from helpers_core import World, fake_keys, identity, raw_tx
 
+from ehrnode.client.sdk import batch_bodies, seal_record
 from ehrnode.core import crypto, state, tx
 from ehrnode.core.errors import InvalidTransaction
 from ehrnode.core.state import P_KEY, P_PREC, P_REC, P_VER
@@ -162,3 +163,28 @@ def test_a_refused_records_transaction_leaves_nothing_pending(w: World) -> None:
     # and the same good item goes in on its own afterwards, with the same nonce
     again = w.sign(provider, "records", {"items": [good]}, nonce=t.nonce)
     assert mempool.add(again) == [again]
+
+
+@pytest.mark.parametrize("max_tx_bytes", [tx.DEFAULT_MAX_TX_BYTES, 16 * 1024])
+@pytest.mark.parametrize("readers", [2, 3, 64])
+def test_batches_fit_the_chain_transaction_limit(max_tx_bytes: int, readers: int) -> None:
+    """The SDK splits records into transactions by an estimate of their size: every real
+    transaction it makes must stay under the chain's limit."""
+    patient = identity(1).public_key
+    others = [identity(200 + i).public_key for i in range(readers - 1)]
+    wrapper = crypto.KeyWrapper()
+    resource = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}
+    bodies = [
+        seal_record(patient, resource, {patient, *others}, kind="Observation", wrapper=wrapper).body
+        for _ in range(300)
+    ]
+    batches = batch_bodies(bodies, max_tx_bytes)
+    assert sum(count for _, _, count in batches) == 300
+    assert all(count <= tx.MAX_RECORDS_PER_TX for _, _, count in batches)
+    writer = identity(2)
+    for nonce, (kind, body, _) in enumerate(batches, start=1):
+        made = tx.make(writer, "ehr-test", kind, nonce, body)
+        assert made.size <= max_tx_bytes
+        assert tx.decode(made.raw, max_bytes=max_tx_bytes) == made
+    if readers == 2 and max_tx_bytes == tx.DEFAULT_MAX_TX_BYTES:
+        assert len(batches) == 2  # 256 and 44: the limit on records, not on bytes

@@ -99,23 +99,21 @@ def record_body(
     return body
 
 
-# A records transaction's share of the 256 KiB transaction limit, estimated per record from
-# its wrapped keys (a pair of a batch wrap takes 141 bytes) so that no batch goes over.
-_BATCH_TX_BYTES = 160 * 1024
-
-
-def _batch_bodies(bodies: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any], int]]:
+def batch_bodies(
+    bodies: list[dict[str, Any]], max_tx_bytes: int
+) -> list[tuple[str, dict[str, Any], int]]:
     """Record bodies as few transactions as the limits allow, in order: (kind, body,
-    records). One record is a ``record``; more are ``records``, written all or none."""
+    records). One record is a ``record``; more are ``records``, written all or none.
+
+    A record's share of the chain's transaction limit is estimated from its wrapped keys
+    (a pair of a batch wrap takes 141 bytes, the rest of a record about 130), with room to
+    spare for the signature and the envelope."""
+    budget = max_tx_bytes * 5 // 8
     groups: list[list[dict[str, Any]]] = []
     size = 0
     for body in bodies:
         estimate = 160 + 145 * len(body["keys"])
-        if (
-            not groups
-            or len(groups[-1]) >= tx.MAX_RECORDS_PER_TX
-            or size + estimate > _BATCH_TX_BYTES
-        ):
+        if not groups or len(groups[-1]) >= tx.MAX_RECORDS_PER_TX or size + estimate > budget:
             groups.append([])
             size = 0
         groups[-1].append(body)
@@ -347,7 +345,8 @@ class Client:
         owners: list[tuple[list[int], str]] = []
         for positions in by_writer.values():
             start = 0
-            for kind, body, count in _batch_bodies([writes[p][1] for p in positions]):
+            group = [writes[p][1] for p in positions]
+            for kind, body, count in batch_bodies(group, self.genesis.params.max_tx_bytes):
                 txs.append((writes[positions[0]][0], kind, body))
                 owners.append((positions[start : start + count], kind))
                 start += count
