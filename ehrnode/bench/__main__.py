@@ -39,6 +39,9 @@ KEYS = (
     "attachment_peak_rss_mb",
     "query_p99_ms",
     "start_s",
+    "validator_cpu_us_per_tx",
+    "import_client_cpu_s",
+    "import_validators_cpu_s",
 )
 TARGETS = {
     "tx_per_s": ">= 4000",
@@ -52,6 +55,9 @@ TARGETS = {
     "attachment_peak_rss_mb": "<= 256",
     "query_p99_ms": "<= 20",
     "start_s": "<= 3",
+    "validator_cpu_us_per_tx": "(CPU per committed tx, each validator, throughput phase)",
+    "import_client_cpu_s": "(the ehr import process and its workers)",
+    "import_validators_cpu_s": "(the 4 validators during the import)",
 }
 
 
@@ -137,8 +143,13 @@ async def _network_measures(
         # measurement (a backlog no steady state has).
         await workload.upload_blobs(net.urls[0], chain, people.providers[0], blobs[:split])
         if "throughput" in names or "latency" in names or "sync" in names:
+            before = net.cpu_s()
             result = await throughput.sustained(net.urls, first)
+            after = net.cpu_s()
             figures["tx_per_s"] = result["tx_per_s"]
+            if before is not None and after is not None and first:
+                used = sum(a - b for a, b in zip(after, before, strict=True)) / len(after)
+                figures["validator_cpu_us_per_tx"] = used / len(first) * 1e6
             # Not a target: how much memory a validator takes with a backlog of 60,000.
             figures["load_peak_rss_mb"] = max(net.peak_rss_mb(i) for i in range(len(net.nodes)))
             if result["tx_per_s"] and figures["ceiling_tx_per_s"]:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -46,14 +47,29 @@ def import_bundles(net: Network, files: list[Path], keys_dir: Path) -> dict[str,
         str(keys_dir),
         *[str(f) for f in files],
     ]
+    nodes_before, client_before = net.cpu_s(), _children_cpu_s()
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - started
+    nodes_after, client_after = net.cpu_s(), _children_cpu_s()
     if result.returncode != 0:
         raise RuntimeError(f"ehr import failed: {result.stderr.strip()[-500:]}")
     report = json.loads(result.stdout)
     written = int(report.get("written", 0))
-    return {"import_resources_per_s": written / elapsed, "import_resources": written}
+    figures: dict[str, Any] = {
+        "import_resources_per_s": written / elapsed,
+        "import_resources": written,
+        # the client process and the worker processes it waited for
+        "import_client_cpu_s": client_after - client_before,
+    }
+    if nodes_before is not None and nodes_after is not None:
+        figures["import_validators_cpu_s"] = sum(nodes_after) - sum(nodes_before)
+    return figures
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 async def block_sync(net: Network, raws: list[bytes], live_rate: float | None) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,13 @@ RPC_SETTINGS = (
     "commit_timeout_s = 120.0\n"
 )
 MEMPOOL_SETTINGS = "\n[mempool]\nmax_txs = 400000\nmax_bytes = 1073741824\n"
+
+
+def _clock_ticks() -> int:
+    try:
+        return os.sysconf("SC_CLK_TCK")
+    except (ValueError, OSError, AttributeError):
+        return 100
 
 
 class Network:
@@ -58,6 +66,20 @@ class Network:
         for node in self.nodes:
             with contextlib.suppress(OSError):
                 Path(f"/proc/{node.process.pid}/clear_refs").write_text("5")
+
+    def cpu_s(self) -> list[float] | None:
+        """CPU time (user + system, all threads) each node process has used so far, from
+        /proc; None where there is no /proc."""
+        ticks = _clock_ticks()
+        out = []
+        for node in self.nodes:
+            try:
+                fields = Path(f"/proc/{node.process.pid}/stat").read_text().rsplit(")", 1)[1]
+            except OSError:
+                return None
+            utime, stime = fields.split()[11:13]
+            out.append((int(utime) + int(stime)) / ticks)
+        return out
 
     def peak_rss_mb(self, index: int) -> float:
         """The process's peak resident memory (VmHWM), in MB."""
