@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 
 from ehrnode.client import Client
+from ehrnode.client.bundles import BundleIndex
 from ehrnode.client.cli import main
-from ehrnode.client.importer import BundleIndex
 from ehrnode.config import KEY_FILE
 from ehrnode.core.crypto import Identity
 from ehrnode.keys import load_identity

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from helpers_core import World, fake_keys, identity, raw_tx
 
-from ehrnode.client.sdk import batch_bodies, seal_record
+from ehrnode.client.sealing import batch_bodies, seal_record
 from ehrnode.core import crypto, state, tx
 from ehrnode.core.errors import InvalidTransaction
 from ehrnode.core.state import P_KEY, P_PREC, P_REC, P_VER

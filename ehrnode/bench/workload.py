@@ -24,7 +24,7 @@ import aiohttp
 import msgpack
 
 from ehrnode.blobs.store import INLINE_MAX
-from ehrnode.client.sdk import seal_record
+from ehrnode.client.sealing import seal_record
 from ehrnode.core import crypto, request, tx
 from ehrnode.core.crypto import Identity
 

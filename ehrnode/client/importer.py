@@ -30,15 +30,17 @@ import json
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ehrnode.client.bundles import BundleIndex, entry_url, load_bundle
 from ehrnode.client.bundles import bundle_files as bundle_files
 from ehrnode.client.errors import InvalidResource
-from ehrnode.client.sdk import Client, SealedRecord, seal_record, standing_readers
+from ehrnode.client.sdk import Client
+from ehrnode.client.sealing import SealedRecord, seal_record, standing_readers
 from ehrnode.core import tx
 from ehrnode.core.crypto import Identity, KeyWrapper
 from ehrnode.core.errors import ConfigError, EhrError, NotAuthorised
@@ -49,81 +51,6 @@ IDENTITY_TYPES = ("Organization", "Practitioner")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 Progress = Callable[[int], None]
-
-
-# --- reading bundles ---------------------------------------------------------------------------
-
-
-def load_bundle(path: Path) -> list[dict[str, Any]]:
-    """The entries of a FHIR Bundle file, each with a ``resource``."""
-    try:
-        bundle = json.loads(path.read_bytes())
-    except (OSError, ValueError) as err:
-        raise InvalidResource(f"{path}: not a readable JSON file: {err}") from err
-    if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
-        raise InvalidResource(f"{path}: not a FHIR Bundle")
-    entries = bundle.get("entry") or []
-    if not isinstance(entries, list) or not all(
-        isinstance(e, dict) and isinstance(e.get("resource"), dict) for e in entries
-    ):
-        raise InvalidResource(f"{path}: every Bundle entry must hold a resource")
-    return entries
-
-
-def entry_url(entry: dict[str, Any]) -> str:
-    resource = entry["resource"]
-    return str(entry.get("fullUrl") or f"{resource.get('resourceType')}/{resource.get('id')}")
-
-
-class BundleIndex:
-    """Resolves the references inside one bundle to its entries' resources."""
-
-    def __init__(self, entries: list[dict[str, Any]]) -> None:
-        self.by_url: dict[str, dict[str, Any]] = {}
-        self.by_identifier: dict[tuple[str, str], dict[str, Any]] = {}
-        for entry in entries:
-            resource = entry["resource"]
-            kind = resource.get("resourceType")
-            if entry.get("fullUrl"):
-                self.by_url[entry["fullUrl"]] = resource
-            if resource.get("id"):
-                self.by_url[f"{kind}/{resource['id']}"] = resource
-            for ident in resource.get("identifier") or []:
-                if isinstance(ident, dict) and ident.get("value"):
-                    value = str(ident["value"])
-                    self.by_identifier[(kind, value)] = resource
-                    self.by_identifier[(kind, f"{ident.get('system', '')}|{value}")] = resource
-
-    def resolve(self, reference: str) -> dict[str, Any] | None:
-        if reference in self.by_url:
-            return self.by_url[reference]
-        if "?" in reference:
-            kind, _, query = reference.partition("?")
-            for part in query.split("&"):
-                name, _, value = part.partition("=")
-                if name == "identifier":
-                    return self.by_identifier.get((kind.rsplit("/", 1)[-1], value))
-            return None
-        parts = reference.rstrip("/").split("/")
-        if len(parts) >= 2:  # Type/id, possibly absolute or with /_history/n
-            if len(parts) >= 4 and parts[-2] == "_history":
-                parts = parts[:-2]
-            return self.by_url.get(f"{parts[-2]}/{parts[-1]}")
-        return None
-
-    def references(self, value: Any) -> Iterator[dict[str, Any]]:
-        """Every resource of this bundle that ``value`` references, in document order."""
-        if isinstance(value, dict):
-            for key, item in value.items():
-                if key == "reference" and isinstance(item, str):
-                    target = self.resolve(item)
-                    if target is not None:
-                        yield target
-                else:
-                    yield from self.references(item)
-        elif isinstance(value, list):
-            for item in value:
-                yield from self.references(item)
 
 
 # --- results ---------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ the process. ``client.as_identity(other)`` acts as another identity over the sam
 connection (the importer writes as many providers at once).
 
 Consent (grant, revoke, erase), the audit trail and proofs live in ``client.consent``;
-this class exposes them as methods.
+this class exposes them as methods. Sealing a record and shaping its transaction, which
+need no node, live in ``client.sealing``.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import json
 import os
 import re
 from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
@@ -33,6 +33,14 @@ from ehrnode.client.errors import (
     error_for,
 )
 from ehrnode.client.http import Transport
+from ehrnode.client.sealing import (
+    SealedRecord,
+    batch_bodies,
+    record_body,
+    record_ids,
+    seal_record,
+    standing_readers,
+)
 from ehrnode.client.values import KeyLike, Submitted, key_bytes
 from ehrnode.core import crypto, tx
 from ehrnode.core.crypto import Identity
@@ -43,102 +51,6 @@ Source = str | os.PathLike[str] | BinaryIO
 PAGE = 1000
 BATCH_BLOB_MAX = 64 * 1024  # the node takes blobs up to this size in a batch upload
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}$")
-
-
-@dataclass(frozen=True)
-class SealedRecord:
-    """A resource encrypted for its readers: the blob to upload and the record's body."""
-
-    blob: bytes
-    body: dict[str, Any]
-
-
-def seal_record(
-    patient: bytes,
-    resource: dict[str, Any],
-    readers: Iterable[bytes],
-    amends: bytes | None = None,
-    *,
-    kind: str | None = None,
-    wrapper: crypto.KeyWrapper | None = None,
-) -> SealedRecord:
-    """Validate (unless ``kind`` says the caller did), encrypt with a fresh data key and
-    wrap that key for each reader (with ``wrapper`` when sealing many records at once)."""
-    kind = kind or fhir.validate(resource)
-    data_key = crypto.new_data_key()
-    blob = envelope.seal_resource(data_key, fhir.encode(resource))
-    body = record_body(
-        patient, crypto.sha256(blob), len(blob), kind, data_key, readers, amends, wrapper
-    )
-    return SealedRecord(blob, body)
-
-
-def record_body(
-    patient: bytes,
-    blob_hash: bytes,
-    size: int,
-    kind: str,
-    data_key: bytes,
-    readers: Iterable[bytes],
-    amends: bytes | None = None,
-    wrapper: crypto.KeyWrapper | None = None,
-) -> dict[str, Any]:
-    """A record transaction's body: the data key wrapped for each reader, sorted by id (a
-    sealed box each, or a box from ``wrapper``'s ephemeral key)."""
-    wrap = crypto.wrap_key if wrapper is None else wrapper.wrap
-    keys = [[reader, wrap(data_key, reader)] for reader in sorted(set(readers))]
-    body: dict[str, Any] = {
-        "patient": patient,
-        "blob": blob_hash,
-        "size": size,
-        "type": kind,
-        "keys": keys,
-    }
-    if amends is not None:
-        body["amends"] = amends
-    return body
-
-
-def batch_bodies(
-    bodies: list[dict[str, Any]], max_tx_bytes: int
-) -> list[tuple[str, dict[str, Any], int]]:
-    """Record bodies as few transactions as the limits allow, in order: (kind, body,
-    records). One record is a ``record``; more are ``records``, written all or none.
-
-    A record's share of the chain's transaction limit is estimated from its wrapped keys
-    (a pair of a batch wrap takes 141 bytes, the rest of a record about 130), with room to
-    spare for the signature and the envelope."""
-    budget = max_tx_bytes * 5 // 8
-    groups: list[list[dict[str, Any]]] = []
-    size = 0
-    for body in bodies:
-        estimate = 160 + 145 * len(body["keys"])
-        if not groups or len(groups[-1]) >= tx.MAX_RECORDS_PER_TX or size + estimate > budget:
-            groups.append([])
-            size = 0
-        groups[-1].append(body)
-        size += estimate
-    return [
-        ("record", group[0], 1) if len(group) == 1 else ("records", {"items": group}, len(group))
-        for group in groups
-    ]
-
-
-def _record_ids(kind: str, tx_id: str, count: int) -> list[str]:
-    """The ids of the records a ``record`` or ``records`` transaction wrote."""
-    if kind == "record":
-        return [tx_id]
-    tid = bytes.fromhex(tx_id)
-    return [tx.record_id(tid, i).hex() for i in range(count)]
-
-
-def standing_readers(grants: list[dict[str, Any]], kind: str) -> set[bytes]:
-    """Grantees a new record of ``kind`` must be wrapped to (the standing-grant rule)."""
-    return {
-        bytes.fromhex(g["grantee"])
-        for g in grants
-        if g["scope"] == "standing" and g["in_force"] and (g["types"] is None or kind in g["types"])
-    }
 
 
 class Client:
@@ -354,7 +266,7 @@ class Client:
         ids = [""] * len(writes)
         for (positions, kind), done in zip(owners, submitted, strict=True):
             for position, rid in zip(
-                positions, _record_ids(kind, done.id, len(positions)), strict=True
+                positions, record_ids(kind, done.id, len(positions)), strict=True
             ):
                 ids[position] = rid
         return ids, submitted

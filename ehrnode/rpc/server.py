@@ -199,14 +199,12 @@ class Api:
         replication = self.replication
         held = self.admission.blobs.has
         # A transaction missing a blob here is refused by admission at once: no waiting.
-        blobs = list(
-            {
-                b
-                for t in txs
-                if all(held(b) for b in txmod.blobs_of(t.kind, t.body))
-                for b in txmod.blobs_of(t.kind, t.body)
-            }
-        )
+        wanted: set[bytes] = set()
+        for t in txs:
+            named = txmod.blobs_of(t.kind, t.body)
+            if all(held(b) for b in named):
+                wanted.update(named)
+        blobs = list(wanted)
         if not blobs:
             return {}
         timeout = self.config.commit_timeout_s
