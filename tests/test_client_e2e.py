@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ehrnode.client import Client, RecordErased
+from ehrnode.client import Client, RecordErased, fhir
 from ehrnode.client.errors import (
     AuditLogBroken,
     InvalidBlock,
@@ -145,7 +145,9 @@ async def test_a_writer_that_skips_a_standing_grantee_is_rejected(cast: Cast) ->
     """The rule the SDK follows is enforced by the chain: leave a grantee out, lose."""
     await cast.patient.grant(cast.other.public_id, standing=True)
     sealed = seal_record(
-        cast.patient.public_key, observation("x"), {cast.patient.public_key, cast.doctor.public_key}
+        cast.patient.public_key,
+        fhir.prepare(observation("x")),
+        {cast.patient.public_key, cast.doctor.public_key},
     )
     await cast.doctor.upload(sealed.blob)
     with pytest.raises(InvalidTransaction) as caught:
@@ -349,7 +351,9 @@ async def test_put_many_writes_records_all_or_none_each_readable_and_provable(
 
     # One record a rule refuses (its ciphertext names another record's blob) refuses all.
     before = len(await cast.patient.records())
-    first = seal_record(cast.patient.public_key, observation("a"), {cast.patient.public_key})
+    first = seal_record(
+        cast.patient.public_key, fhir.prepare(observation("a")), {cast.patient.public_key}
+    )
     taken = await cast.patient.record(ids[0])
     reused = dict(first.body, blob=bytes.fromhex(taken["blob"]), size=taken["size"])
     await cast.doctor.upload(first.blob)
@@ -361,8 +365,8 @@ async def test_put_many_writes_records_all_or_none_each_readable_and_provable(
 
 async def test_a_records_transaction_needs_every_blob_uploaded_first(cast: Cast) -> None:
     readers = {cast.patient.public_key}
-    uploaded = seal_record(cast.patient.public_key, observation("up"), readers)
-    missing = seal_record(cast.patient.public_key, observation("not up"), readers)
+    uploaded = seal_record(cast.patient.public_key, fhir.prepare(observation("up")), readers)
+    missing = seal_record(cast.patient.public_key, fhir.prepare(observation("not up")), readers)
     await cast.doctor.upload(uploaded.blob)
     with pytest.raises(EhrError) as caught:
         await cast.doctor.submit("records", {"items": [uploaded.body, missing.body]})

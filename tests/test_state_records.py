@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from helpers_core import World, fake_keys, identity, raw_tx
 
+from ehrnode.client import fhir
 from ehrnode.client.sealing import batch_bodies, seal_record
 from ehrnode.core import crypto, state, tx
 from ehrnode.core.errors import InvalidTransaction
@@ -175,7 +176,7 @@ def test_batches_fit_the_chain_transaction_limit(max_tx_bytes: int, readers: int
     wrapper = crypto.KeyWrapper()
     resource = {"resourceType": "Observation", "status": "final", "code": {"text": "x"}}
     bodies = [
-        seal_record(patient, resource, {patient, *others}, kind="Observation", wrapper=wrapper).body
+        seal_record(patient, fhir.prepare(resource), {patient, *others}, wrapper=wrapper).body
         for _ in range(300)
     ]
     batches = batch_bodies(bodies, max_tx_bytes)

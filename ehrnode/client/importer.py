@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ehrnode.client import fhir
 from ehrnode.client.bundles import BundleIndex, entry_url, load_bundle
 from ehrnode.client.bundles import bundle_files as bundle_files
 from ehrnode.client.errors import InvalidResource
@@ -102,17 +103,19 @@ class ImportResult:
 
 
 def _seal_all(
-    jobs: list[tuple[bytes, dict[str, Any], set[bytes]]],
+    jobs: list[tuple[bytes, str, bytes, set[bytes]]],
 ) -> list[SealedRecord] | tuple[int, str]:
-    """In a worker process: validate and seal each resource; (position, reason) for the
-    first one that is not valid FHIR."""
+    """In a worker process: validate and seal each resource, given as its type and canonical
+    JSON bytes (cheaper to send than the objects, and what is validated); (position,
+    reason) for the first one that is not valid FHIR."""
     out = []
     wrapper = KeyWrapper()  # one ephemeral key for this batch, gone with it
-    for position, (patient, resource, readers) in enumerate(jobs):
+    for position, (patient, kind, plaintext, readers) in enumerate(jobs):
         try:
-            out.append(seal_record(patient, resource, readers, wrapper=wrapper))
+            resource = fhir.validated(kind, plaintext)
         except InvalidResource as err:
             return position, str(err)
+        out.append(seal_record(patient, resource, readers, wrapper=wrapper))
     return out
 
 
@@ -391,10 +394,13 @@ class Importer:
     ) -> None:
         jobs = []
         for entry, writer in zip(entries, writers, strict=True):
-            resource = entry["resource"]
-            kind = str(resource.get("resourceType"))
+            try:
+                kind = fhir.resource_type(entry["resource"])
+                plaintext = fhir.encode(entry["resource"])
+            except InvalidResource as err:
+                raise InvalidResource(f"{result.file}: entry {entry_url(entry)}: {err}") from err
             readers = {patient, writer.public_key} | standing_readers(grants, kind)
-            jobs.append((patient, resource, readers))
+            jobs.append((patient, kind, plaintext, readers))
         # Validation and encryption are CPU work: done in worker processes, in parallel
         # with the uploads and submissions of other bundles.
         loop = asyncio.get_running_loop()

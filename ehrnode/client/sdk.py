@@ -220,10 +220,10 @@ class Client:
     ) -> Submitted:
         """Validate, encrypt and write ``resource`` for the patient; the id is the record's."""
         patient = key_bytes(patient_public_key)
-        kind = fhir.validate(resource)
-        readers = await self.readers_for(patient, kind)
+        prepared = fhir.prepare(resource)
+        readers = await self.readers_for(patient, prepared.kind)
         amended = None if amends is None else key_bytes(amends, "record id")
-        sealed = seal_record(patient, resource, readers, amended, kind=kind)
+        sealed = seal_record(patient, prepared, readers, amended)
         await self.upload(sealed.blob)
         return await self.submit("record", sealed.body, wait=wait)
 
@@ -233,12 +233,12 @@ class Client:
         """Validate, encrypt and write many resources for the patient, in as few ``records``
         transactions as the limits allow (each all or none); return the records' ids."""
         patient = key_bytes(patient_public_key)
-        kinds = [fhir.validate(resource) for resource in resources]
+        prepared = [fhir.prepare(resource) for resource in resources]
         grants = await self.grants(patient)
         mine, wrapper = {patient, self.public_key}, crypto.KeyWrapper()
         sealed = [
-            seal_record(patient, r, mine | standing_readers(grants, k), kind=k, wrapper=wrapper)
-            for r, k in zip(resources, kinds, strict=True)
+            seal_record(patient, p, mine | standing_readers(grants, p.kind), wrapper=wrapper)
+            for p in prepared
         ]
         await self.upload_many([s.blob for s in sealed])
         ids, _ = await self.submit_records([(self.identity, s.body) for s in sealed], wait=wait)

@@ -25,20 +25,18 @@ class SealedRecord:
 
 def seal_record(
     patient: bytes,
-    resource: dict[str, Any],
+    resource: fhir.Prepared,
     readers: Iterable[bytes],
     amends: bytes | None = None,
     *,
-    kind: str | None = None,
     wrapper: crypto.KeyWrapper | None = None,
 ) -> SealedRecord:
-    """Validate (unless ``kind`` says the caller did), encrypt with a fresh data key and
-    wrap that key for each reader (with ``wrapper`` when sealing many records at once)."""
-    kind = kind or fhir.validate(resource)
+    """Encrypt a prepared (validated) resource with a fresh data key and wrap that key for
+    each reader (with ``wrapper`` when sealing many records at once)."""
     data_key = crypto.new_data_key()
-    blob = envelope.seal_resource(data_key, fhir.encode(resource))
+    blob = envelope.seal_resource(data_key, resource.plaintext)
     body = record_body(
-        patient, crypto.sha256(blob), len(blob), kind, data_key, readers, amends, wrapper
+        patient, crypto.sha256(blob), len(blob), resource.kind, data_key, readers, amends, wrapper
     )
     return SealedRecord(blob, body)
 
