@@ -1,4 +1,5 @@
-"""The blob store's streamed path: a large blob reaches the disk as it arrives."""
+"""The blob store: a large blob reaches the disk as it arrives; what it holds and what was
+erased is answered right whether the answer is kept in memory or read from LevelDB."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from ehrnode.blobs import store
 from ehrnode.blobs.store import BlobStore
+from ehrnode.core.errors import Conflict
 from ehrnode.store.db import MemoryKV
 
 
@@ -46,3 +48,64 @@ async def test_a_large_blob_is_written_back_while_it_streams_in(
     assert ranges[0][0] == 0
     assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(ranges))
     assert ranges[-1][0] + ranges[-1][1] <= len(data)
+
+
+def small_blobs(count: int, seed: int = 2) -> list[bytes]:
+    rng = random.Random(seed)
+    return [rng.randbytes(100 + i) for i in range(count)]
+
+
+def test_an_erased_blob_stays_refused_after_a_restart(tmp_path: Path) -> None:
+    kv = MemoryKV()
+    blobs = BlobStore(tmp_path / "blobs", kv)
+    kept, erased = small_blobs(2)
+    kept_hash, erased_hash = blobs.put_many([kept, erased])
+    assert blobs.has(erased_hash) and blobs.info(erased_hash) is not None
+
+    assert blobs.delete(erased_hash)
+    assert not blobs.has(erased_hash) and blobs.info(erased_hash) is None
+    assert blobs.erased(erased_hash) and not blobs.erased(kept_hash)
+    with pytest.raises(Conflict) as caught:
+        blobs.put_many([erased])
+    assert caught.value.code == "blob_erased"
+
+    again = BlobStore(tmp_path / "blobs", kv)
+    assert again.erased(erased_hash) and not again.erased(kept_hash)
+    assert again.has(kept_hash) and not again.has(erased_hash)
+    with pytest.raises(Conflict):
+        again.put_many([erased])
+
+
+def test_more_tombstones_than_memory_holds_are_still_all_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store, "MAX_TOMBSTONES_IN_MEMORY", 2)
+    kv = MemoryKV()
+    blobs = BlobStore(tmp_path / "blobs", kv)
+    data = small_blobs(5)
+    hashes = blobs.put_many(data)
+    for blob_hash in hashes[:4]:
+        blobs.delete(blob_hash)
+    for store_ in (blobs, BlobStore(tmp_path / "blobs", kv)):
+        assert [store_.erased(h) for h in hashes] == [True, True, True, True, False]
+        assert store_.has(hashes[4])
+        with pytest.raises(Conflict):
+            store_.put_many([data[0]])
+
+
+def test_every_stored_blob_is_known_beyond_the_most_recent_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store, "HELD_IN_MEMORY", 2)
+    kv = MemoryKV()
+    blobs = BlobStore(tmp_path / "blobs", kv)
+    data = small_blobs(5)
+    hashes = blobs.put_many(data[:3]) + blobs.put_many(data[3:])
+    for store_ in (blobs, BlobStore(tmp_path / "blobs", kv)):
+        for blob, blob_hash in zip(data, hashes, strict=True):
+            info = store_.info(blob_hash)
+            assert store_.has(blob_hash) and info is not None
+            assert (info.size, info.inline) == (len(blob), True)
+            assert store_.read_small(blob_hash) == blob
+    blobs.delete(hashes[4])  # one of the remembered ones
+    assert not blobs.has(hashes[4]) and blobs.info(hashes[4]) is None

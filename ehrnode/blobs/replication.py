@@ -204,18 +204,20 @@ class Replication:
 
     def _on_data(self, peer: Peer, fields: dict[str, Any]) -> None:
         wanted = []
+        incoming = []
         for data in fields["blobs"]:
             blob = crypto.sha256(data)
             self._holders(blob).add(peer.key)
-            if not self.blobs.has(blob) and not self.erased(blob) and blob not in self._incoming:
+            if blob not in self._incoming and not self.blobs.has(blob) and not self.erased(blob):
                 wanted.append(data)
+                incoming.append(blob)
                 self._incoming.add(blob)
         if wanted:
-            task = asyncio.get_running_loop().create_task(self._store_pushed(wanted))
+            task = asyncio.get_running_loop().create_task(self._store_pushed(wanted, incoming))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _store_pushed(self, blobs: list[bytes]) -> None:
+    async def _store_pushed(self, blobs: list[bytes], incoming: list[bytes]) -> None:
         try:
             hashes = await self.kv.run(self.blobs.put_many, blobs)
             was_missing = any(h in self.missing for h in hashes)
@@ -225,8 +227,7 @@ class Replication:
         except EhrError as err:
             log.info("could not store pushed blobs: %s", err)
         finally:
-            for data in blobs:
-                self._incoming.discard(crypto.sha256(data))
+            self._incoming.difference_update(incoming)
 
     def _flush(self) -> None:
         batch, self._announce = self._announce, []

@@ -15,6 +15,13 @@ metadata entry is written last, so a blob is "held" only once its bytes are dura
 
 Deleting a blob (erasure) removes the file and the entries and compacts that key range so
 LevelDB drops the bytes from its files too.
+
+"Do we hold it?" and "was it erased?" are asked several times for every blob a node
+stores (on upload, push, announcement, admission, quorum wait and commit), so the answers
+are kept in memory where that is exact: the metadata of the blobs stored most recently
+(added when their entry is written, dropped when the blob is deleted, both under the
+store's lock) and the set of tombstones (all of them, read at start, while there are at
+most ``MAX_TOMBSTONES_IN_MEMORY``; beyond that LevelDB answers).
 """
 
 from __future__ import annotations
@@ -40,9 +47,11 @@ T_TOMBSTONE = b"X"
 INLINE_MAX = 64 * 1024
 WRITE_BACK_BYTES = 32 * 1024 * 1024  # a large blob goes to disk as it arrives, in steps
 DEFAULT_MAX_BLOB_BYTES = 8 * 1024**3
+HELD_IN_MEMORY = 32_768  # metadata of the most recently stored blobs (about 5 MB)
+MAX_TOMBSTONES_IN_MEMORY = 100_000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BlobInfo:
     hash: bytes
     size: int
@@ -61,6 +70,24 @@ class BlobStore:
         self._tmp.mkdir(parents=True, exist_ok=True)
         for stale in self._tmp.iterdir():  # half-written uploads from before a crash
             stale.unlink(missing_ok=True)
+        self._held: dict[bytes, BlobInfo] = {}
+        self._tombstones = self._read_tombstones()
+
+    def _read_tombstones(self) -> set[bytes] | None:
+        """Every tombstone, or None when there are too many to keep in memory."""
+        found = {
+            key[len(T_TOMBSTONE) :]
+            for key, _ in self.kv.scan(T_TOMBSTONE, limit=MAX_TOMBSTONES_IN_MEMORY + 1)
+        }
+        return found if len(found) <= MAX_TOMBSTONES_IN_MEMORY else None
+
+    def _remember(self, infos: Iterable[BlobInfo]) -> None:
+        """Metadata just written (the caller holds the lock)."""
+        held = self._held
+        for info in infos:
+            held[info.hash] = info
+        while len(held) > HELD_IN_MEMORY:
+            del held[next(iter(held))]
 
     def path(self, blob_hash: bytes) -> Path:
         """Where a large blob's file lives (small blobs live in LevelDB)."""
@@ -71,6 +98,9 @@ class BlobStore:
         return self.root / text[:2] / text
 
     def info(self, blob_hash: bytes) -> BlobInfo | None:
+        known = self._held.get(blob_hash)
+        if known is not None:
+            return known
         raw = self.kv.get(T_META + blob_hash)
         if raw is None:
             return None
@@ -78,9 +108,12 @@ class BlobStore:
         return BlobInfo(blob_hash, meta["size"], meta["inline"], meta["stored"])
 
     def has(self, blob_hash: bytes) -> bool:
-        return self.kv.get(T_META + blob_hash) is not None
+        return blob_hash in self._held or self.kv.get(T_META + blob_hash) is not None
 
     def erased(self, blob_hash: bytes) -> bool:
+        tombstones = self._tombstones
+        if tombstones is not None:
+            return blob_hash in tombstones
         return self.kv.get(T_TOMBSTONE + blob_hash) is not None
 
     def _refuse_erased(self, blob_hash: bytes) -> None:
@@ -96,6 +129,7 @@ class BlobStore:
         """Store small blobs in one synced batch; return their hashes."""
         batch: dict[bytes, bytes | None] = {}
         hashes = []
+        infos: dict[bytes, BlobInfo] = {}
         now = int(time.time() * 1000)
         for data in blobs:
             if len(data) > INLINE_MAX:
@@ -112,12 +146,13 @@ class BlobStore:
             batch[T_META + blob_hash] = codec.encode(
                 {"size": len(data), "inline": True, "stored": now}
             )
+            infos[blob_hash] = BlobInfo(blob_hash, len(data), True, now)
         if batch:
             with self._lock:  # an erasure between our check and this write must win
-                for key in [k for k in batch if k.startswith(T_META)]:
-                    if self.erased(key[len(T_META) :]):
-                        del batch[key], batch[T_INLINE + key[len(T_META) :]]
+                for blob_hash in [h for h in infos if self.erased(h)]:
+                    del batch[T_META + blob_hash], batch[T_INLINE + blob_hash], infos[blob_hash]
                 self.kv.write(batch, sync=True)
+                self._remember(infos.values())
         return hashes
 
     async def put_stream(
@@ -200,6 +235,7 @@ class BlobStore:
             _fsync_dir(final.parent)
             meta = {"size": size, "inline": False, "stored": int(time.time() * 1000)}
             self.kv.write({T_META + blob_hash: codec.encode(meta)}, sync=True)
+            self._remember([BlobInfo(blob_hash, size, False, meta["stored"])])
 
     # --- reading --------------------------------------------------------------------------
 
@@ -224,6 +260,11 @@ class BlobStore:
         with self._lock:
             info = self.info(blob_hash)
             self.kv.write(batch, sync=True)
+            self._held.pop(blob_hash, None)
+            if tombstone and self._tombstones is not None:
+                self._tombstones.add(blob_hash)
+                if len(self._tombstones) > MAX_TOMBSTONES_IN_MEMORY:
+                    self._tombstones = None
             if info is not None and not info.inline:
                 self._path(blob_hash).unlink(missing_ok=True)
         if info is None:
