@@ -86,36 +86,48 @@ class Admission:
                 f"'{self.chain.genesis.chain_id}'",
                 code="wrong_chain",
             )
-        if self.chain.tx_location(tx.id) is not None:
-            raise Conflict("this transaction is already committed (a replay)", code="duplicate")
-        if not from_peer:
-            for body in txmod.record_bodies(tx.kind, tx.body):
-                info = self.blobs.info(body["blob"])
-                if info is None:
-                    raise Conflict(
-                        f"the ciphertext blob {body['blob'].hex()[:16]}… of a record is not "
-                        "stored on this node; upload it first",
-                        code="blob_missing",
-                    )
-                if info.size != body["size"]:
-                    raise InvalidTransaction(
-                        f"a record declares {body['size']} bytes but its blob "
-                        f"{body['blob'].hex()[:16]}… holds {info.size}",
-                        code="blob_size_mismatch",
-                    )
         if from_peer:
+            # A committed transaction fails the nonce rule here, and gossip asked ``known``
+            # before the signature check: no second look-up of the committed index.
             self.mempool.add_relayed(tx)
             self.wake()
             return
-        admitted = self.mempool.add(tx)
+        try:
+            self._check_blobs(tx)
+            admitted = self.mempool.add(tx)
+        except EhrError as err:
+            # Only a transaction that fails is looked for among the committed ones (its
+            # nonce is spent, or its blob erased): a replay is named as such.
+            if self.chain.tx_location(tx.id) is not None:
+                raise Conflict(
+                    "this transaction is already committed (a replay)", code="duplicate"
+                ) from err
+            raise
         self.rejected.pop(tx.id, None)
-        for evicted, err in self.mempool.drain_evicted():
-            self._remember(evicted.id, err)
+        for evicted, evicted_err in self.mempool.drain_evicted():
+            self._remember(evicted.id, evicted_err)
         if admitted:
             self.wake()
             if relay:
                 for send in self.relays:
                     send(admitted)
+
+    def _check_blobs(self, tx: Tx) -> None:
+        """Each ciphertext a record names is held here, with the size it declares."""
+        for body in txmod.record_bodies(tx.kind, tx.body):
+            info = self.blobs.info(body["blob"])
+            if info is None:
+                raise Conflict(
+                    f"the ciphertext blob {body['blob'].hex()[:16]}… of a record is not "
+                    "stored on this node; upload it first",
+                    code="blob_missing",
+                )
+            if info.size != body["size"]:
+                raise InvalidTransaction(
+                    f"a record declares {body['size']} bytes but its blob "
+                    f"{body['blob'].hex()[:16]}… holds {info.size}",
+                    code="blob_size_mismatch",
+                )
 
     def _remember(self, tx_id: bytes, err: EhrError) -> None:
         if err.code == "duplicate":

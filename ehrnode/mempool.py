@@ -120,14 +120,18 @@ class Mempool:
             raise LimitExceeded(
                 "the node's mempool is full; retry after the next block", code="mempool_full"
             )
-        # Its nonce must follow the committed one or a pending one: a relayed transaction
+        # Its nonce must follow a pending one or the committed one: a relayed transaction
         # that cannot be next may never be, and would hold a place in every block's reap.
-        account = state.load(self._reader, state.P_ACCT + tx.signer)
-        committed = 0 if account is None else int(account["nonce"])
-        if tx.nonce <= committed:
-            raise InvalidTransaction("nonce already used", code="stale_nonce")
-        if tx.nonce != committed + 1 and (tx.signer, tx.nonce - 1) not in self._nonces:
-            raise InvalidTransaction("an earlier nonce of this signer is missing", code="nonce_gap")
+        # (Following a pending one, the usual case under load, needs no state read.)
+        if (tx.signer, tx.nonce - 1) not in self._nonces:
+            account = state.load(self._reader, state.P_ACCT + tx.signer)
+            committed = 0 if account is None else int(account["nonce"])
+            if tx.nonce <= committed:
+                raise InvalidTransaction("nonce already used", code="stale_nonce")
+            if tx.nonce != committed + 1:
+                raise InvalidTransaction(
+                    "an earlier nonce of this signer is missing", code="nonce_gap"
+                )
         self._txs[tx.id] = tx
         self._changes[tx.id] = {}
         self._relayed.add(tx.id)
