@@ -195,8 +195,11 @@ class Node:
             switch, self.switch = self.switch, None
             await self._stop_part("p2p", switch.stop())
         if self.kv is not None:
-            self.kv.close()
+            self.kv.close()  # waits for blob writes on the database's worker threads
             self.kv = None
+            blobs = getattr(self, "blobs", None)
+            if blobs is not None:
+                blobs.close()
 
     async def _stop_part(self, name: str, stopping: Awaitable[None]) -> None:
         try:

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from ehrnode.blobs import store
+from ehrnode.blobs import segments, store
+from ehrnode.blobs.segments import Segments
 from ehrnode.blobs.store import BlobStore
-from ehrnode.core.errors import Conflict
+from ehrnode.core import codec
+from ehrnode.core.errors import Conflict, NotFound
 from ehrnode.store.db import MemoryKV
 
 
@@ -109,3 +111,68 @@ def test_every_stored_blob_is_known_beyond_the_most_recent_ones(
             assert store_.read_small(blob_hash) == blob
     blobs.delete(hashes[4])  # one of the remembered ones
     assert not blobs.has(hashes[4]) and blobs.info(hashes[4]) is None
+
+
+def segment_bytes(root: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted((root / "segments").glob("*.seg")))
+
+
+def test_small_blobs_go_to_segments_not_leveldb_and_read_back_after_a_restart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(segments, "SEGMENT_BYTES", 1000)  # several segments
+    kv = MemoryKV()
+    blobs = BlobStore(tmp_path / "blobs", kv)
+    data = small_blobs(30)
+    hashes = blobs.put_many(data[:20]) + blobs.put_many(data[20:] + data[:3])  # 3 again
+    assert len(list((tmp_path / "blobs" / "segments").glob("*.seg"))) > 3
+    assert not list(kv.scan(store.T_INLINE))  # no blob bytes in LevelDB
+    assert len(segment_bytes(tmp_path / "blobs")) == sum(map(len, data))  # stored once
+    blobs.close()
+    again = BlobStore(tmp_path / "blobs", kv)
+    assert [again.read_small(h) for h in hashes] == data + data[:3]
+    more = small_blobs(3, seed=9)
+    assert [again.read_small(h) for h in again.put_many(more)] == more
+
+
+def test_bytes_a_crash_cut_off_are_never_named_and_later_blobs_go_after_them(
+    tmp_path: Path,
+) -> None:
+    kv = MemoryKV()
+    blobs = BlobStore(tmp_path / "blobs", kv)
+    [first_hash] = blobs.put_many([b"first blob"])
+    blobs.close()
+    # A crash after an append was made durable but before its entry was written.
+    Segments(tmp_path / "blobs").append([b"orphaned bytes"])
+    again = BlobStore(tmp_path / "blobs", kv)
+    assert not again.has(hashlib.sha256(b"orphaned bytes").digest())
+    [later_hash] = again.put_many([b"a later blob"])
+    assert again.read_small(first_hash) == b"first blob"
+    assert again.read_small(later_hash) == b"a later blob"
+
+
+def test_erasing_a_small_blob_overwrites_its_bytes_on_disk(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path / "blobs", MemoryKV())
+    secret, other = b"ciphertext to shred " * 10, b"ciphertext to keep " * 10
+    secret_hash, other_hash = blobs.put_many([secret, other])
+    assert secret in segment_bytes(tmp_path / "blobs")
+    assert blobs.delete(secret_hash)
+    on_disk = segment_bytes(tmp_path / "blobs")
+    assert secret not in on_disk and other in on_disk
+    assert blobs.read_small(other_hash) == other
+    with pytest.raises(NotFound):
+        blobs.read_small(secret_hash)
+
+
+def test_a_small_blob_an_earlier_build_kept_in_leveldb_is_read_and_erased(
+    tmp_path: Path,
+) -> None:
+    kv = MemoryKV()
+    data = b"stored in LevelDB by an earlier build"
+    blob_hash = hashlib.sha256(data).digest()
+    meta = codec.encode({"size": len(data), "inline": True, "stored": 1})
+    kv.write({store.T_META + blob_hash: meta, store.T_INLINE + blob_hash: data})
+    blobs = BlobStore(tmp_path / "blobs", kv)
+    assert blobs.read_small(blob_hash) == data
+    assert blobs.delete(blob_hash)
+    assert kv.get(store.T_INLINE + blob_hash) is None and blobs.erased(blob_hash)

@@ -2,19 +2,25 @@
 
 Where the bytes live (documented beside the tables of the node's LevelDB):
 
-    b"O" + hash(32)   {"size", "inline": bool, "stored": ms}   one entry per blob held
-    b"P" + hash(32)   the bytes of a small blob (at most ``INLINE_MAX``), kept in LevelDB
+    b"O" + hash(32)   {"size", "inline": bool, "stored": ms, "seg"?, "at"?}   one entry per
+                      blob held; "inline": a small blob (at most ``INLINE_MAX``), whose
+                      bytes are at offset "at" of segment "seg" (``blobs.segments``), or in
+                      b"P" when the entry has no "seg" (as earlier builds stored them)
+    b"P" + hash(32)   the bytes of a small blob stored by an earlier build
     b"X" + hash(32)   b"": a tombstone; this blob was erased and is never stored again
+    <home>/blobs/segments/<8 digits>.seg   small blobs' bytes, appended
     <home>/blobs/<first 2 hex>/<64 hex>   the bytes of a larger blob, one file each
 
-Small blobs (a FHIR resource's ciphertext is a few KB) go in LevelDB, many to one synced
-batch. Large ones (imaging, PDFs, up to ``max_blob_bytes``) are streamed to a temporary
-file while being hashed, fsynced, then renamed into place and the directory fsynced: memory
-stays flat whatever the size and a crash leaves either the whole blob or none of it. The
+Small blobs (a FHIR resource's ciphertext is a few KB) are appended to a segment file,
+many at a time, made durable, and then their entries go to LevelDB in one synced batch.
+Large ones (imaging, PDFs, up to ``max_blob_bytes``) are streamed to a temporary file while
+being hashed, fsynced, then renamed into place and the directory fsynced: memory stays
+flat whatever the size and a crash leaves either the whole blob or none of it. The
 metadata entry is written last, so a blob is "held" only once its bytes are durable.
 
-Deleting a blob (erasure) removes the file and the entries and compacts that key range so
-LevelDB drops the bytes from its files too.
+Deleting a blob (erasure) overwrites a small blob's bytes with zeros in its segment (or
+compacts the b"P" key range of an earlier build's, so LevelDB drops the bytes from its files
+too) or removes a large blob's file, then removes the entries.
 
 "Do we hold it?" and "was it erased?" are asked several times for every blob a node
 stores (on upload, push, announcement, admission, quorum wait and commit), so the answers
@@ -37,6 +43,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ehrnode.blobs.segments import Segments
 from ehrnode.core import codec
 from ehrnode.core.errors import Conflict, InvalidEncoding, LimitExceeded, NotFound
 from ehrnode.store.db import KV
@@ -57,6 +64,8 @@ class BlobInfo:
     size: int
     inline: bool
     stored: int
+    segment: int | None = None  # where a small blob's bytes are: segment and offset
+    offset: int = 0
 
 
 class BlobStore:
@@ -70,6 +79,7 @@ class BlobStore:
         self._tmp.mkdir(parents=True, exist_ok=True)
         for stale in self._tmp.iterdir():  # half-written uploads from before a crash
             stale.unlink(missing_ok=True)
+        self._segments = Segments(root)
         self._held: dict[bytes, BlobInfo] = {}
         self._tombstones = self._read_tombstones()
 
@@ -105,7 +115,14 @@ class BlobStore:
         if raw is None:
             return None
         meta = codec.decode(raw)
-        return BlobInfo(blob_hash, meta["size"], meta["inline"], meta["stored"])
+        return BlobInfo(
+            blob_hash,
+            meta["size"],
+            meta["inline"],
+            meta["stored"],
+            meta.get("seg"),
+            meta.get("at", 0),
+        )
 
     def has(self, blob_hash: bytes) -> bool:
         return blob_hash in self._held or self.kv.get(T_META + blob_hash) is not None
@@ -126,11 +143,10 @@ class BlobStore:
     # --- writing --------------------------------------------------------------------------
 
     def put_many(self, blobs: Iterable[bytes]) -> list[bytes]:
-        """Store small blobs in one synced batch; return their hashes."""
-        batch: dict[bytes, bytes | None] = {}
+        """Store small blobs, durably, with their entries in one synced batch; return their
+        hashes."""
         hashes = []
-        infos: dict[bytes, BlobInfo] = {}
-        now = int(time.time() * 1000)
+        new: dict[bytes, bytes] = {}
         for data in blobs:
             if len(data) > INLINE_MAX:
                 raise LimitExceeded(
@@ -140,19 +156,20 @@ class BlobStore:
             blob_hash = hashlib.sha256(data).digest()
             self._refuse_erased(blob_hash)
             hashes.append(blob_hash)
-            if self.has(blob_hash):
-                continue
-            batch[T_INLINE + blob_hash] = data
-            batch[T_META + blob_hash] = codec.encode(
-                {"size": len(data), "inline": True, "stored": now}
-            )
-            infos[blob_hash] = BlobInfo(blob_hash, len(data), True, now)
-        if batch:
+            if blob_hash not in new and not self.has(blob_hash):
+                new[blob_hash] = data
+        if new:
             with self._lock:  # an erasure between our check and this write must win
-                for blob_hash in [h for h in infos if self.erased(h)]:
-                    del batch[T_META + blob_hash], batch[T_INLINE + blob_hash], infos[blob_hash]
-                self.kv.write(batch, sync=True)
-                self._remember(infos.values())
+                for blob_hash in [h for h in new if self.erased(h)]:
+                    del new[blob_hash]
+                places = self._segments.append(list(new.values()))
+                now = int(time.time() * 1000)
+                infos = [
+                    BlobInfo(h, len(data), True, now, segment, offset)
+                    for (h, data), (segment, offset) in zip(new.items(), places, strict=True)
+                ]
+                self.kv.write({T_META + i.hash: _meta(i) for i in infos}, sync=True)
+                self._remember(infos)
         return hashes
 
     async def put_stream(
@@ -243,6 +260,8 @@ class BlobStore:
         info = self.info(blob_hash)
         if info is None:
             raise NotFound("this node does not hold that blob")
+        if info.segment is not None:
+            return self._segments.read(info.segment, info.offset, info.size)
         if info.inline:
             data = self.kv.get(T_INLINE + blob_hash)
             if data is None:
@@ -259,6 +278,8 @@ class BlobStore:
             batch[T_TOMBSTONE + blob_hash] = b""
         with self._lock:
             info = self.info(blob_hash)
+            if info is not None and info.segment is not None:
+                self._segments.shred(info.segment, info.offset, info.size)
             self.kv.write(batch, sync=True)
             self._held.pop(blob_hash, None)
             if tombstone and self._tombstones is not None:
@@ -270,9 +291,19 @@ class BlobStore:
         if info is None:
             return False
         compact = getattr(self.kv, "compact", None)
-        if compact is not None:
+        if compact is not None and info.inline and info.segment is None:
             compact(T_INLINE + blob_hash, T_INLINE + blob_hash + b"\xff")
         return True
+
+    def close(self) -> None:
+        self._segments.close()
+
+
+def _meta(info: BlobInfo) -> bytes:
+    meta: dict[str, int | bool] = {"size": info.size, "inline": info.inline, "stored": info.stored}
+    if info.segment is not None:
+        meta.update(seg=info.segment, at=info.offset)
+    return codec.encode(meta)
 
 
 def _start_write_back(handle: io.BufferedWriter, start: int, end: int) -> None:

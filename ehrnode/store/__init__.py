@@ -6,7 +6,9 @@ Every table's first key byte, and the module that defines its layout:
     B  blocks by height          store.chain       C  certificates          store.chain
     H  block id -> height        store.chain       M  chain head            store.chain
     S  state entries             store.chain       T  tx id -> location     store.chain
-    O  blob metadata             blobs.store       P  small blobs' bytes    blobs.store
+    O  blob metadata             blobs.store       P  earlier builds' small blobs
     X  erased-blob tombstones    blobs.store       Q  blobs still missing   blobs.replication
     V  consensus signing record  consensus.driver
+
+Blob bytes live outside LevelDB, in files (``blobs.segments``, ``blobs.store``).
 """
