@@ -28,7 +28,9 @@ _SUFFIX = ".seg"
 class Segments:
     def __init__(self, root: Path) -> None:
         self.dir = root / "segments"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if not self.dir.is_dir():
+            self.dir.mkdir(parents=True)
+            _fsync_dir(root)
         numbers = [int(p.stem) for p in self.dir.glob(f"*{_SUFFIX}") if p.stem.isdigit()]
         self._current = max(numbers, default=0)
         self._append_fd: int | None = None
