@@ -166,6 +166,9 @@ async def _network_measures(
                     )
                 )
         if "sync" in names:
+            if "latency" not in names:
+                # The sync phase's nonces follow the latency phase's: commit those first.
+                await throughput.sustained(net.urls, second)
             await workload.upload_blobs(net.urls[0], chain, people.providers[0], blobs[split:])
             figures.update(await measures.block_sync(net, third, figures["tx_per_s"]))
 
