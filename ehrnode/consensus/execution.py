@@ -172,7 +172,10 @@ class Executor:
         if known is not None and known.raw == raw:
             return known
         return txmod.decode(
-            raw, max_bytes=self.chain.genesis.params.max_tx_bytes, verify_sig=verify_sig
+            raw,
+            max_bytes=self.chain.genesis.params.max_tx_bytes,
+            verify_sig=verify_sig,
+            tx_id=tx_id,  # the block hashed its transactions for its Merkle root already
         )
 
     def _remember(self, block_id: bytes, execution: state.Execution, txs: list[Tx]) -> None:
