@@ -78,12 +78,19 @@ def test_an_erased_blob_stays_refused_after_a_restart(tmp_path: Path) -> None:
         again.put_many([erased])
 
 
+def store_with_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, limit: str
+) -> tuple[MemoryKV, BlobStore]:
+    """A store whose in-memory ``limit`` is 2, to see what happens beyond it."""
+    monkeypatch.setattr(store, limit, 2)
+    kv = MemoryKV()
+    return kv, BlobStore(tmp_path / "blobs", kv)
+
+
 def test_more_tombstones_than_memory_holds_are_still_all_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store, "MAX_TOMBSTONES_IN_MEMORY", 2)
-    kv = MemoryKV()
-    blobs = BlobStore(tmp_path / "blobs", kv)
+    kv, blobs = store_with_limit(tmp_path, monkeypatch, "MAX_TOMBSTONES_IN_MEMORY")
     data = small_blobs(5)
     hashes = blobs.put_many(data)
     for blob_hash in hashes[:4]:
@@ -98,9 +105,7 @@ def test_more_tombstones_than_memory_holds_are_still_all_refused(
 def test_every_stored_blob_is_known_beyond_the_most_recent_ones(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(store, "HELD_IN_MEMORY", 2)
-    kv = MemoryKV()
-    blobs = BlobStore(tmp_path / "blobs", kv)
+    kv, blobs = store_with_limit(tmp_path, monkeypatch, "HELD_IN_MEMORY")
     data = small_blobs(5)
     hashes = blobs.put_many(data[:3]) + blobs.put_many(data[3:])
     for store_ in (blobs, BlobStore(tmp_path / "blobs", kv)):

@@ -30,7 +30,7 @@ class Segments:
         self.dir = root / "segments"
         if not self.dir.is_dir():
             self.dir.mkdir(parents=True)
-            _fsync_dir(root)
+            fsync_dir(root)
         numbers = [int(p.stem) for p in self.dir.glob(f"*{_SUFFIX}") if p.stem.isdigit()]
         self._current = max(numbers, default=0)
         self._append_fd: int | None = None
@@ -48,7 +48,7 @@ class Segments:
             self._append_fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             self._end = os.fstat(self._append_fd).st_size
             if created:
-                _fsync_dir(self.dir)
+                fsync_dir(self.dir)
         return self._append_fd
 
     def _roll_over(self) -> None:
@@ -104,7 +104,8 @@ class Segments:
         self._readers.clear()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (files created or renamed in it) durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -43,7 +43,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ehrnode.blobs.segments import Segments
+from ehrnode.blobs.segments import Segments, fsync_dir
 from ehrnode.core import codec
 from ehrnode.core.errors import Conflict, InvalidEncoding, LimitExceeded, NotFound
 from ehrnode.store.db import KV
@@ -249,7 +249,7 @@ class BlobStore:
                 tmp_path.unlink(missing_ok=True)
                 return
             os.replace(tmp_path, final)
-            _fsync_dir(final.parent)
+            fsync_dir(final.parent)
             meta = {"size": size, "inline": False, "stored": int(time.time() * 1000)}
             self.kv.write({T_META + blob_hash: codec.encode(meta)}, sync=True)
             self._remember([BlobInfo(blob_hash, size, False, meta["stored"])])
@@ -314,14 +314,6 @@ def _start_write_back(handle: io.BufferedWriter, start: int, end: int) -> None:
     handle.flush()
     with contextlib.suppress(OSError, AttributeError):
         os.posix_fadvise(handle.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def parse_hash(text: str) -> bytes:
