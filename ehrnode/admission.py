@@ -21,7 +21,7 @@ from ehrnode.consensus.driver import Committed
 from ehrnode.core import tx as txmod
 from ehrnode.core.errors import Conflict, EhrError, InvalidTransaction
 from ehrnode.core.tx import Tx
-from ehrnode.mempool import Mempool
+from ehrnode.mempool import RECHECK_MAX, Mempool
 from ehrnode.store.chain import Chain, TxLocation
 
 MAX_REMEMBERED_REJECTIONS = 10_000
@@ -92,6 +92,10 @@ class Admission:
             self.mempool.add_relayed(tx)
             self.wake()
             return
+        if len(self.mempool) > RECHECK_MAX and self.chain.tx_location(tx.id) is not None:
+            # With a backlog this large the mempool lays its pending writes over a new block
+            # without checking them again, and its nonces may not show what others got in.
+            raise Conflict("this transaction is already committed (a replay)", code="duplicate")
         try:
             self._check_blobs(tx)
             admitted = self.mempool.add(tx)

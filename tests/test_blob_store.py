@@ -3,12 +3,14 @@ erased is answered right whether the answer is kept in memory or read from Level
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import itertools
 import os
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -140,20 +142,104 @@ def test_small_blobs_go_to_segments_not_leveldb_and_read_back_after_a_restart(
     assert [again.read_small(h) for h in again.put_many(more)] == more
 
 
-def test_bytes_a_crash_cut_off_are_never_named_and_later_blobs_go_after_them(
-    tmp_path: Path,
-) -> None:
+def test_bytes_a_crash_left_unnamed_are_cut_off_at_start(tmp_path: Path) -> None:
+    """Bytes appended but never named by an entry would be a copy of a ciphertext that no
+    erasure can find: the next start cuts them off, and later blobs read back right."""
     kv = MemoryKV()
     blobs = BlobStore(tmp_path / "blobs", kv)
     [first_hash] = blobs.put_many([b"first blob"])
     blobs.close()
-    # A crash after an append was made durable but before its entry was written.
-    Segments(tmp_path / "blobs").append([b"orphaned bytes"])
+    # A crash after an append was made durable but before its entries were written.
+    Segments(tmp_path / "blobs", {}).append([b"orphaned ciphertext"])
+    assert b"orphaned ciphertext" in segment_bytes(tmp_path / "blobs")
     again = BlobStore(tmp_path / "blobs", kv)
-    assert not again.has(hashlib.sha256(b"orphaned bytes").digest())
+    assert b"orphaned ciphertext" not in segment_bytes(tmp_path / "blobs")
+    assert not again.has(hashlib.sha256(b"orphaned ciphertext").digest())
     [later_hash] = again.put_many([b"a later blob"])
     assert again.read_small(first_hash) == b"first blob"
     assert again.read_small(later_hash) == b"a later blob"
+
+
+def test_a_failed_append_leaves_nothing_and_the_next_one_lands_right(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blobs = BlobStore(tmp_path / "blobs", MemoryKV())
+    [kept_hash] = blobs.put_many([b"A" * 10])
+    real = os.pwrite
+
+    def disk_full(fd: int, data: Any, offset: int) -> int:
+        real(fd, bytes(data)[:4], offset)  # part of it reached the file
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(segments.os, "pwrite", disk_full)
+    with pytest.raises(OSError):
+        blobs.put_many([b"B" * 10])
+    monkeypatch.setattr(segments.os, "pwrite", real)
+    assert not blobs.has(hashlib.sha256(b"B" * 10).digest())
+    assert segment_bytes(tmp_path / "blobs") == b"A" * 10  # no part of it stays
+    [later_hash] = blobs.put_many([b"C" * 10])
+    assert blobs.read_small(later_hash) == b"C" * 10
+    assert blobs.read_small(kept_hash) == b"A" * 10
+    assert segment_bytes(tmp_path / "blobs") == b"A" * 10 + b"C" * 10
+
+
+def test_the_same_blob_stored_by_two_writers_at_once_is_kept_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client's upload and a peer's push of one blob may both find it absent before
+    either writes: the second must not append a copy that an erasure would not reach."""
+    blobs = BlobStore(tmp_path / "blobs", MemoryKV())
+    data = b"the same ciphertext, twice"
+    [blob_hash] = blobs.put_many([data])
+    real = blobs.has
+    looks = 0
+
+    def has(blob: bytes) -> bool:
+        nonlocal looks
+        looks += 1
+        return False if looks == 1 else real(blob)  # the first look came before the write
+
+    monkeypatch.setattr(blobs, "has", has)
+    assert blobs.put_many([data]) == [blob_hash]
+    assert segment_bytes(tmp_path / "blobs").count(data) == 1
+    assert blobs.delete(blob_hash)
+    assert data not in segment_bytes(tmp_path / "blobs")
+
+
+def test_a_missing_segment_is_a_blob_not_held_not_a_crash(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path / "blobs", MemoryKV())
+    [blob_hash] = blobs.put_many([b"ciphertext"])
+    blobs.close()
+    for path in (tmp_path / "blobs" / "segments").glob("*.seg"):
+        path.unlink()
+    with pytest.raises(NotFound) as caught:
+        blobs.read_small(blob_hash)
+    assert caught.value.code == "blob_missing"
+    assert blobs.delete(blob_hash)  # the erasure still completes
+    assert blobs.erased(blob_hash) and not blobs.has(blob_hash)
+
+
+def test_damaged_bytes_are_never_served(tmp_path: Path) -> None:
+    blobs = BlobStore(tmp_path / "blobs", MemoryKV())
+    [blob_hash] = blobs.put_many([b"ciphertext"])
+    [segment] = (tmp_path / "blobs" / "segments").glob("*.seg")
+    segment.write_bytes(b"Ciphertext")
+    with pytest.raises(NotFound):
+        blobs.read_small(blob_hash)
+
+
+def test_reading_many_segments_keeps_few_files_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(segments, "SEGMENT_BYTES", 100)
+    monkeypatch.setattr(segments, "OPEN_READERS", 2)
+    blobs = BlobStore(tmp_path / "blobs", MemoryKV())
+    data = small_blobs(12)
+    hashes = blobs.put_many(data)
+    assert len(list((tmp_path / "blobs" / "segments").glob("*.seg"))) == 12
+    before = len(os.listdir("/proc/self/fd"))
+    assert [blobs.read_small(h) for h in hashes] == data
+    assert len(os.listdir("/proc/self/fd")) <= before + 2
 
 
 def test_erasing_a_small_blob_overwrites_its_bytes_on_disk(tmp_path: Path) -> None:

@@ -24,8 +24,7 @@ class Eraser:
             if tx.kind != "erase":
                 continue
             for record_id in tx.body["records"]:
-                record = self.chain.load_state(state.P_REC + record_id)
-                if record is not None and self.blobs.delete(record["blob"]):
+                if self._erase(record_id):
                     log.info("erased the ciphertext of record %s", record_id.hex()[:16])
 
     def sweep(self, last_blocks: int = 2) -> int:
@@ -35,7 +34,17 @@ class Eraser:
         removed = 0
         for erase in self.chain.recent_txs(("erase",), last_blocks):
             for record_id in erase["body"]["records"]:
-                record = self.chain.load_state(state.P_REC + record_id)
-                if record is not None and self.blobs.delete(record["blob"]):
-                    removed += 1
+                removed += self._erase(record_id)
         return removed
+
+    def _erase(self, record_id: bytes) -> bool:
+        """Delete one record's ciphertext; a failure (the disk) is logged, and the other
+        records of the erasure still go (a start sweeps the newest blocks' again)."""
+        record = self.chain.load_state(state.P_REC + record_id)
+        if record is None:
+            return False
+        try:
+            return self.blobs.delete(record["blob"])
+        except OSError as err:
+            log.error("could not erase the ciphertext of record %s: %s", record_id.hex()[:16], err)
+            return False

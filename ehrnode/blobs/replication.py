@@ -297,7 +297,10 @@ class Replication:
             if not info.inline:
                 large.append(blob)
                 continue
-            data = self.blobs.read_small(blob)
+            try:
+                data = self.blobs.read_small(blob)
+            except EhrError:
+                continue  # our copy is unreadable (logged): another peer will serve it
             if small and size + len(data) > PUSH_FRAME_BYTES:
                 self.switch.send(peer, "blob_data", blobs=small)
                 small, size = [], 0

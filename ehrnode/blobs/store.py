@@ -8,6 +8,7 @@ Where the bytes live (documented beside the tables of the node's LevelDB):
                       b"P" when the entry has no "seg" (as earlier builds stored them)
     b"P" + hash(32)   the bytes of a small blob stored by an earlier build
     b"X" + hash(32)   b"": a tombstone; this blob was erased and is never stored again
+    b"G" + BE4(n)     BE8: how far segment n is committed (written with the entries)
     <home>/blobs/segments/<8 digits>.seg   small blobs' bytes, appended
     <home>/blobs/<first 2 hex>/<64 hex>   the bytes of a larger blob, one file each
 
@@ -35,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import logging
 import os
 import secrets
 import threading
@@ -48,9 +50,12 @@ from ehrnode.core import codec
 from ehrnode.core.errors import Conflict, InvalidEncoding, LimitExceeded, NotFound
 from ehrnode.store.db import KV
 
+log = logging.getLogger(__name__)
+
 T_META = b"O"
 T_INLINE = b"P"
 T_TOMBSTONE = b"X"
+T_SEGMENT_END = b"G"
 INLINE_MAX = 64 * 1024
 WRITE_BACK_BYTES = 32 * 1024 * 1024  # a large blob goes to disk as it arrives, in steps
 DEFAULT_MAX_BLOB_BYTES = 8 * 1024**3
@@ -79,7 +84,11 @@ class BlobStore:
         self._tmp.mkdir(parents=True, exist_ok=True)
         for stale in self._tmp.iterdir():  # half-written uploads from before a crash
             stale.unlink(missing_ok=True)
-        self._segments = Segments(root)
+        ends = {
+            int.from_bytes(key[len(T_SEGMENT_END) :], "big"): int.from_bytes(value, "big")
+            for key, value in kv.scan(T_SEGMENT_END)
+        }
+        self._segments = Segments(root, ends)
         self._held: dict[bytes, BlobInfo] = {}
         self._tombstones = self._read_tombstones()
 
@@ -159,16 +168,23 @@ class BlobStore:
             if blob_hash not in new and not self.has(blob_hash):
                 new[blob_hash] = data
         if new:
-            with self._lock:  # an erasure between our check and this write must win
-                for blob_hash in [h for h in new if self.erased(h)]:
+            with self._lock:
+                # An erasure, or another writer of the same blob (a client's upload and a
+                # peer's push), between our check and this write: theirs stands.
+                for blob_hash in [h for h in new if self.has(h) or self.erased(h)]:
                     del new[blob_hash]
-                places = self._segments.append(list(new.values()))
+                if not new:
+                    return hashes
+                places, ends = self._segments.append(list(new.values()))
                 now = int(time.time() * 1000)
                 infos = [
                     BlobInfo(h, len(data), True, now, segment, offset)
                     for (h, data), (segment, offset) in zip(new.items(), places, strict=True)
                 ]
-                self.kv.write({T_META + i.hash: _meta(i) for i in infos}, sync=True)
+                batch = {T_META + i.hash: _meta(i) for i in infos}
+                for segment, end in ends.items():
+                    batch[T_SEGMENT_END + segment.to_bytes(4, "big")] = end.to_bytes(8, "big")
+                self.kv.write(batch, sync=True)
                 self._remember(infos)
         return hashes
 
@@ -261,13 +277,27 @@ class BlobStore:
         if info is None:
             raise NotFound("this node does not hold that blob")
         if info.segment is not None:
-            return self._segments.read(info.segment, info.offset, info.size)
+            return self._read_segment(info)
         if info.inline:
             data = self.kv.get(T_INLINE + blob_hash)
             if data is None:
                 raise NotFound("this node does not hold that blob")
             return data
         return self._path(blob_hash).read_bytes()
+
+    def _read_segment(self, info: BlobInfo) -> bytes:
+        """A small blob's bytes, checked against its hash (a damaged or missing segment
+        is a blob this node cannot serve, not a crash)."""
+        assert info.segment is not None
+        try:
+            data = self._segments.read(info.segment, info.offset, info.size)
+        except OSError as err:
+            log.error("blob %s cannot be read: %s", info.hash.hex()[:16], err)
+            raise _unreadable() from err
+        if hashlib.sha256(data).digest() != info.hash:
+            log.error("blob %s: its bytes in the segment are damaged", info.hash.hex()[:16])
+            raise _unreadable()
+        return data
 
     # --- erasure --------------------------------------------------------------------------
 
@@ -297,6 +327,10 @@ class BlobStore:
 
     def close(self) -> None:
         self._segments.close()
+
+
+def _unreadable() -> NotFound:
+    return NotFound("this node's copy of that blob cannot be read", code="blob_missing")
 
 
 def _meta(info: BlobInfo) -> bytes:

@@ -8,7 +8,7 @@ Every table's first key byte, and the module that defines its layout:
     S  state entries             store.chain       T  tx id -> location     store.chain
     O  blob metadata             blobs.store       P  earlier builds' small blobs
     X  erased-blob tombstones    blobs.store       Q  blobs still missing   blobs.replication
-    V  consensus signing record  consensus.driver
+    V  consensus signing record  consensus.driver  G  blob segments' ends    blobs.store
 
 Blob bytes live outside LevelDB, in files (``blobs.segments``, ``blobs.store``).
 """
