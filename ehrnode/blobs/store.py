@@ -165,12 +165,12 @@ class BlobStore:
             blob_hash = hashlib.sha256(data).digest()
             self._refuse_erased(blob_hash)
             hashes.append(blob_hash)
-            if blob_hash not in new and not self.has(blob_hash):
+            if blob_hash not in new:
                 new[blob_hash] = data
         if new:
             with self._lock:
-                # An erasure, or another writer of the same blob (a client's upload and a
-                # peer's push), between our check and this write: theirs stands.
+                # Held already (perhaps by another writer of the same blob a moment ago: a
+                # client's upload and a peer's push), or erased since our check: skipped.
                 for blob_hash in [h for h in new if self.has(h) or self.erased(h)]:
                     del new[blob_hash]
                 if not new:
