@@ -152,7 +152,12 @@ def test_bytes_a_crash_left_unnamed_are_cut_off_at_start(tmp_path: Path) -> None
     [first_hash] = blobs.put_many([b"first blob"])
     blobs.close()
     # A crash after an append was made durable but before its entries were written.
-    Segments(tmp_path / "blobs", {}).append([b"orphaned ciphertext"])
+    ends = {
+        int.from_bytes(key[1:], "big"): int.from_bytes(value, "big")
+        for key, value in kv.scan(store.T_SEGMENT_END)
+    }
+    assert ends == {0: len(b"first blob")}
+    Segments(tmp_path / "blobs", ends).append([b"orphaned ciphertext"])
     assert b"orphaned ciphertext" in segment_bytes(tmp_path / "blobs")
     again = BlobStore(tmp_path / "blobs", kv)
     assert b"orphaned ciphertext" not in segment_bytes(tmp_path / "blobs")
@@ -160,6 +165,39 @@ def test_bytes_a_crash_left_unnamed_are_cut_off_at_start(tmp_path: Path) -> None
     [later_hash] = again.put_many([b"a later blob"])
     assert again.read_small(first_hash) == b"first blob"
     assert again.read_small(later_hash) == b"a later blob"
+
+
+def test_a_new_node_s_first_append_a_crash_left_unnamed_is_cut_off(tmp_path: Path) -> None:
+    Segments(tmp_path / "blobs", {}).append([b"orphaned ciphertext"])
+    blobs = BlobStore(tmp_path / "blobs", MemoryKV())
+    assert segment_bytes(tmp_path / "blobs") == b""
+    [blob_hash] = blobs.put_many([b"a first blob"])
+    assert blobs.read_small(blob_hash) == b"a first blob"
+    assert segment_bytes(tmp_path / "blobs") == b"a first blob"
+
+
+def test_bytes_whose_entries_could_not_be_written_are_cut_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The entries' batch fails (say the disk filled while LevelDB wrote its log): the
+    appended bytes go at once, and the next blob lands at the committed end."""
+    kv = MemoryKV()
+    blobs = BlobStore(tmp_path / "blobs", kv)
+    [kept_hash] = blobs.put_many([b"A" * 10])
+    real = kv.write
+
+    def full(changes: Any, *, sync: bool = True) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(kv, "write", full)
+    with pytest.raises(OSError):
+        blobs.put_many([b"B" * 10])
+    assert segment_bytes(tmp_path / "blobs") == b"A" * 10
+    monkeypatch.setattr(kv, "write", real)
+    [later_hash] = blobs.put_many([b"C" * 10])
+    assert blobs.read_small(later_hash) == b"C" * 10
+    assert blobs.read_small(kept_hash) == b"A" * 10
+    assert segment_bytes(tmp_path / "blobs") == b"A" * 10 + b"C" * 10
 
 
 def test_a_failed_append_leaves_nothing_and_the_next_one_lands_right(
@@ -267,3 +305,53 @@ def test_a_small_blob_an_earlier_build_kept_in_leveldb_is_read_and_erased(
     assert blobs.read_small(blob_hash) == data
     assert blobs.delete(blob_hash)
     assert kv.get(store.T_INLINE + blob_hash) is None and blobs.erased(blob_hash)
+
+
+def test_an_append_that_fails_after_rolling_over_leaves_both_segments_as_they_were(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(segments, "SEGMENT_BYTES", 20)
+    kv = MemoryKV()
+    blobs = BlobStore(tmp_path / "blobs", kv)
+    first = blobs.put_many([b"a" * 10])
+    real, calls = os.pwrite, 0
+
+    def fails_third(fd: int, data: Any, offset: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise OSError(errno.EIO, "I/O error")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(segments.os, "pwrite", fails_third)
+    with pytest.raises(OSError):
+        blobs.put_many([b"b" * 10, b"c" * 10, b"d" * 10])  # b fills segment 0, c starts 1
+    monkeypatch.setattr(segments.os, "pwrite", real)
+    assert segment_bytes(tmp_path / "blobs") == b"a" * 10
+    later = blobs.put_many([b"e" * 10, b"f" * 10])
+    again = BlobStore(tmp_path / "blobs", kv)
+    assert [again.read_small(h) for h in first + later] == [b"a" * 10, b"e" * 10, b"f" * 10]
+    assert segment_bytes(tmp_path / "blobs") == b"a" * 10 + b"e" * 10 + b"f" * 10
+
+
+def test_a_cut_that_failed_is_made_before_the_next_append(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    kv = MemoryKV()
+    blobs = BlobStore(tmp_path / "blobs", kv)
+    [kept_hash] = blobs.put_many([b"A" * 10])
+    real_write, real_truncate = kv.write, os.truncate
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(kv, "write", fail)
+    monkeypatch.setattr(segments.os, "truncate", fail)
+    with pytest.raises(OSError):
+        blobs.put_many([b"B" * 10])
+    assert segment_bytes(tmp_path / "blobs") == b"A" * 10 + b"B" * 10  # not cut yet
+    monkeypatch.setattr(kv, "write", real_write)
+    monkeypatch.setattr(segments.os, "truncate", real_truncate)
+    [later_hash] = blobs.put_many([b"C" * 10])
+    assert segment_bytes(tmp_path / "blobs") == b"A" * 10 + b"C" * 10
+    assert [blobs.read_small(h) for h in (kept_hash, later_hash)] == [b"A" * 10, b"C" * 10]

@@ -12,8 +12,9 @@ Appends go to the newest segment, at its committed end, until it reaches
 ``SEGMENT_BYTES``, and are made durable (``fdatasync``) before the caller writes the
 entries, so a blob is "held" only once its bytes are on disk. Bytes past the committed
 end (an append whose entries a crash or an error kept from being written) are cut off:
-at once when the append fails, at start after a crash. So no copy of a ciphertext is
-ever left where no entry names it, out of reach of an erasure. Erasing a blob
+at once when the append or the entries' batch fails, again before the segment is next
+appended to (should that cut have failed too), and at start after a crash. So no copy
+of a ciphertext is ever left where no entry names it, out of reach of an erasure. Erasing a blob
 overwrites its bytes with zeros in place, durably, before its entry goes. The caller
 serialises appends and erasures; reads may come from any thread.
 """
@@ -38,19 +39,20 @@ class Segments:
     def __init__(self, root: Path, ends: Mapping[int, int]) -> None:
         """``ends``: each segment's committed end, as recorded with the entries."""
         self.dir = root / "segments"
-        if not self.dir.is_dir():
-            self.dir.mkdir(parents=True)
-            fsync_dir(root)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fsync_dir(root)  # cheap, and a crash may have cut in after an earlier mkdir
         numbers = [int(p.stem) for p in self.dir.glob(f"*{_SUFFIX}") if p.stem.isdigit()]
-        self._current = max(numbers, default=0)
-        if ends:
-            # Only the last committed segment and any begun after it can hold bytes no
-            # entry names (an append that rolled over writes to both).
-            for number in numbers:
-                if number >= max(ends):
-                    self._cut(number, ends.get(number, 0))
+        self._committed = dict(ends)
+        # Only the last committed segment and any begun after it can hold bytes no entry
+        # names (an append that rolled over writes to both); with none committed, all.
+        floor = max(ends, default=0)
+        for number in numbers:
+            if number >= floor:
+                self._cut(number, ends.get(number, 0))
+        self._current = max([floor, *numbers])
         self._append_fd: int | None = None
         self._end = 0
+        self._dirty: set[int] = set()  # segments written to since the last commit
         self._readers: OrderedDict[int, int] = OrderedDict()
         self._reading = threading.Lock()
 
@@ -70,36 +72,37 @@ class Segments:
                 os.close(fd)
 
     def _open_for_append(self) -> int:
+        """The current segment, opened at its committed end: anything after it (an append
+        whose entries were never written) is cut first."""
         if self._append_fd is None:
-            path = self._path(self._current)
-            created = not path.exists()
-            self._append_fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+            self._cut(self._current, self._committed.get(self._current, 0))
+            self._append_fd = os.open(self._path(self._current), os.O_WRONLY | os.O_CREAT, 0o600)
             self._end = os.fstat(self._append_fd).st_size
-            if created:
-                fsync_dir(self.dir)
+            if self._end == 0:
+                fsync_dir(self.dir)  # a new file (or one a failure left empty)
         return self._append_fd
 
     def _close_append(self) -> None:
         if self._append_fd is not None:
-            os.close(self._append_fd)
-            self._append_fd = None
+            fd, self._append_fd = self._append_fd, None
+            os.close(fd)
 
     def append(self, blobs: list[bytes]) -> tuple[list[tuple[int, int]], dict[int, int]]:
         """Write ``blobs`` durably: where each one is, as (segment, offset), and the end of
-        each segment written to, for the caller to record with the entries. On any error
-        nothing stays written."""
+        each segment written to, which the caller records with the entries and then passes
+        to ``committed`` (or, if that fails, calls ``abandon``). On an error here nothing
+        stays written."""
         places: list[tuple[int, int]] = []
         ends: dict[int, int] = {}
-        start: tuple[int, int | None] = (self._current, None)
         try:
             fd = self._open_for_append()
-            start = (self._current, self._end)
             for data in blobs:
                 if self._end >= SEGMENT_BYTES:
                     os.fdatasync(fd)
                     self._close_append()
                     self._current += 1
                     fd = self._open_for_append()
+                self._dirty.add(self._current)
                 places.append((self._current, self._end))
                 view = memoryview(data)
                 while view:
@@ -109,25 +112,28 @@ class Segments:
                 ends[self._current] = self._end
             os.fdatasync(fd)
         except OSError:
-            self._undo(start)
+            self.abandon()
             raise
         return places, ends
 
-    def _undo(self, start: tuple[int, int | None]) -> None:
-        """After a failed append: back to where it began; the next append reopens."""
+    def committed(self, ends: Mapping[int, int]) -> None:
+        """The entries naming the last append are written: its bytes stay."""
+        self._committed.update(ends)
+        self._dirty.clear()
+
+    def abandon(self) -> None:
+        """The last append will not be named (it failed, or its entries could not be
+        written): cut what it wrote, back to each segment's committed end. A cut that
+        fails now is made when that segment is next opened for appending, or at start."""
         self._close_append()
-        number, end = start
-        begun = list(range(number + 1, self._current + 1))
-        for later in begun:
-            self._path(later).unlink(missing_ok=True)
-        self._current = number
-        if end is not None:
+        for number in sorted(self._dirty):
             try:
-                self._cut(number, end)
-            except OSError as err:  # the disk is failing; the next start cuts it
-                log.error("segment %d: could not cut a failed append: %s", number, err)
-        if begun:
-            log.warning("removed segments %s begun by a failed append", begun)
+                self._cut(number, self._committed.get(number, 0))
+            except OSError as err:
+                log.error("segment %d: could not cut an abandoned append: %s", number, err)
+        if self._dirty:
+            self._current = min(self._dirty)
+        self._dirty.clear()
 
     def read(self, number: int, offset: int, size: int) -> bytes:
         """The bytes at ``offset``; OSError when the segment is missing or too short."""

@@ -184,7 +184,12 @@ class BlobStore:
                 batch = {T_META + i.hash: _meta(i) for i in infos}
                 for segment, end in ends.items():
                     batch[T_SEGMENT_END + segment.to_bytes(4, "big")] = end.to_bytes(8, "big")
-                self.kv.write(batch, sync=True)
+                try:
+                    self.kv.write(batch, sync=True)
+                except BaseException:
+                    self._segments.abandon()  # no entry names those bytes: they go
+                    raise
+                self._segments.committed(ends)
                 self._remember(infos)
         return hashes
 
