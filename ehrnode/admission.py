@@ -92,20 +92,17 @@ class Admission:
             self.mempool.add_relayed(tx)
             self.wake()
             return
-        if len(self.mempool) > RECHECK_MAX and self.chain.tx_location(tx.id) is not None:
+        if len(self.mempool) > RECHECK_MAX:
             # With a backlog this large the mempool lays its pending writes over a new block
             # without checking them again, and its nonces may not show what others got in.
-            raise Conflict("this transaction is already committed (a replay)", code="duplicate")
+            self._refuse_replay(tx)
         try:
             self._check_blobs(tx)
             admitted = self.mempool.add(tx)
-        except EhrError as err:
+        except EhrError:
             # Only a transaction that fails is looked for among the committed ones (its
             # nonce is spent, or its blob erased): a replay is named as such.
-            if self.chain.tx_location(tx.id) is not None:
-                raise Conflict(
-                    "this transaction is already committed (a replay)", code="duplicate"
-                ) from err
+            self._refuse_replay(tx)
             raise
         self.rejected.pop(tx.id, None)
         for evicted, evicted_err in self.mempool.drain_evicted():
@@ -115,6 +112,10 @@ class Admission:
             if relay:
                 for send in self.relays:
                     send(admitted)
+
+    def _refuse_replay(self, tx: Tx) -> None:
+        if self.chain.tx_location(tx.id) is not None:
+            raise Conflict("this transaction is already committed (a replay)", code="duplicate")
 
     def _check_blobs(self, tx: Tx) -> None:
         """Each ciphertext a record names is held here, with the size it declares."""

@@ -1,6 +1,6 @@
-"""Serving a blob over HTTP: a small one from LevelDB in one body, a large one straight
-from its file with ``sendfile`` (``web.FileResponse``), so the node copies no bytes of a
-multi-GB attachment through Python."""
+"""Serving a blob over HTTP: a small one in one body (read from its segment), a large one
+straight from its file with ``sendfile`` (``web.FileResponse``), so the node copies no
+bytes of a multi-GB attachment through Python."""
 
 from __future__ import annotations
 

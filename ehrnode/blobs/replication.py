@@ -208,7 +208,7 @@ class Replication:
         for data in fields["blobs"]:
             blob = crypto.sha256(data)
             self._holders(blob).add(peer.key)
-            if blob not in self._incoming and not self.blobs.has(blob) and not self.erased(blob):
+            if blob not in self._incoming and self._lacks(blob):
                 wanted.append(data)
                 incoming.append(blob)
                 self._incoming.add(blob)
@@ -277,12 +277,7 @@ class Replication:
             self._holders(blob).add(peer.key)
             self._wake(blob)
             wanted = blob in self.missing or self.replicate
-            if (
-                wanted
-                and blob not in self._incoming
-                and not self.blobs.has(blob)
-                and not self.erased(blob)
-            ):
+            if wanted and blob not in self._incoming and self._lacks(blob):
                 self._schedule_fetch(peer, blob)
 
     def _on_want(self, peer: Peer, fields: dict[str, Any]) -> None:

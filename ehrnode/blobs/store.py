@@ -109,7 +109,7 @@ class BlobStore:
             del held[next(iter(held))]
 
     def path(self, blob_hash: bytes) -> Path:
-        """Where a large blob's file lives (small blobs live in LevelDB)."""
+        """Where a large blob's file lives (small blobs live in segments)."""
         return self._path(blob_hash)
 
     def _path(self, blob_hash: bytes) -> Path:
