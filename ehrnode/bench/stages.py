@@ -112,6 +112,17 @@ async def measure(root: Path, records: int) -> str:
             await workload.upload_blobs(
                 nodes[0].rpc_url, chain_id, people.providers[0], [b for b, _ in work]
             )
+            # Every node must hold each blob and know every writer before it takes their
+            # records: the upload returns at the write quorum, registration at node 0's commit.
+            hashes = [crypto.sha256(blob) for blob, _ in work]
+            height = nodes[0].chain.head.height
+            await wait_for(
+                lambda: all(
+                    n.chain.head.height >= height and all(n.blobs.info(h) for h in hashes)
+                    for n in nodes
+                ),
+                60,
+            )
             raws = [raw for _, raw in work]
             lanes = split_by_node(raws, len(nodes))
             timers.reset()
@@ -125,7 +136,10 @@ async def measure(root: Path, records: int) -> str:
                             data=msgpack.packb(lanes[i][k : k + 250]),
                             headers={"Content-Type": "application/msgpack"},
                         ) as response:
-                            await response.read()
+                            results = (await response.json())["results"]
+                        refused = [r for r in results if r["status"] == "rejected"]
+                        if refused:
+                            raise RuntimeError(f"node {i} refused records: {refused[:2]}")
 
                 await asyncio.gather(*(lane(i) for i in range(len(nodes))))
             last = [crypto.sha256(raw) for raw in raws[-50:]]
