@@ -9,7 +9,7 @@ from helpers_core import CHAIN, MemState, World, fake_keys, identity, raw_tx
 
 from ehrnode.core import codec, crypto, state, tx
 from ehrnode.core.errors import InvalidTransaction
-from ehrnode.core.state import P_KEY, P_PREC, P_REC, P_VER
+from ehrnode.core.state import P_PREC, P_REC, P_VER
 
 
 @pytest.fixture
@@ -211,16 +211,18 @@ def test_record_by_provider_for_patient(w: World) -> None:
         "ver": 1,
         "head": t.id,
         "nver": 1,
+        "keys": body["keys"],
     }
     assert w.overlay.get(state.seq_key(P_PREC, patient.public_key, 0)) == t.id
-    assert w.overlay.get(state.seq_key(P_VER, t.id, 0)) == t.id
+    # The first version is the root itself: no version entry until an amendment.
+    assert w.overlay.get(state.seq_key(P_VER, t.id, 0)) is None
     assert w.account(patient)["nrec"] == 1
-    # The wrapped keys are stored per reader, and each opens for that reader only.
+    # A wrapped key per reader, and each opens for that reader only.
     for reader in (patient, provider):
-        wrapped = w.overlay.get(P_KEY + t.id + reader.public_key)
+        wrapped = state.wrapped_key(w.overlay, t.id, reader.public_key)
         assert wrapped is not None
         assert reader.unwrap_key(wrapped) == data_key
-    assert w.overlay.get(P_KEY + t.id + identity(3).public_key) is None
+    assert state.wrapped_key(w.overlay, t.id, identity(3).public_key) is None
 
 
 def test_patient_records_are_listed_in_order(w: World) -> None:
@@ -281,7 +283,7 @@ def test_record_may_not_wrap_for_strangers(w: World) -> None:
 def test_record_need_not_wrap_for_its_author(w: World) -> None:
     patient, provider, _ = people(w)
     t = w.record(provider, patient, with_author=False)
-    assert w.overlay.get(P_KEY + t.id + provider.public_key) is None
+    assert state.wrapped_key(w.overlay, t.id, provider.public_key) is None
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -344,7 +346,7 @@ def test_failed_tx_undoes_its_own_earlier_writes(w: World) -> None:
     ids = sorted([good.id, erased.id])
     grant = {"grantee": gp.public_key, "scope": "records", "records": fake_keys(ids)}
     assert w.rejects(w.sign(patient, "grant", grant)) == "record_erased"
-    assert w.overlay.get(P_KEY + good.id + gp.public_key) is None
+    assert state.wrapped_key(w.overlay, good.id, gp.public_key) is None
     assert not w.may_read(good, gp)
     unknown = crypto.sha256(b"missing")
     erase = {"records": [good.id, unknown]}
@@ -367,7 +369,7 @@ def test_amend_chain_versions(w: World) -> None:
     assert "head" not in second
     assert w.load(P_REC + v3.id)["ver"] == 3
     versions = [w.overlay.get(state.seq_key(P_VER, v1.id, i)) for i in range(4)]
-    assert versions == [v1.id, v2.id, v3.id, None]
+    assert versions == [None, v2.id, v3.id, None]  # seq 0, the first version, is the root
     # Versions do not count as new records of the patient.
     assert w.account(patient)["nrec"] == 1
     assert w.overlay.get(state.seq_key(P_PREC, patient.public_key, 1)) is None

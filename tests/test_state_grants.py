@@ -41,7 +41,7 @@ def test_standing_grant_binds_new_records(w: World) -> None:
         w.apply(missing)
     assert w.rejects(missing) == "missing_grantee_key"
     t = w.record(provider, patient, readers=[gp.public_key])
-    assert w.overlay.get(P_KEY + t.id + gp.public_key) is not None
+    assert state.wrapped_key(w.overlay, t.id, gp.public_key) is not None
 
 
 def test_standing_grant_by_type_binds_only_that_type(w: World) -> None:
@@ -148,6 +148,9 @@ def test_listed_grant(w: World) -> None:
     grant = w.do(patient, "grant", body)
     assert w.load(P_GRANT + grant.id)["records"] == [r1.id]
     assert gp.unwrap_key(w.overlay.get(P_KEY + r1.id + gp.public_key)) == data_key
+    assert state.wrapped_key(w.overlay, r1.id, gp.public_key) == w.overlay.get(
+        P_KEY + r1.id + gp.public_key
+    )
     assert w.load(P_LGR + r1.id + gp.public_key) == [grant.id]
     assert w.may_read(r1, gp)
     assert not w.may_read(r2, gp)

@@ -11,7 +11,7 @@ from ehrnode.client import fhir
 from ehrnode.client.sealing import batch_bodies, seal_record
 from ehrnode.core import crypto, state, tx
 from ehrnode.core.errors import InvalidTransaction
-from ehrnode.core.state import P_KEY, P_PREC, P_REC, P_VER
+from ehrnode.core.state import P_PREC, P_REC, P_VER
 from ehrnode.mempool import Mempool
 
 
@@ -40,8 +40,8 @@ def test_each_record_gets_its_own_id_in_order(w: World) -> None:
         assert (entry["root"], entry["head"], entry["ver"]) == (rid, rid, 1)
         assert (entry["tx"], entry["item"]) == (t.id, index)
         assert w.overlay.get(state.seq_key(P_PREC, patient.public_key, index + 1)) == rid
-        assert w.overlay.get(state.seq_key(P_VER, rid, 0)) == rid
-        assert patient.unwrap_key(w.overlay.get(P_KEY + rid + patient.public_key)) == key
+        assert w.overlay.get(state.seq_key(P_VER, rid, 0)) is None  # the root is version 1
+        assert patient.unwrap_key(state.wrapped_key(w.overlay, rid, patient.public_key)) == key
         assert w.overlay.get(state.P_BLOB + item["blob"]) == rid
     assert w.account(patient)["nrec"] == 4
     assert w.account(provider)["nonce"] == t.nonce  # one transaction, one nonce

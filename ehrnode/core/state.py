@@ -271,6 +271,9 @@ def _write_record(
         "type": body["type"],
         "height": ctx.height,
         "erased": False,
+        # The data key as wrapped for each first reader, in the record's own entry (one
+        # state entry instead of one per reader); a grant adds ``P_KEY`` entries.
+        "keys": body["keys"],
     }
     if index is not None:
         entry.update(tx=tx.id, item=index)
@@ -281,7 +284,6 @@ def _write_record(
         patient_account["nrec"] = seq + 1
         save(scratch, P_ACCT + patient, patient_account)
         scratch.put_new(seq_key(P_PREC, patient, seq), rid)
-        scratch.put_new(seq_key(P_VER, rid, 0), rid)
     else:
         previous = load(scratch, P_REC + amends)
         if previous is None or previous["patient"] != patient:
@@ -304,8 +306,6 @@ def _write_record(
         save(scratch, P_REC + previous["root"], root)
         scratch.put_new(seq_key(P_VER, previous["root"], version - 1), rid)
     save_new(scratch, P_REC + rid, entry)
-    for reader, wrapped in body["keys"]:
-        scratch.put_new(P_KEY + rid + reader, wrapped)
 
 
 def _grant(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]) -> None:
@@ -419,6 +419,18 @@ _APPLY = {
 
 
 # --- reading rules (used by the node to serve ciphertext; not consensus) ---------------------
+
+
+def wrapped_key(reader: StateReader, record_id: bytes, who: bytes) -> bytes | None:
+    """The record's data key as wrapped for ``who``: by its writer (in the record's entry)
+    or by a grant (``P_KEY``); None if neither wrapped it for them."""
+    record = load(reader, P_REC + record_id)
+    if record is None:
+        return None
+    for holder, wrapped in record["keys"]:
+        if holder == who:
+            return wrapped  # type: ignore[no-any-return]
+    return reader.get(P_KEY + record_id + who)
 
 
 def may_read(reader: StateReader, record_id: bytes, who: bytes, now: int) -> bool:

@@ -131,10 +131,10 @@ def patient_records(
 
 
 def record_versions(chain: Chain, root_id: bytes) -> list[dict[str, Any]]:
-    out = []
-    for _key, version_id in chain.state.scan(state.P_VER + root_id, limit=MAX_PAGE):
-        out.append(record_view(version_id, chain.load_state(state.P_REC + version_id)))
-    return out
+    """The root (version 1), then each amendment from its ``ver`` entry (seq 1 on)."""
+    amendments = chain.state.scan(state.P_VER + root_id, limit=MAX_PAGE - 1)
+    version_ids = [root_id, *(version_id for _key, version_id in amendments)]
+    return [record_view(v, chain.load_state(state.P_REC + v)) for v in version_ids]
 
 
 def patient_grants(chain: Chain, patient: bytes, now_ms: int) -> list[dict[str, Any]]:
