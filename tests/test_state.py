@@ -211,8 +211,8 @@ def test_record_by_provider_for_patient(w: World) -> None:
         "ver": 1,
         "head": t.id,
         "nver": 1,
-        "keys": body["keys"],
     }
+    assert w.load(state.P_WKEY + t.id) == body["keys"]
     assert w.overlay.get(state.seq_key(P_PREC, patient.public_key, 0)) == t.id
     # The first version is the root itself: no version entry until an amendment.
     assert w.overlay.get(state.seq_key(P_VER, t.id, 0)) is None

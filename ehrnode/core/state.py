@@ -84,6 +84,7 @@ P_REC = b"rec"
 P_PREC = b"prec"
 P_VER = b"ver"
 P_KEY = b"key"
+P_WKEY = b"wkey"
 P_GRANT = b"grant"
 P_PGR = b"pgr"
 P_STD = b"std"
@@ -271,9 +272,6 @@ def _write_record(
         "type": body["type"],
         "height": ctx.height,
         "erased": False,
-        # The data key as wrapped for each first reader, in the record's own entry (one
-        # state entry instead of one per reader); a grant adds ``P_KEY`` entries.
-        "keys": body["keys"],
     }
     if index is not None:
         entry.update(tx=tx.id, item=index)
@@ -306,6 +304,10 @@ def _write_record(
         save(scratch, P_REC + previous["root"], root)
         scratch.put_new(seq_key(P_VER, previous["root"], version - 1), rid)
     save_new(scratch, P_REC + rid, entry)
+    # The data key as wrapped for each first reader, all in one entry (a state entry costs
+    # a state-hash term and a LevelDB key); a grant adds a ``P_KEY`` entry per grantee. Not
+    # in the record's entry, which every record list reads.
+    save_new(scratch, P_WKEY + rid, body["keys"])
 
 
 def _grant(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]) -> None:
@@ -422,12 +424,9 @@ _APPLY = {
 
 
 def wrapped_key(reader: StateReader, record_id: bytes, who: bytes) -> bytes | None:
-    """The record's data key as wrapped for ``who``: by its writer (in the record's entry)
+    """The record's data key as wrapped for ``who``: by its writer (``P_WKEY``)
     or by a grant (``P_KEY``); None if neither wrapped it for them."""
-    record = load(reader, P_REC + record_id)
-    if record is None:
-        return None
-    for holder, wrapped in record["keys"]:
+    for holder, wrapped in load(reader, P_WKEY + record_id) or ():
         if holder == who:
             return wrapped  # type: ignore[no-any-return]
     return reader.get(P_KEY + record_id + who)
