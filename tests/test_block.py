@@ -19,8 +19,7 @@ from helpers_block import (
     txs,
 )
 from helpers_core import CHAIN
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from ehrnode.core import codec, crypto, merkle, tx
 from ehrnode.core.block import (

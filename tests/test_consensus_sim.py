@@ -17,8 +17,7 @@ from typing import TypeVar
 
 import pytest
 
-from ehrnode.consensus import engine as eng
-from ehrnode.consensus import sim
+from ehrnode.consensus import engine as eng, sim
 from ehrnode.consensus.sim_faults import SCENARIOS, Scenario
 from ehrnode.consensus.sim_node import CHAIN, SigningMemory, SimNode
 from ehrnode.consensus.validators import ValidatorSet

@@ -7,8 +7,7 @@ import pickle
 
 import pytest
 from helpers_core import identity
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from ehrnode.core import crypto
 from ehrnode.core.errors import InvalidEncoding, NotAuthorised

@@ -6,8 +6,7 @@ from typing import Any
 
 import pytest
 from helpers_core import CHAIN, World, identity, wrapped_keys
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from ehrnode.core import crypto, state, tx
 from ehrnode.core.errors import InvalidTransaction

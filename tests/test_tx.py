@@ -7,8 +7,7 @@ from typing import Any
 import msgpack
 import pytest
 from helpers_core import CHAIN, WRAPPED, fake_keys, identity, raw_tx
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from ehrnode.core import codec, crypto, tx
 from ehrnode.core.errors import InvalidTransaction

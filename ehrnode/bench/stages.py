@@ -32,8 +32,7 @@ from ehrnode.bench import workload
 from ehrnode.bench.throughput import split_by_node
 from ehrnode.blobs import replication
 from ehrnode.consensus import execution
-from ehrnode.core import block, crypto, state
-from ehrnode.core import tx as txmod
+from ehrnode.core import block, crypto, state, tx as txmod
 from ehrnode.p2p import gossip, messages
 from ehrnode.store import chain
 from ehrnode.testing import cluster, validator_identity, wait_for

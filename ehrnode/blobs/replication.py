@@ -32,8 +32,7 @@ from ehrnode.blobs.http import blob_response
 from ehrnode.blobs.relay import BlobRelay
 from ehrnode.blobs.store import INLINE_MAX, BlobStore, parse_hash
 from ehrnode.consensus.driver import Committed
-from ehrnode.core import crypto, request
-from ehrnode.core import tx as txmod
+from ehrnode.core import crypto, request, tx as txmod
 from ehrnode.core.errors import EhrError, InvalidEncoding, LimitExceeded, NotAuthorised, NotFound
 from ehrnode.p2p.switch import Peer, Switch
 from ehrnode.store.chain import Chain

@@ -37,8 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ehrnode.client import fhir
-from ehrnode.client.bundles import BundleIndex, entry_url, load_bundle
-from ehrnode.client.bundles import bundle_files as bundle_files
+from ehrnode.client.bundles import BundleIndex, bundle_files as bundle_files, entry_url, load_bundle
 from ehrnode.client.errors import InvalidResource
 from ehrnode.client.sdk import Client
 from ehrnode.client.sealing import SealedRecord, seal_record, standing_readers

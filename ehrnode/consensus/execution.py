@@ -17,8 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from ehrnode.consensus.validators import ValidatorSet
-from ehrnode.core import authority, merkle, state
-from ehrnode.core import tx as txmod
+from ehrnode.core import authority, merkle, state, tx as txmod
 from ehrnode.core.block import ZERO_HASH, Block, Certificate, Header
 from ehrnode.core.errors import InvalidBlock, InvalidTransaction
 from ehrnode.core.tx import Tx

@@ -36,44 +36,21 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ehrnode.core import authority, crypto
-from ehrnode.core import tx as txmod
+from ehrnode.core import authority, crypto, tx as txmod
 from ehrnode.core.errors import InvalidTransaction
 from ehrnode.core.genesis import Genesis
 from ehrnode.core.statekv import (
     BlockContext as BlockContext,
-)
-from ehrnode.core.statekv import (
     Overlay as Overlay,
-)
-from ehrnode.core.statekv import (
     StateReader as StateReader,
-)
-from ehrnode.core.statekv import (
     digest_moved as digest_moved,
-)
-from ehrnode.core.statekv import (
     digest_of as digest_of,
-)
-from ehrnode.core.statekv import (
     entry_digest as entry_digest,
-)
-from ehrnode.core.statekv import (
     load as load,
-)
-from ehrnode.core.statekv import (
     save as save,
-)
-from ehrnode.core.statekv import (
     save_new as save_new,
-)
-from ehrnode.core.statekv import (
     seq_key as seq_key,
-)
-from ehrnode.core.statekv import (
     state_hash as state_hash,
-)
-from ehrnode.core.statekv import (
     update_digest as update_digest,
 )
 from ehrnode.core.tx import Tx, endorsement_bytes

@@ -22,8 +22,7 @@ from ehrnode.blobs.replication import Replication
 from ehrnode.blobs.store import BlobStore
 from ehrnode.config import RpcConfig
 from ehrnode.consensus.driver import Driver
-from ehrnode.core import codec, crypto, state
-from ehrnode.core import tx as txmod
+from ehrnode.core import codec, crypto, state, tx as txmod
 from ehrnode.core.errors import (
     EhrError,
     InvalidEncoding,
