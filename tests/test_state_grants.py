@@ -161,6 +161,24 @@ def test_listed_grant(w: World) -> None:
     assert not w.may_read(r1, gp)
 
 
+def test_a_listed_grant_replaces_the_writers_wrap_for_that_reader(w: World) -> None:
+    """Nothing on chain proves that a writer's wrap opens; the patient's grant wins."""
+    patient, provider, gp = people(w)
+    w.standing(patient, gp)
+    record = w.record(provider, patient, readers=[gp.public_key])
+    written = dict(w.load(state.P_WKEY + record.id))
+    assert state.wrapped_key(w.overlay, record.id, gp.public_key) == written[gp.public_key]
+    data_key = crypto.new_data_key()
+    wrap = crypto.wrap_key(data_key, gp.public_key)
+    body = {"grantee": gp.public_key, "scope": "records", "records": [[record.id, wrap]]}
+    w.do(patient, "grant", body)
+    assert gp.unwrap_key(state.wrapped_key(w.overlay, record.id, gp.public_key)) == data_key
+    # Everyone else still gets the writer's wrap.
+    assert (
+        state.wrapped_key(w.overlay, record.id, patient.public_key) == written[patient.public_key]
+    )
+
+
 def test_listed_grant_of_someone_elses_or_unknown_record(w: World) -> None:
     patient, provider, gp = people(w)
     other = w.patient(4)

@@ -135,6 +135,9 @@ async def measure(root: Path, records: int) -> str:
                             data=msgpack.packb(lanes[i][k : k + 250]),
                             headers={"Content-Type": "application/msgpack"},
                         ) as response:
+                            if response.status != 200:
+                                text = await response.text()
+                                raise RuntimeError(f"node {i} answered {response.status}: {text}")
                             results = (await response.json())["results"]
                         refused = [r for r in results if r["status"] == "rejected"]
                         if refused:

@@ -14,8 +14,12 @@ except where the table says raw bytes.
                                             "erased_at"?, on a root only: "head", "nver";
                                             from a ``records`` transaction: "tx", "item"}
     b"prec" + patient(32) + seq(8, BE)     raw root record id: the patient's records, in order
-    b"ver"  + root id(32) + seq(8, BE)     raw version id: the versions of one record, in order
-    b"key"  + record id(32) + reader(32)   raw: the data key wrapped for that reader
+    b"ver"  + root id(32) + seq(8, BE)     raw id of version seq + 1 of a record, from seq 1
+                                            (the root is version 1 and has no entry)
+    b"wkey" + record id(32)                [[reader, wrapped data key]...]: as its writer
+                                            wrapped it (the record body's "keys")
+    b"key"  + record id(32) + reader(32)   raw: the data key a grant wrapped for that reader
+                                            (wins over the writer's, see ``wrapped_key``)
     b"grant"+ grant id(32)                 {"patient", "grantee", "scope", "height",
                                             "types"?, "expires"?, "records"?, "revoked"?}
     b"pgr"  + patient(32) + grant id(32)   raw b"": the patient's grants
@@ -401,12 +405,17 @@ _APPLY = {
 
 
 def wrapped_key(reader: StateReader, record_id: bytes, who: bytes) -> bytes | None:
-    """The record's data key as wrapped for ``who``: by its writer (``P_WKEY``)
-    or by a grant (``P_KEY``); None if neither wrapped it for them."""
+    """The record's data key as wrapped for ``who``: by the patient's latest grant
+    (``P_KEY``), which wins, else by the record's writer (``P_WKEY``); None if neither
+    wrapped it for them. (Nothing on chain proves a wrap opens: a patient whose writer
+    wrapped a bad key for someone fixes it with a listed grant.)"""
+    granted = reader.get(P_KEY + record_id + who)
+    if granted is not None:
+        return granted
     for holder, wrapped in load(reader, P_WKEY + record_id) or ():
         if holder == who:
             return wrapped  # type: ignore[no-any-return]
-    return reader.get(P_KEY + record_id + who)
+    return None
 
 
 def may_read(reader: StateReader, record_id: bytes, who: bytes, now: int) -> bool:

@@ -37,6 +37,11 @@ T_BLOCK_ID = b"H"
 T_TX = b"T"
 T_STATE = b"S"
 K_HEAD = T_META + b"head"
+# The layout of the state entries (``core.state``) this build writes and reads, kept in the
+# head record. 2: a record's first wrapped keys in one ``wkey`` entry, no ``ver`` entry for
+# a first version. A data directory of another layout holds other state hashes: its chain
+# cannot be continued by this build.
+STATE_LAYOUT = 2
 
 MAX_STORED_BLOCK = 1 << 30
 
@@ -105,6 +110,15 @@ class Chain:
                 raise ConfigError(
                     "this data directory belongs to another network (genesis hash differs)"
                 )
+            layout = head.get("layout", 1)
+            if layout != STATE_LAYOUT:
+                raise ConfigError(
+                    f"this data directory holds state layout {layout}, written by another "
+                    f"ehrnode version; this one keeps layout {STATE_LAYOUT}, with other state "
+                    "hashes, so it cannot continue that chain: start the network again from "
+                    "a new genesis (`scripts/testnet --reset` does) or run the version that "
+                    "wrote it"
+                )
             self._head = Head(
                 head["height"], head["id"], head["time"], int.from_bytes(head["digest"], "big")
             )
@@ -126,6 +140,7 @@ class Chain:
                 "time": head.time,
                 "digest": head.digest.to_bytes(256, "big"),
                 "genesis": self.genesis.hash(),
+                "layout": STATE_LAYOUT,
             }
         )
 
