@@ -129,6 +129,9 @@ async def _network_measures(
         people = await workload.register_people(
             net.urls[0], chain, validator_identity(net.homes[0]), 64, 500
         )
+        # Registration returned at node 0's commit: every node must have it before its
+        # generator sends records of those writers.
+        await measures.all_at_height(net.urls, await measures.height(net.urls[0]))
         resources, source = workload.sample_resources(min(total, 30_000))
         notes.append(f"workload: {source}")
         work = workload.seal_and_sign(chain, people, workload.cycle(resources, total), {})

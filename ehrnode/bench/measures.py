@@ -31,6 +31,18 @@ async def height(url: str) -> int:
         return int((await response.json())["height"])
 
 
+async def all_at_height(urls: list[str], target: int, timeout: float = 60.0) -> None:
+    """Wait until every node has committed ``target``; TimeoutError naming the laggards."""
+    deadline = time.perf_counter() + timeout
+    behind = list(urls)
+    while behind:
+        behind = [url for url in behind if await height(url) < target]
+        if behind and time.perf_counter() > deadline:
+            raise TimeoutError(f"nodes {behind} did not reach height {target} in {timeout} s")
+        if behind:
+            await asyncio.sleep(0.05)
+
+
 def import_bundles(net: Network, files: list[Path], keys_dir: Path) -> dict[str, Any]:
     """``ehr import`` as a user runs it, timed from start to exit."""
     command = [
