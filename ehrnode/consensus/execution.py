@@ -150,7 +150,8 @@ class Executor:
             raise InvalidBlock("block's state hash differs from ours: our rules diverge")
         if len(block.raw) > genesis.params.max_block_bytes or h.ntx > genesis.params.max_block_txs:
             raise InvalidBlock("block exceeds the size limits")
-        block.check_form()
+        # Its form (transaction count and root, no duplicates, the previous certificate's
+        # hash) was checked by Block.decode, the only way a block arrives; ours we built.
         if block.last_commit is not None:
             previous = self.chain.validators_at(h.height - 1)
             block.last_commit.verify(genesis.chain_id, previous)
