@@ -146,6 +146,14 @@ async def _network_measures(
         # measurement (a backlog no steady state has).
         await workload.upload_blobs(net.urls[0], chain, people.providers[0], blobs[:split])
         if "throughput" in names or "latency" in names or "sync" in names:
+            # Not the ceiling (that is measured first): the same probe again, next to the
+            # phase it is compared with, so a run shows how far the machine's speed moved.
+            again = machine.verify_rate(0.3 if sizes is SMOKE else 2.0)
+            figures["verify_per_s_per_core_before_load"] = again
+            notes.append(
+                f"verify rate probed again before the load phases: {again:,.0f}/s per core, "
+                f"{again / figures['verify_per_s_per_core']:.0%} of the first probe's"
+            )
             before = net.cpu_s()
             result = await throughput.sustained(net.urls, first)
             after = net.cpu_s()
