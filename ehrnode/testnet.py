@@ -135,11 +135,24 @@ def start(manifest: dict[str, Any], timeout: float = 60.0) -> list[subprocess.Po
         while not _healthy(entry["rpc"]):
             if process.poll() is not None or time.monotonic() > deadline:
                 stop(processes)
+                log_path = Path(entry["home"]) / "node.log"
+                said = _last_line(log_path)
                 raise ConfigError(
-                    f"{entry['name']} did not start; see {Path(entry['home']) / 'node.log'}"
+                    f"{entry['name']} did not start{': ' + said if said else ''}; see {log_path}"
                 )
             time.sleep(0.1)
     return processes
+
+
+def _last_line(path: Path) -> str:
+    """The last line a node wrote to its log (why it stopped, as a rule)."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, handle.seek(0, 2) - 4096))
+            lines = handle.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1].strip() if lines else ""
 
 
 def stop(processes: list[subprocess.Popen[bytes]]) -> None:
