@@ -1,9 +1,11 @@
-"""The blob store: a large blob reaches the disk as it arrives; what it holds and what was
+"""The blob store: a large blob reaches the disk as it arrives (around the page cache where
+it can); what it holds and what was
 erased is answered right whether the answer is kept in memory or read from LevelDB."""
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import itertools
 import os
@@ -16,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from ehrnode.blobs import segments, store
+from ehrnode.blobs import bigfile, segments, store
 from ehrnode.blobs.segments import Segments
 from ehrnode.blobs.store import BlobStore
 from ehrnode.core import codec
-from ehrnode.core.errors import Conflict, NotFound
+from ehrnode.core.errors import Conflict, LimitExceeded, NotFound
 from ehrnode.store.db import MemoryKV
 
 
@@ -29,31 +31,144 @@ async def pieces(data: bytes, size: int) -> AsyncIterator[bytes]:
         yield data[start : start + size]
 
 
-async def test_a_large_blob_is_written_back_while_it_streams_in(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def direct_io_works(where: Path) -> bool:
+    try:
+        fd = os.open(where / "probe", os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    (where / "probe").unlink()
+    return True
+
+
+@pytest.fixture
+def small_buffers(monkeypatch: pytest.MonkeyPatch) -> int:
+    """Buffers of 64 KiB, so that a blob of a few hundred KiB fills many of them."""
+    monkeypatch.setattr(bigfile, "BUFFER_BYTES", 64 * 1024)
+    return 64 * 1024
+
+
+def spy_writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(offset, length) of each write a BigFile makes, in order."""
+    writes: list[tuple[int, int]] = []
+    real = os.pwrite
+
+    def spy(fd: int, data: Any, offset: int) -> int:
+        writes.append((offset, len(data)))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", spy)
+    return writes
+
+
+async def test_a_large_blob_goes_to_disk_in_buffers_while_it_streams_in(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_buffers: int
 ) -> None:
-    """Without write-back the whole blob waits in the page cache for the final fsync, and
-    every replica of a relayed upload flushes at the same moment."""
-    monkeypatch.setattr(store, "WRITE_BACK_BYTES", 1 << 20)
-    ranges: list[tuple[int, int]] = []
-    real = os.posix_fadvise
-
-    def spy(fd: int, offset: int, length: int, advice: int) -> None:
-        ranges.append((offset, length))
-        real(fd, offset, length, advice)
-
-    monkeypatch.setattr(os, "posix_fadvise", spy)
+    """The bytes reach the file a buffer at a time as they arrive (not all at the end),
+    and the file holds exactly the blob: no padding of the last block left behind."""
+    writes = spy_writes(monkeypatch)
     blobs = BlobStore(tmp_path / "blobs", MemoryKV())
-    data = random.Random(1).randbytes(5 * (1 << 20) + 12345)
-    info = await blobs.put_stream(pieces(data, 256 * 1024), hashlib.sha256(data).digest())
+    data = random.Random(1).randbytes(7 * small_buffers + 12345)  # not a multiple of 4096
+    progress: list[tuple[int, int]] = []  # (bytes arrived, writes made) at each piece
+    arrived = 0
+
+    async def counted() -> AsyncIterator[bytes]:
+        nonlocal arrived
+        async for piece in pieces(data, 10_000):
+            arrived += len(piece)
+            progress.append((arrived, len(writes)))
+            yield piece
+
+    info = await blobs.put_stream(counted(), hashlib.sha256(data).digest())
 
     assert info.size == len(data) and not info.inline
     assert blobs.path(info.hash).read_bytes() == data
-    # Asked in order, each range starting where the last ended, well before the end.
-    assert len(ranges) >= 4
-    assert ranges[0][0] == 0
-    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(ranges))
-    assert ranges[-1][0] + ranges[-1][1] <= len(data)
+    assert any(made >= 2 for got, made in progress if got < len(data) // 2)
+    assert writes[0][0] == 0
+    assert all(a + n == b for (a, n), (b, _) in itertools.pairwise(writes))
+    assert all(n == small_buffers for _, n in writes[:-1])
+    assert list(os.scandir(tmp_path / "blobs" / "tmp")) == []
+
+
+async def test_a_large_blob_bypasses_the_page_cache_where_the_file_system_allows(
+    tmp_path: Path, small_buffers: int
+) -> None:
+    if not direct_io_works(tmp_path):
+        pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
+    data = random.Random(3).randbytes(3 * small_buffers + 1)
+
+    async def run(fn: Any, *args: Any) -> Any:
+        return fn(*args)
+
+    file = bigfile.BigFile(tmp_path / "f", run)
+    try:
+        assert file.direct
+        assert os.O_DIRECT & fcntl.fcntl(file._fd, fcntl.F_GETFL)
+        await file.write(data)
+        assert await file.finish() == len(data)
+    finally:
+        await file.close()
+    assert (tmp_path / "f").read_bytes() == data
+
+
+async def test_where_direct_io_is_refused_the_blob_goes_through_the_cache_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_buffers: int
+) -> None:
+    """A file system that refuses O_DIRECT at open (tmpfs) or only at the first write:
+    the same buffers are written through the page cache, with write-back after each."""
+    real_open = os.open
+
+    def refusing_open(path: Any, flags: int, mode: int = 0o777) -> int:
+        if flags & os.O_DIRECT and "refuse-open" in str(path):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode)
+
+    real_pwrite = os.pwrite
+
+    def refusing_pwrite(fd: int, data: Any, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_pwrite(fd, data, offset)
+
+    advised: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "open", refusing_open)
+    monkeypatch.setattr(os, "pwrite", refusing_pwrite)
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, at, n, advice: advised.append((at, n)))
+    data = random.Random(4).randbytes(5 * small_buffers + 777)
+
+    for name in ("refuse-open", "refuse-write"):
+        advised.clear()
+        root = tmp_path / name
+        blobs = BlobStore(root, MemoryKV())
+        info = await blobs.put_stream(pieces(data, 50_000), hashlib.sha256(data).digest())
+        assert blobs.path(info.hash).read_bytes() == data, name
+        assert [at for at, _ in advised] == [k * small_buffers for k in range(6)], name
+
+
+async def test_a_failed_large_upload_leaves_no_file_and_no_open_descriptor(
+    tmp_path: Path, small_buffers: int
+) -> None:
+    blobs = BlobStore(tmp_path / "blobs", MemoryKV(), max_blob_bytes=4 * small_buffers)
+    data = random.Random(5).randbytes(6 * small_buffers)
+    before = open_fds()
+
+    async def broken() -> AsyncIterator[bytes]:
+        async for piece in pieces(data[: 3 * small_buffers], 30_000):
+            yield piece
+        raise ConnectionResetError("the client went away")
+
+    with pytest.raises(ConnectionResetError):
+        await blobs.put_stream(broken())
+    with pytest.raises(LimitExceeded):
+        await blobs.put_stream(pieces(data, 30_000))
+
+    assert open_fds() == before
+    assert list(os.scandir(tmp_path / "blobs" / "tmp")) == []
+    assert not blobs.has(hashlib.sha256(data).digest())
 
 
 def small_blobs(count: int, seed: int = 2) -> list[bytes]:

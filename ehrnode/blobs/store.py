@@ -15,8 +15,9 @@ Where the bytes live (documented beside the tables of the node's LevelDB):
 Small blobs (a FHIR resource's ciphertext is a few KB) are appended to a segment file,
 many at a time, made durable, and then their entries go to LevelDB in one synced batch.
 Large ones (imaging, PDFs, up to ``max_blob_bytes``) are streamed to a temporary file while
-being hashed, fsynced, then renamed into place and the directory fsynced: memory stays
-flat whatever the size and a crash leaves either the whole blob or none of it. The
+being hashed (around the page cache where the file system allows: ``blobs.bigfile``),
+fsynced, then renamed into place and the directory fsynced: memory stays flat whatever the
+size and a crash leaves either the whole blob or none of it. The
 metadata entry is written last, so a blob is "held" only once its bytes are durable.
 
 Deleting a blob (erasure) overwrites a small blob's bytes with zeros in its segment (or
@@ -33,9 +34,7 @@ most ``MAX_TOMBSTONES_IN_MEMORY``; beyond that LevelDB answers).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import logging
 import os
 import secrets
@@ -45,6 +44,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ehrnode.blobs.bigfile import BigFile
 from ehrnode.blobs.segments import Segments, fsync_dir
 from ehrnode.core import codec
 from ehrnode.core.errors import Conflict, InvalidEncoding, LimitExceeded, NotFound
@@ -57,7 +57,6 @@ T_INLINE = b"P"
 T_TOMBSTONE = b"X"
 T_SEGMENT_END = b"G"
 INLINE_MAX = 64 * 1024
-WRITE_BACK_BYTES = 32 * 1024 * 1024  # a large blob goes to disk as it arrives, in steps
 DEFAULT_MAX_BLOB_BYTES = 8 * 1024**3
 HELD_IN_MEMORY = 32_768  # metadata of the most recently stored blobs (about 5 MB)
 MAX_TOMBSTONES_IN_MEMORY = 100_000
@@ -74,10 +73,18 @@ class BlobInfo:
 
 
 class BlobStore:
-    def __init__(self, root: Path, kv: KV, *, max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES) -> None:
+    def __init__(
+        self,
+        root: Path,
+        kv: KV,
+        *,
+        max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
+        direct_io: bool = True,
+    ) -> None:
         self.root = root
         self.kv = kv
         self.max_blob_bytes = max_blob_bytes
+        self.direct_io = direct_io  # large blobs around the page cache (``blobs.bigfile``)
         # Storing and erasing one blob exclude each other (uploads finish on worker threads).
         self._lock = threading.Lock()
         self._tmp = root / "tmp"
@@ -213,10 +220,9 @@ class BlobStore:
                 return found
         digest = hashlib.sha256()
         size = 0
-        written_back = 0
         head = bytearray()
         tmp_path = self._tmp / secrets.token_hex(16)
-        handle = None
+        file = None
         try:
             async for chunk in chunks:
                 size += len(chunk)
@@ -225,31 +231,28 @@ class BlobStore:
                         f"blob exceeds this node's limit of {self.max_blob_bytes} bytes"
                     )
                 digest.update(chunk)
-                if handle is None and len(head) + len(chunk) <= INLINE_MAX:
+                if file is None and len(head) + len(chunk) <= INLINE_MAX:
                     head.extend(chunk)
                     continue
-                if handle is None:
-                    handle = open(tmp_path, "wb")  # noqa: SIM115 - closed in finally
-                    handle.write(head)
+                if file is None:
+                    file = BigFile(tmp_path, self.kv.run, direct=self.direct_io)
+                    await file.write(head)
                     head.clear()
-                handle.write(chunk)
-                if size - written_back >= WRITE_BACK_BYTES:
-                    await self.kv.run(_start_write_back, handle, written_back, size)
-                    written_back = size
+                await file.write(chunk)
             blob_hash = digest.digest()
             if expected is not None and blob_hash != expected:
                 raise Conflict(
                     "uploaded bytes do not hash to the blob id in the URL", code="hash_mismatch"
                 )
             self._refuse_erased(blob_hash)
-            if handle is None:
+            if file is None:
                 self.put_many([bytes(head)])
             else:
-                await self.kv.run(self._finish_file, handle, tmp_path, blob_hash, size)
-                handle = None
+                await file.finish()
+                await self.kv.run(self._place_file, tmp_path, blob_hash, size)
         finally:
-            if handle is not None:
-                handle.close()
+            if file is not None:
+                await file.close()
             tmp_path.unlink(missing_ok=True)
         info = self.info(blob_hash)
         if info is None:  # erased while it arrived
@@ -257,12 +260,9 @@ class BlobStore:
             raise NotFound("the blob was removed while it was being stored")
         return info
 
-    def _finish_file(
-        self, handle: io.BufferedWriter, tmp_path: Path, blob_hash: bytes, size: int
-    ) -> None:
-        handle.flush()
-        os.fsync(handle.fileno())
-        handle.close()
+    def _place_file(self, tmp_path: Path, blob_hash: bytes, size: int) -> None:
+        """Move a finished (durable) file into place and write its entry, unless the blob
+        was erased meanwhile."""
         final = self._path(blob_hash)
         final.parent.mkdir(parents=True, exist_ok=True)
         with self._lock:  # an erasure between our check and this write must win
@@ -343,16 +343,6 @@ def _meta(info: BlobInfo) -> bytes:
     if info.segment is not None:
         meta.update(seg=info.segment, at=info.offset)
     return codec.encode(meta)
-
-
-def _start_write_back(handle: io.BufferedWriter, start: int, end: int) -> None:
-    """Ask the kernel to start writing ``start``..``end`` of the file to disk now (Linux
-    starts write-back for POSIX_FADV_DONTNEED on dirty pages; it may block while it queues
-    the I/O, so it runs on a worker thread): without it a large upload sits in the page
-    cache and the final fsync writes it all at once, on every replica at the same moment."""
-    handle.flush()
-    with contextlib.suppress(OSError, AttributeError):
-        os.posix_fadvise(handle.fileno(), start, end - start, os.POSIX_FADV_DONTNEED)
 
 
 def parse_hash(text: str) -> bytes:
