@@ -4,6 +4,7 @@ erased is answered right whether the answer is kept in memory or read from Level
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import hashlib
@@ -24,6 +25,7 @@ from ehrnode.blobs.store import BlobStore
 from ehrnode.core import codec
 from ehrnode.core.errors import Conflict, LimitExceeded, NotFound
 from ehrnode.store.db import MemoryKV
+from ehrnode.testing import wait_for
 
 
 async def pieces(data: bytes, size: int) -> AsyncIterator[bytes]:
@@ -101,10 +103,7 @@ async def test_a_large_blob_bypasses_the_page_cache_where_the_file_system_allows
         pytest.skip(f"the file system of {tmp_path} refuses O_DIRECT")
     data = random.Random(3).randbytes(3 * small_buffers + 1)
 
-    async def run(fn: Any, *args: Any) -> Any:
-        return fn(*args)
-
-    file = bigfile.BigFile(tmp_path / "f", run)
+    file = bigfile.BigFile(tmp_path / "f")
     try:
         assert file.direct
         assert os.O_DIRECT & fcntl.fcntl(file._fd, fcntl.F_GETFL)
@@ -128,9 +127,11 @@ async def test_where_direct_io_is_refused_the_blob_goes_through_the_cache_intact
         return real_open(path, flags, mode)
 
     real_pwrite = os.pwrite
+    refused: list[int] = []
 
     def refusing_pwrite(fd: int, data: Any, offset: int) -> int:
         if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            refused.append(offset)
             raise OSError(errno.EINVAL, "Invalid argument")
         return real_pwrite(fd, data, offset)
 
@@ -147,6 +148,8 @@ async def test_where_direct_io_is_refused_the_blob_goes_through_the_cache_intact
         info = await blobs.put_stream(pieces(data, 50_000), hashlib.sha256(data).digest())
         assert blobs.path(info.hash).read_bytes() == data, name
         assert [at for at, _ in advised] == [k * small_buffers for k in range(6)], name
+    if direct_io_works(tmp_path):  # the open was allowed, the first write refused
+        assert refused == [0]
 
 
 async def test_a_failed_large_upload_leaves_no_file_and_no_open_descriptor(
@@ -169,6 +172,86 @@ async def test_a_failed_large_upload_leaves_no_file_and_no_open_descriptor(
     assert open_fds() == before
     assert list(os.scandir(tmp_path / "blobs" / "tmp")) == []
     assert not blobs.has(hashlib.sha256(data).digest())
+
+
+async def test_a_cancelled_upload_closes_its_file_only_once_the_disk_write_returns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_buffers: int
+) -> None:
+    """Cancelling the upload (a peer link stopping) does not stop a write already on a
+    thread: closing the descriptor under it would let the number be reused by another
+    file (LevelDB's log, a segment) and the blob's bytes land there."""
+    events: list[tuple[str, int]] = []
+    blocked, release = threading.Event(), threading.Event()
+    real_pwrite, real_close = os.pwrite, os.close
+
+    def slow_pwrite(fd: int, data: Any, offset: int) -> int:
+        if offset == small_buffers:  # the second buffer's write waits for the test
+            blocked.set()
+            release.wait(10)
+        done = real_pwrite(fd, data, offset)
+        events.append(("written", fd))
+        return done
+
+    def spy_close(fd: int) -> None:
+        events.append(("close", fd))
+        real_close(fd)
+
+    real_bigfile_close = bigfile.BigFile.close
+
+    async def spy_bigfile_close(self: bigfile.BigFile) -> None:
+        events.append(("closing", self._fd))
+        await real_bigfile_close(self)
+
+    monkeypatch.setattr(os, "pwrite", slow_pwrite)
+    monkeypatch.setattr(os, "close", spy_close)
+    monkeypatch.setattr(bigfile.BigFile, "close", spy_bigfile_close)
+    blobs = BlobStore(tmp_path / "blobs", MemoryKV())
+    data = random.Random(6).randbytes(6 * small_buffers)
+    before = open_fds()
+
+    events.clear()  # descriptors the store opened and closed for itself
+
+    task = asyncio.create_task(blobs.put_stream(pieces(data, 16_384)))
+    try:
+        await wait_for(blocked.is_set, what="the second buffer's write to start")
+        task.cancel()
+        await wait_for(lambda: any(kind == "closing" for kind, _ in events), what="close")
+        fd = next(fd for kind, fd in events if kind == "closing")
+        assert ("close", fd) not in events  # the write is still on its thread
+    finally:
+        release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert events.index(("close", fd)) > max(
+        i for i, event in enumerate(events) if event == ("written", fd)
+    )
+    assert open_fds() == before
+    assert list(os.scandir(tmp_path / "blobs" / "tmp")) == []
+
+
+async def test_a_disk_error_fails_the_upload_and_stores_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_buffers: int
+) -> None:
+    real_pwrite = os.pwrite
+
+    def full_disk(fd: int, data: Any, offset: int) -> int:
+        if offset >= 2 * small_buffers:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full_disk)
+    blobs = BlobStore(tmp_path / "blobs", MemoryKV())
+    data = random.Random(7).randbytes(5 * small_buffers)
+    before = open_fds()
+
+    with pytest.raises(OSError) as caught:
+        await blobs.put_stream(pieces(data, 50_000))
+
+    assert caught.value.errno == errno.ENOSPC
+    assert not blobs.has(hashlib.sha256(data).digest())
+    assert open_fds() == before
+    assert list(os.scandir(tmp_path / "blobs" / "tmp")) == []
 
 
 def small_blobs(count: int, seed: int = 2) -> list[bytes]:

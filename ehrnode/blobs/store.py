@@ -235,7 +235,7 @@ class BlobStore:
                     head.extend(chunk)
                     continue
                 if file is None:
-                    file = BigFile(tmp_path, self.kv.run, direct=self.direct_io)
+                    file = BigFile(tmp_path, direct=self.direct_io)
                     await file.write(head)
                     head.clear()
                 await file.write(chunk)
