@@ -53,8 +53,10 @@ class Admission:
         return txmod.decode(raw, max_bytes=self.chain.genesis.params.max_tx_bytes, tx_id=tx_id)
 
     def known(self, tx_id: bytes) -> bool:
-        """Pending here or committed already."""
-        return tx_id in self.mempool or self.chain.tx_location(tx_id) is not None
+        """Pending here or committed recently: what gossip skips before a signature check.
+        Not a database read for every relayed transaction; one committed longer ago costs
+        its signature check and then fails the nonce rule."""
+        return tx_id in self.mempool or self.mempool.committed_recently(tx_id)
 
     def submit(
         self,

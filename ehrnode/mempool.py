@@ -7,12 +7,17 @@ them, kept in arrival order, limited in count and bytes.
   per-signer parking area until the gap fills; it is not checked or counted before that.
 - After each block ``update`` drops what was committed and re-checks the rest against the
   new state; what no longer applies is dropped and reported.
+- Reads of the committed state are cached until the next block (``update`` starts a new
+  overlay): a patient's account and standing grants are read for each of their records.
+- The ids of the transactions committed most recently (``RECENTLY_COMMITTED``) are kept,
+  so that gossip can tell a transaction a block brought first without a database read.
 
 No I/O: the committed state, the block context and the clock are passed in.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -23,6 +28,7 @@ from ehrnode.core.tx import Tx
 MAX_PARKED_PER_SIGNER = 64
 MAX_NONCE_AHEAD = 256
 RECHECK_MAX = 2000
+RECENTLY_COMMITTED = 65_536  # ids (about 6 MB): many blocks' worth at any rate
 MAX_AHEAD_UNREGISTERED = 4
 MAX_PARKED_UNREGISTERED = 1000
 
@@ -46,7 +52,8 @@ class Mempool:
         self.limits = limits or Limits()
         self._txs: dict[bytes, Tx] = {}
         self._bytes = 0
-        self._overlay = state.Overlay(reader)
+        self._overlay = self._new_overlay()
+        self._recently_committed: OrderedDict[bytes, None] = OrderedDict()
         self._changes: dict[bytes, dict[bytes, bytes | None]] = {}  # each pending tx's writes
         self._relayed: set[bytes] = set()  # admitted from peers without a state check
         self._nonces: set[tuple[bytes, int]] = set()  # (signer, nonce) of every pending tx
@@ -61,6 +68,15 @@ class Mempool:
     @property
     def size_bytes(self) -> int:
         return self._bytes
+
+    def _new_overlay(self) -> state.Overlay:
+        # Valid until the committed state changes, after which ``update`` makes a new one.
+        return state.Overlay(self._reader, cache_reads=True)
+
+    def committed_recently(self, tx_id: bytes) -> bool:
+        """Among the last ``RECENTLY_COMMITTED`` transactions committed (False says
+        nothing about older ones)."""
+        return tx_id in self._recently_committed
 
     def __contains__(self, tx_id: object) -> bool:
         return tx_id in self._txs or tx_id in self._parked_ids
@@ -235,13 +251,17 @@ class Mempool:
         any that no longer apply, so a backlog never costs a full re-check per block.
         """
         done = set(committed)
+        recent = self._recently_committed
+        recent.update(dict.fromkeys(done))
+        while len(recent) > RECENTLY_COMMITTED:
+            recent.popitem(last=False)
         order = list(self._txs)
         prefix = set(order[: len(done)]) == done
         for tx_id in done:
             self.remove(tx_id)
         dropped: list[tuple[Tx, InvalidTransaction]] = []
         if prefix or len(self._txs) > RECHECK_MAX:
-            self._overlay = state.Overlay(self._reader)
+            self._overlay = self._new_overlay()
             for tx_id in self._txs:
                 self._overlay.changes.update(self._changes[tx_id])
         else:
@@ -252,7 +272,7 @@ class Mempool:
             self._relayed = set()
             self._nonces = set()
             self._bytes = 0
-            self._overlay = state.Overlay(self._reader)
+            self._overlay = self._new_overlay()
             for tx in remaining:
                 try:
                     if tx.id in relayed:

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 from helpers_core import CHAIN, World, identity
 
+from ehrnode import mempool as mempool_module
 from ehrnode.core import crypto, state, tx
 from ehrnode.core.errors import Conflict, InvalidTransaction, LimitExceeded
 from ehrnode.mempool import (
@@ -374,3 +375,31 @@ def test_relayed_transactions_must_follow_a_known_nonce(w: World) -> None:
     with pytest.raises(Conflict):
         mempool.add_relayed(standing(w, 3, grantee=w.validators[0]))  # another tx, same nonce
     assert [t.nonce for t in mempool.reap(1 << 20, 10)] == [2, 3]
+
+
+def test_a_state_read_cached_before_a_block_is_not_used_after_it(w: World) -> None:
+    """Reads of the committed state are cached between blocks; a block that changes what
+    was read (here another node's block registers the grantee) is seen at once."""
+    mempool = pool(w)
+    mempool.add(register())
+    grant = standing(w, 2, grantee=GP)
+    with pytest.raises(InvalidTransaction) as refused:
+        mempool.add(grant)  # GP's account was read (and cached) as absent
+    assert refused.value.code == "unknown_grantee"
+    assert commit(w, mempool, [register(GP)]) == []  # never pending here
+    mempool.add(grant)
+    assert grant.id in mempool
+
+
+def test_the_most_recently_committed_ids_are_remembered_up_to_a_bound(
+    w: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mempool_module, "RECENTLY_COMMITTED", 3)
+    mempool = pool(w)
+    blocks = [[register()], [standing(w, 2), standing(w, 3)], [standing(w, 4)]]
+    for txs in blocks:
+        commit(w, mempool, txs)
+    first, (second, third), (fourth,) = blocks
+    assert not mempool.committed_recently(first[0].id)  # forgotten: the oldest of four
+    assert all(mempool.committed_recently(t.id) for t in (second, third, fourth))
+    assert not mempool.committed_recently(standing(w, 5).id)  # never committed

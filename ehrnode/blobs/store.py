@@ -40,6 +40,7 @@ import os
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,7 @@ class BlobStore:
             for key, value in kv.scan(T_SEGMENT_END)
         }
         self._segments = Segments(root, ends)
-        self._held: dict[bytes, BlobInfo] = {}
+        self._held: OrderedDict[bytes, BlobInfo] = OrderedDict()
         self._tombstones = self._read_tombstones()
 
     def _read_tombstones(self) -> set[bytes] | None:
@@ -113,7 +114,7 @@ class BlobStore:
         for info in infos:
             held[info.hash] = info
         while len(held) > HELD_IN_MEMORY:
-            del held[next(iter(held))]
+            held.popitem(last=False)  # O(1); a dict's first key is found by skipping holes
 
     def path(self, blob_hash: bytes) -> Path:
         """Where a large blob's file lives (small blobs live in segments)."""
