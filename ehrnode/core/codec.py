@@ -63,6 +63,12 @@ def _check(obj: Value, depth: int) -> None:
     raise InvalidEncoding(f"values of type {kind.__name__} are not allowed")
 
 
+def check_types(obj: Value) -> None:
+    """InvalidEncoding unless ``obj`` holds only the allowed types, nested within
+    ``MAX_DEPTH`` (what ``decode`` checks unless told ``typed=False``)."""
+    _check(obj, 0)
+
+
 def encode(obj: Value) -> bytes:
     """The canonical bytes of ``obj`` (dict keys sorted, shortest forms), its types checked."""
     _check(obj, 0)
@@ -95,8 +101,13 @@ def _sorted_pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Value:
-    """Parse canonical msgpack, rejecting anything non-canonical or over the limits."""
+def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, typed: bool = True) -> Value:
+    """Parse canonical msgpack, rejecting anything non-canonical or over the limits.
+
+    ``typed=False`` leaves out the walk over the parsed value's types (no float, nesting
+    within ``MAX_DEPTH``) for a caller that checks the type of every value itself, as a
+    transaction's fields and body specs do: the parser already refuses extension types
+    and map keys that are not strings, and the bytes are still checked to be canonical."""
     if not isinstance(data, bytes | bytearray | memoryview):
         raise InvalidEncoding("expected bytes")
     if len(data) > max_bytes:
@@ -108,7 +119,8 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Value:
         obj = ormsgpack.unpackb(data)
     except Exception:  # ormsgpack raises ValueError/TypeError; the reference parser says why
         return _diagnose(data)
-    _check(obj, 0)
+    if typed:
+        _check(obj, 0)
     # Packing the parsed value with sorted keys gives the canonical bytes; any difference is
     # an unsorted or repeated key, a longer-than-shortest form, or trailing bytes.
     if ormsgpack.packb(obj, option=_SORTED) != data:
