@@ -48,3 +48,14 @@ async def test_stage_timers_account_for_one_signature_check_per_node(tmp_path: P
     }
     assert counts["ehrnode.core.tx.decode"] == 4 * 40
     assert counts["Chain.commit"] >= 4  # each node committed at least one block
+
+
+def test_the_stages_tool_names_a_bad_argument_without_a_traceback(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    for bad in (["abc"], ["0"]):
+        with pytest.raises(SystemExit) as stopped:
+            stages.main(bad)
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert "records" in err and "Traceback" not in err
