@@ -89,8 +89,10 @@ class Admission:
                 code="wrong_chain",
             )
         if from_peer:
-            # A committed transaction fails the nonce rule here, and gossip asked ``known``
-            # before the signature check: no second look-up of the committed index.
+            # Gossip asked ``known`` (pending, or among the recently committed) before the
+            # signature check. An older committed transaction fails the nonce rule here, or,
+            # behind a backlog whose pending nonces are not re-checked, is dropped by the
+            # block builder: never committed twice.
             self.mempool.add_relayed(tx)
             self.wake()
             return

@@ -28,7 +28,10 @@ from ehrnode.core.tx import Tx
 MAX_PARKED_PER_SIGNER = 64
 MAX_NONCE_AHEAD = 256
 RECHECK_MAX = 2000
-RECENTLY_COMMITTED = 65_536  # ids (about 6 MB): many blocks' worth at any rate
+RECENTLY_COMMITTED = 65_536  # ids (about 10 MB): many blocks' worth at any rate
+# Reads cached between two blocks: account look-ups over the RPC go through this overlay
+# too, and an idle chain makes no blocks, so the cache is bounded (about 20 MB).
+MAX_CACHED_READS = 100_000
 MAX_AHEAD_UNREGISTERED = 4
 MAX_PARKED_UNREGISTERED = 1000
 
@@ -71,7 +74,7 @@ class Mempool:
 
     def _new_overlay(self) -> state.Overlay:
         # Valid until the committed state changes, after which ``update`` makes a new one.
-        return state.Overlay(self._reader, cache_reads=True)
+        return state.Overlay(self._reader, cache_reads=True, max_reads=MAX_CACHED_READS)
 
     def committed_recently(self, tx_id: bytes) -> bool:
         """Among the last ``RECENTLY_COMMITTED`` transactions committed (False says

@@ -403,3 +403,17 @@ def test_the_most_recently_committed_ids_are_remembered_up_to_a_bound(
     assert not mempool.committed_recently(first[0].id)  # forgotten: the oldest of four
     assert all(mempool.committed_recently(t.id) for t in (second, third, fourth))
     assert not mempool.committed_recently(standing(w, 5).id)  # never committed
+
+
+def test_reads_cached_between_blocks_are_bounded(w: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Account look-ups (the RPC's too) go through the mempool's overlay, and an idle
+    chain makes no blocks to clear its cache: past the bound it reads through."""
+    monkeypatch.setattr(mempool_module, "MAX_CACHED_READS", 10)
+    mempool = pool(w)
+    overlay = mempool.check_state  # what the RPC reads accounts through
+    for i in range(50):
+        assert state.load(overlay, state.P_ACCT + bytes([i]) * 32) is None
+    assert isinstance(overlay, state.Overlay)
+    assert overlay.reads is not None and len(overlay.reads) == 10
+    mempool.add(register())  # still admits, reading through
+    assert register().id in mempool

@@ -85,7 +85,7 @@ def deep(levels: int) -> Any:
     return value
 
 
-WRONG = [1.5, True, None, deep(40), {"x": 1.5}, [1.5]]
+WRONG = [1.5, True, None, deep(40), deep(300), {"x": 1.5}, [1.5]]
 CASES = [(kind, body) for kind, body in BODIES.items()] + [("grant", STANDING)]
 IDS = [f"{kind}-{i}" for i, (kind, _) in enumerate(CASES)]
 

@@ -378,11 +378,13 @@ class Driver:
         await self.chain.kv.run(self.chain.commit, block, decide.certificate, execution)
         self._last_certificate = decide.certificate
         self.executor.forget()
-        if self.identity is not None:
-            await self.signing.kv.run(self.signing.prune, block.header.height + 1)
+        # The mempool's view of the committed state changes with the block, before any
+        # other await lets an admission read what it cached before it.
         dropped = self.mempool.update(block.tx_ids) + self.executor.dropped
         dropped += self.mempool.drain_evicted()
         self.executor.dropped = []
+        if self.identity is not None:
+            await self.signing.kv.run(self.signing.prune, block.header.height + 1)
         for tx, err in dropped:
             log.info(
                 "dropped pending %s after block %d: %s", tx.id.hex()[:16], block.header.height, err

@@ -123,7 +123,11 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, typed: bool = Tru
         _check(obj, 0)
     # Packing the parsed value with sorted keys gives the canonical bytes; any difference is
     # an unsorted or repeated key, a longer-than-shortest form, or trailing bytes.
-    if ormsgpack.packb(obj, option=_SORTED) != data:
+    try:
+        again = ormsgpack.packb(obj, option=_SORTED)
+    except (TypeError, ValueError, OverflowError):  # e.g. nested deeper than it packs
+        return _diagnose(data)
+    if again != data:
         return _diagnose(data)
     return obj
 

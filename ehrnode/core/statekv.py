@@ -39,16 +39,20 @@ class Overlay:
     """Writes pending over a reader; ``changes`` maps key -> new value (None = deleted).
 
     ``cache_reads``: remember what was read from the base (a block's execution reads the
-    same accounts many times, and the state hash needs each changed key's old value).
+    same accounts many times, and the state hash needs each changed key's old value), up
+    to ``max_reads`` keys when given.
     ``fresh``: keys written with ``put_new``, which the rules know are not in the base (they
     embed a transaction id or a counter never used before), so the state hash needs no
     read to learn their old value.
     """
 
-    def __init__(self, base: StateReader, *, cache_reads: bool = False) -> None:
+    def __init__(
+        self, base: StateReader, *, cache_reads: bool = False, max_reads: int | None = None
+    ) -> None:
         self.base = base
         self.changes: dict[bytes, bytes | None] = {}
         self.reads: dict[bytes, bytes | None] | None = {} if cache_reads else None
+        self.max_reads = max_reads  # past this many cached reads, read through uncached
         self.fresh: set[bytes] = set()
 
     def get(self, key: bytes) -> bytes | None:
@@ -59,7 +63,9 @@ class Overlay:
             return self.base.get(key)
         if key in reads:
             return reads[key]
-        value = reads[key] = self.base.get(key)
+        value = self.base.get(key)
+        if self.max_reads is None or len(reads) < self.max_reads:
+            reads[key] = value
         return value
 
     def original(self, key: bytes) -> bytes | None:

@@ -133,7 +133,7 @@ class LevelKV:
             # LevelDB writes the memtable to a table before compacting a range; this range
             # holds no key, so that is all it does.
             self._db.compact_range(start=b"\x00", stop=b"\x00")
-        except plyvel.Error as err:  # closing matters more: the log still holds the writes
+        except (plyvel.Error, RuntimeError) as err:  # closing matters more: the log has it
             log.warning("could not write the memtable out before closing: %s", err)
         self._db.close()
 
