@@ -22,7 +22,7 @@ from ehrnode.core import authority, crypto
 from ehrnode.core.block import PREVOTE, Vote, sign_vote
 from ehrnode.core.errors import InvalidBlock
 from ehrnode.node import Node
-from ehrnode.p2p import messages
+from ehrnode.p2p import messages, sync
 from ehrnode.testing import cluster, free_port, validator_identity, wait_for
 
 OBSERVATION = {
@@ -360,3 +360,43 @@ async def test_an_attachment_flows_to_every_replica_and_a_failed_upload_leaves_n
     await wait_for(relays_idle, 15, "the relays to end")
     assert [set(n.blobs.kv.scan(b"O")) for n in nodes] == held
     assert all(not any((n.config.blobs_dir / "tmp").iterdir()) for n in nodes)
+
+
+async def test_a_validator_far_behind_asks_for_the_next_blocks_while_it_applies_a_batch(
+    nodes: list[Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Block sync in batches (of 2 here): the request for the blocks after a batch goes out
+    before that batch is applied, and the node ends on the network's chain."""
+    monkeypatch.setattr(sync, "BATCH", 2)
+    seen: list[tuple[sync.BlockSync, str, int, int]] = []  # every node's; a live one
+    ask, apply = sync.BlockSync._ask, sync.BlockSync._apply  # may sync a block it missed
+
+    def spy_ask(self: sync.BlockSync, first: int) -> Any:
+        seen.append((self, "ask", first, 0))
+        return ask(self, first)
+
+    async def spy_apply(self: sync.BlockSync, items: list[Any]) -> None:
+        seen.append((self, "apply", self.chain.head.height + 1, len(items)))
+        await apply(self, items)
+
+    victim = nodes[0]
+    home = victim.config.home
+    await victim.stop()
+    for _ in range(8):
+        async with Client(nodes[1].rpc_url, crypto.Identity.generate()) as c:
+            await c.register("patient")
+    final = nodes[1].chain.head.height
+    monkeypatch.setattr(sync.BlockSync, "_ask", spy_ask)
+    monkeypatch.setattr(sync.BlockSync, "_apply", spy_apply)
+    restarted = Node(cfg.load(home))
+    nodes[0] = restarted  # so the fixture stops it
+    await restarted.start()
+    await wait_for(lambda: restarted.chain.head.height >= final, 20, "the restarted node")
+
+    assert restarted.chain.block(final).id == nodes[1].chain.block(final).id
+    events = [event for who, *event in seen if who is restarted.sync]
+    applies = [i for i, event in enumerate(events) if event[0] == "apply"]
+    assert len(applies) >= 3, events
+    for i in applies[:-1]:
+        _, first, count = events[i]
+        assert events[i - 1] == ["ask", first + count, 0], events

@@ -3,18 +3,20 @@ is ahead, checks them and commits them, then goes on with consensus.
 
 Peers tell each other their head (``status``) when a link opens and after every commit.
 While some peer is ahead, one task asks one such peer for up to 256 blocks at a time
-(``get_blocks`` / ``blocks``). Each block must be the next height, its certificate must be
-for that very block and carry more than 2/3 of the current validators' power, and then it
-must apply to our state (``Driver.apply_certified``). A peer that sends a block or a
-certificate that does not verify is disconnected; a peer that does not answer in time is
-skipped for another.
+(``get_blocks`` / ``blocks``), and for the next ones before it applies a batch. Each block
+must be the next height, its certificate must be for that very block and carry more than
+2/3 of the current validators' power, and then it must apply to our state
+(``Driver.apply_certified``). A peer that sends a block or a certificate that does not
+verify is disconnected; a peer that does not answer in time is skipped for another.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
+from dataclasses import dataclass
 from typing import Any
 
 from ehrnode.consensus.driver import Committed, Driver
@@ -28,6 +30,13 @@ log = logging.getLogger(__name__)
 
 BATCH = 256
 RESPONSE_TIMEOUT = 15.0
+
+
+@dataclass(frozen=True)
+class _Request:
+    peer: Peer
+    first: int  # the height asked from
+    future: asyncio.Future[list[Any]]
 
 
 class BlockSync:
@@ -75,35 +84,60 @@ class BlockSync:
     # --- fetching -------------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
-            ours = self.chain.head.height
-            ahead = [p for p in self.switch.peers.values() if p.height > ours and not p.closed]
-            if not ahead:
-                return
-            peer = random.choice(ahead)
-            count = min(BATCH, peer.height - ours)
-            future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-            self._pending = (peer, future)
-            self.switch.send(peer, "get_blocks", **{"from": ours + 1, "count": count})
-            try:
-                items = await asyncio.wait_for(future, RESPONSE_TIMEOUT)
-            except TimeoutError:
-                log.info("peer %s did not answer a block request in time", peer.short)
-                peer.height = ours  # try someone else until it reports again
-                continue
-            finally:
-                self._pending = None
-            if not items:
-                peer.height = ours
-                continue
-            try:
-                await self._apply(items)
-            except PeerError as err:
-                log.warning("disconnecting peer %s: %s", peer.short, err)
-                peer.close()
-            except InvalidBlock as err:
-                log.error("block sync stopped: %s", err)
-                return
+        # The request for the blocks after a batch goes out before that batch is applied,
+        # so the answer (tens of MB, a third of a second to read, send and parse) travels
+        # while this node executes: one request in flight at a time.
+        asked: _Request | None = None
+        try:
+            while True:
+                ours = self.chain.head.height
+                if asked is not None and asked.first != ours + 1:
+                    await self._drain(asked)  # the batch before it did not apply in full
+                    asked = None
+                request = asked or self._ask(ours + 1)
+                asked = None
+                if request is None:
+                    return
+                try:
+                    items = await asyncio.wait_for(request.future, RESPONSE_TIMEOUT)
+                except TimeoutError:
+                    log.info("peer %s did not answer a block request in time", request.peer.short)
+                    request.peer.height = ours  # try someone else until it reports again
+                    continue
+                if not items:
+                    request.peer.height = ours
+                    continue
+                asked = self._ask(ours + 1 + len(items))
+                try:
+                    await self._apply(items)
+                except PeerError as err:
+                    log.warning("disconnecting peer %s: %s", request.peer.short, err)
+                    request.peer.close()
+                except InvalidBlock as err:
+                    log.error("block sync stopped: %s", err)
+                    return
+        finally:
+            self._pending = None
+
+    def _ask(self, first: int) -> _Request | None:
+        """Ask a peer that has block ``first`` for it and up to ``BATCH`` - 1 after it."""
+        ahead = [p for p in self.switch.peers.values() if p.height >= first and not p.closed]
+        if not ahead:
+            return None
+        peer = random.choice(ahead)
+        request = _Request(peer, first, asyncio.get_running_loop().create_future())
+        self._pending = (peer, request.future)
+        count = min(BATCH, peer.height - first + 1)
+        self.switch.send(peer, "get_blocks", **{"from": first, "count": count})
+        return request
+
+    async def _drain(self, request: _Request) -> None:
+        """Let an answer no longer wanted arrive (or time out) before asking again, so that
+        it cannot be taken for the answer to the next request (a closed link brings none)."""
+        if request.peer.closed:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(request.future, RESPONSE_TIMEOUT)
 
     async def _apply(self, items: list[Any]) -> None:
         chain_id = self.chain.genesis.chain_id
