@@ -43,9 +43,9 @@ class BigFile:
     task; ``close`` (always, in a ``finally``) releases what is left, once no thread uses
     the file any more, even when that task is cancelled."""
 
-    def __init__(self, path: Path, *, direct: bool = True) -> None:
+    def __init__(self, path: Path) -> None:
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
-        self.direct = bool(direct and _DIRECT)
+        self.direct = bool(_DIRECT)  # until the file system refuses it
         fd = -1
         if self.direct:
             try:

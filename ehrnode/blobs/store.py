@@ -74,18 +74,10 @@ class BlobInfo:
 
 
 class BlobStore:
-    def __init__(
-        self,
-        root: Path,
-        kv: KV,
-        *,
-        max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES,
-        direct_io: bool = True,
-    ) -> None:
+    def __init__(self, root: Path, kv: KV, *, max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES) -> None:
         self.root = root
         self.kv = kv
         self.max_blob_bytes = max_blob_bytes
-        self.direct_io = direct_io  # large blobs around the page cache (``blobs.bigfile``)
         # Storing and erasing one blob exclude each other (uploads finish on worker threads).
         self._lock = threading.Lock()
         self._tmp = root / "tmp"
@@ -236,7 +228,7 @@ class BlobStore:
                     head.extend(chunk)
                     continue
                 if file is None:
-                    file = BigFile(tmp_path, direct=self.direct_io)
+                    file = BigFile(tmp_path)
                     await file.write(head)
                     head.clear()
                 await file.write(chunk)
