@@ -228,7 +228,7 @@ async def test_the_commands_against_a_node(
     assert after["records"] == before["records"]  # the valid one was not written either
     code, doc, err = await ehr(capsys, *as_("doctor"), "put", "--patient", ids["patient"], str(bad))
     assert code == 1 and doc["error"]["code"] == "invalid_resource"
-    assert "code: Field required" in one_line(err)
+    assert "Observation.code: required element missing" in one_line(err)
 
 
 async def test_human_output(node: Node, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
