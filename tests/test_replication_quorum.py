@@ -58,3 +58,33 @@ async def test_a_batch_short_of_the_quorum_returns_the_counts_at_the_timeout(
     r.is_validator = lambda key: key != P2
     announce(r, P2, a)
     assert await r.wait_quorum([a], 0.05) == [1]
+
+
+async def test_the_count_is_the_number_of_replicas_listed(tmp_path: Path) -> None:
+    r = replication(tmp_path, quorum=3)
+    [held] = r.blobs.put_many([b"held"])
+    unheld = crypto.sha256(b"not held")
+    r.is_validator = lambda key: key != P3
+    for blob in (held, unheld):
+        assert r.count(blob) == len(r.replicas(blob))
+        announce(r, P1, blob)
+        announce(r, P3, blob)  # not a validator: listed nowhere, counted nowhere
+        announce(r, ME, blob)  # this node named by a peer's news counts once
+        assert r.count(blob) == len(r.replicas(blob))
+    assert r.replicas(held) == sorted([ME, P1]) and r.count(held) == 2
+    assert r.replicas(unheld) == sorted([ME, P1]) and r.count(unheld) == 2
+
+
+async def test_news_of_one_blob_does_not_release_a_batch_another_is_short_in(
+    tmp_path: Path,
+) -> None:
+    r = replication(tmp_path, quorum=2)
+    blobs = r.blobs.put_many([b"first", b"second", b"third"])
+    waiting = asyncio.create_task(r.wait_quorum(blobs, 30))
+    await asyncio.sleep(0)
+    announce(r, P1, blobs[0], blobs[2])
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    announce(r, P2, blobs[1])
+    assert await asyncio.wait_for(waiting, 5) == [2, 2, 2]
+    assert r._waiters == {}

@@ -133,10 +133,21 @@ class Replication:
         """The nodes known to hold ``blob`` that count for the write quorum: this node and
         current validators (a configured full node's copy is welcome but not counted)."""
         validators = self.is_validator
-        found = {key for key in self.holders.get(blob, set()) if validators(key)}
+        found = {key for key in self.holders.get(blob, ()) if validators(key)}
         if self.blobs.has(blob):
             found.add(self.me)
         return sorted(found)
+
+    def count(self, blob: bytes) -> int:
+        """``len(self.replicas(blob))``, without building the list: asked for every blob of
+        every upload and submission, and again each time news of the batch arrives."""
+        validators = self.is_validator
+        held = self.blobs.has(blob)
+        n = int(held)
+        for key in self.holders.get(blob, ()):
+            if (not held or key != self.me) and validators(key):
+                n += 1
+        return n
 
     async def wait_quorum(self, blobs: list[bytes], timeout: float) -> list[int]:
         """Wait until ``quorum`` nodes hold each of ``blobs`` (or ``timeout``); return how
@@ -145,30 +156,34 @@ class Replication:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         short = self._short(set(blobs))
-        while short and (remaining := deadline - loop.time()) > 0:
+        if short:
             event = asyncio.Event()
-            for blob in short:
+            waited = short
+            for blob in waited:
                 self._waiters.setdefault(blob, []).append(event)
             try:
-                await asyncio.wait_for(event.wait(), remaining)
-            except TimeoutError:
-                pass
+                while short and (remaining := deadline - loop.time()) > 0:
+                    try:
+                        await asyncio.wait_for(event.wait(), remaining)
+                    except TimeoutError:
+                        break
+                    event.clear()
+                    short = self._short(short)
             finally:
-                for blob in short:
-                    waiters = self._waiters.get(blob, [])
-                    if event in waiters:
+                for blob in waited:
+                    waiters = self._waiters.get(blob)
+                    if waiters is not None and event in waiters:
                         waiters.remove(event)
-                    if not waiters:
-                        self._waiters.pop(blob, None)
-            short = self._short(short)
-        return [len(self.replicas(blob)) for blob in blobs]
+                        if not waiters:
+                            del self._waiters[blob]
+        return [self.count(blob) for blob in blobs]
 
     def _short(self, blobs: Iterable[bytes]) -> list[bytes]:
-        quorum = self.quorum
-        return [blob for blob in blobs if len(self.replicas(blob)) < quorum]
+        quorum, count = self.quorum, self.count
+        return [blob for blob in blobs if count(blob) < quorum]
 
     def _wake(self, blob: bytes) -> None:
-        for event in self._waiters.get(blob, []):
+        for event in self._waiters.get(blob, ()):
             event.set()
 
     # --- announcing -------------------------------------------------------------------------

@@ -167,10 +167,8 @@ class ContentApi:
         replication.stored(hashes)
         timeout = self.config.commit_timeout_s
         counts = await replication.wait_quorum(hashes, timeout)
-        return [
-            {"replicas": n, "quorum": replication.quorum, "durable": n >= replication.quorum}
-            for n in counts
-        ]
+        quorum = replication.quorum
+        return [{"replicas": n, "quorum": quorum, "durable": n >= quorum} for n in counts]
 
     async def get_replicas(self, req: web.Request) -> web.Response:
         """Which nodes hold a blob, and whether that meets the write quorum."""

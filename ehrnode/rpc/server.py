@@ -208,7 +208,8 @@ class Api:
             return {}
         timeout = self.config.commit_timeout_s
         counts = await replication.wait_quorum(blobs, timeout)
-        return {b: n for b, n in zip(blobs, counts, strict=True) if n < replication.quorum}
+        quorum = replication.quorum
+        return {b: n for b, n in zip(blobs, counts, strict=True) if n < quorum}
 
     def _admit_one(self, item: Tx | EhrError, short: dict[bytes, int]) -> Tx | EhrError:
         if isinstance(item, EhrError):
