@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from ehrnode.client import fhir
+from ehrnode.client.bundles import load_bundle
 from ehrnode.client.errors import InvalidResource
 from ehrnode.core.errors import EhrError, InvalidEncoding
 
@@ -101,3 +102,21 @@ def test_values_json_cannot_hold_are_refused() -> None:
         fhir.decode(b"[1]")
     with pytest.raises(InvalidResource):
         fhir.decode(b"\xff")
+
+
+def test_text_json_or_utf8_cannot_hold_is_refused_not_raised(tmp_path: Path) -> None:
+    lone_surrogate = json.loads('{"resourceType": "Patient", "name": [{"text": "\\ud800"}]}')
+    with pytest.raises(InvalidResource, match="cannot be written as JSON"):
+        fhir.prepare(lone_surrogate)
+    deep: Any = []
+    for _ in range(100_000):
+        deep = [deep]
+    with pytest.raises(InvalidResource, match="cannot be written as JSON"):
+        fhir.prepare({"resourceType": "Patient", "extension": deep})
+    nested = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(InvalidResource, match="not JSON"):
+        fhir.decode(nested)  # what a hostile writer's record could decrypt to
+    bundle = tmp_path / "deep.json"
+    bundle.write_bytes(nested)
+    with pytest.raises(InvalidResource, match="not a readable JSON file"):
+        load_bundle(bundle)

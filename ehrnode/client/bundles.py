@@ -30,7 +30,7 @@ def load_bundle(path: Path) -> list[dict[str, Any]]:
     """The entries of a FHIR Bundle file, each with a ``resource``."""
     try:
         bundle = json.loads(path.read_bytes())
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # RecursionError: nested too deeply
         raise InvalidResource(f"{path}: not a readable JSON file: {err}") from err
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise InvalidResource(f"{path}: not a FHIR Bundle")

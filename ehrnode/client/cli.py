@@ -68,7 +68,7 @@ async def cmd_register(client: Client, args: argparse.Namespace) -> Output:
 def _load_resource(path: Path) -> dict[str, Any]:
     try:
         resource = json.loads(path.read_bytes())
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: nested too deeply
         raise InvalidResource(f"{path} is not JSON: {err}") from err
     if not isinstance(resource, dict):
         raise InvalidResource(f"{path} does not hold a JSON object")

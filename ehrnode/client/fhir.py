@@ -88,16 +88,16 @@ def encode(resource: dict[str, Any]) -> bytes:
         text = json.dumps(
             resource, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
         )
-    except (TypeError, ValueError) as err:
+        return text.encode()  # a lone surrogate (from a "\ud800" escape) is not UTF-8
+    except (TypeError, ValueError, RecursionError) as err:
         raise InvalidResource(f"the resource cannot be written as JSON: {err}") from err
-    return text.encode()
 
 
 def decode(plaintext: bytes) -> dict[str, Any]:
     """Parse a decrypted resource; InvalidResource if it is not a JSON object."""
     try:
         value = json.loads(plaintext)
-    except (ValueError, UnicodeDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # RecursionError: nested too deeply
         raise InvalidResource(f"the decrypted record is not JSON: {err}") from err
     if not isinstance(value, dict):
         raise InvalidResource("the decrypted record is not a JSON object")
