@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from ehrnode.client import fhir
 from ehrnode.client.bundles import load_bundle
@@ -15,6 +16,10 @@ from ehrnode.client.errors import InvalidResource
 from ehrnode.core.errors import EhrError, InvalidEncoding
 
 DATA = Path(__file__).parent / "data"
+# Element names of the sample bundle's resources, for generated documents.
+_SAMPLE = json.loads((DATA / "1480536-bundle.json").read_text())
+_KEYS = {key for entry in _SAMPLE["entry"] for key in entry["resource"]}
+_ELEMENTS = sorted(_KEYS | {"_birthDate", "value"})
 
 OBSERVATION: dict[str, Any] = {
     "resourceType": "Observation",
@@ -29,8 +34,7 @@ def test_a_valid_resource_passes_and_names_its_type() -> None:
 
 
 def test_every_resource_of_the_sample_bundle_validates() -> None:
-    bundle = json.loads((DATA / "1480536-bundle.json").read_text())
-    kinds = {fhir.validate(entry["resource"]) for entry in bundle["entry"]}
+    kinds = {fhir.validate(entry["resource"]) for entry in _SAMPLE["entry"]}
     assert {"Patient", "Observation", "Encounter", "Claim"} <= kinds
 
 
@@ -120,3 +124,31 @@ def test_text_json_or_utf8_cannot_hold_is_refused_not_raised(tmp_path: Path) -> 
     bundle.write_bytes(nested)
     with pytest.raises(InvalidResource, match="not a readable JSON file"):
         load_bundle(bundle)
+
+
+_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(_ELEMENTS) | st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from(["Patient", "Observation", "Bundle", "Encounter", "Claim"]),
+    body=st.dictionaries(st.sampled_from(_ELEMENTS), _JSON, max_size=6),
+)
+def test_any_json_object_is_either_valid_or_refused_by_name(kind: str, body: Any) -> None:
+    """The validator is compiled code: whatever a resource holds, the outcome is a type or
+    an InvalidResource, never another exception."""
+    try:
+        assert fhir.validate({**body, "resourceType": kind}) == kind
+    except InvalidResource as err:
+        assert str(err) and "\n" not in str(err)
