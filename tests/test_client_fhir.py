@@ -152,3 +152,31 @@ def test_any_json_object_is_either_valid_or_refused_by_name(kind: str, body: Any
         assert fhir.validate({**body, "resourceType": kind}) == kind
     except InvalidResource as err:
         assert str(err) and "\n" not in str(err)
+
+
+def test_messages_leave_out_the_values_found_and_stay_short() -> None:
+    patient = {
+        "resourceType": "Patient",
+        "birthDate": "1974-13-25",
+        "gender": "fe male ",
+        "multipleBirthInteger": 1.5,
+    }
+    with pytest.raises(InvalidResource) as caught:
+        fhir.validate(patient)
+    message = str(caught.value)
+    assert "Patient.birthDate: the value is not a valid date" in message
+    assert "Patient.multipleBirthInteger: the value is not a FHIR integer" in message
+    assert "1974" not in message and "fe male" not in message and "1.5" not in message
+    attachment = {"data": "QUJD" * 250_000 + "!"}  # 1 MB of base64 with one bad character
+    document = {"resourceType": "DocumentReference", "status": "current"}
+    with pytest.raises(InvalidResource) as caught:
+        fhir.validate({**document, "content": [{"attachment": attachment}]})
+    assert "attachment.data: the value is not a valid base64Binary" in str(caught.value)
+    assert len(str(caught.value)) < 300
+
+
+def test_the_type_given_with_the_bytes_must_be_theirs() -> None:
+    plaintext = fhir.encode({"resourceType": "Patient"})
+    assert fhir.validated("Patient", plaintext).kind == "Patient"
+    with pytest.raises(InvalidResource, match="resourceType is Patient, not Observation"):
+        fhir.validated("Observation", plaintext)

@@ -1,6 +1,5 @@
 """Synthea bundle files: finding them, reading their entries and resolving the references
-between entries (no FHIR models needed: the testnet command uses this without loading
-them)."""
+between entries (plain JSON: nothing here validates FHIR)."""
 
 from __future__ import annotations
 

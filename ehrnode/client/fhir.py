@@ -5,8 +5,10 @@ deployed servers write: every resource and data type generated from the official
 specification, in compiled code (about 40 us a Synthea resource, a tenth to a
 fifteenth of the pydantic models of ``fhir.resources``, and no per-type model to build
 in each process). It checks element names, JSON types, cardinality, choice types
-(``value[x]``), primitive formats and nulls, inside contained and bundled resources too;
-like those models it does not check terminology bindings.
+(``value[x]``), the lexical form of primitives (not whether a date exists on the
+calendar) and nulls, inside contained and bundled resources too; it does not check
+terminology bindings. Error messages name the element by its path and leave out the
+value found there: it is health data, and a message ends up in terminals and logs.
 
 The plaintext written is the resource exactly as given, as canonical JSON (sorted keys,
 no spaces, UTF-8), not a re-serialisation: a reader gets back the same document the
@@ -27,6 +29,9 @@ from ehrnode.client.errors import InvalidResource
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]{0,63}$")
 _RESOURCE_TYPES = frozenset(fhirkit.RESOURCE_TYPES)
 _MAX_REPORTED = 5
+_MAX_TEXT = 200  # characters of one problem's path or message
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
+_NUMBER = re.compile(r"[-+0-9.eE]+")
 
 
 def resource_type(resource: Any) -> str:
@@ -43,8 +48,21 @@ def resource_type(resource: Any) -> str:
     return kind
 
 
+def _redacted(message: str) -> str:
+    """fhirkit's message without the value it quotes (``"1974-13-25" is not a valid
+    date``, ``1.5 is not a FHIR integer``), on one line, of bounded length."""
+    message = _QUOTED.sub("the value", " ".join(message.split()))
+    head, found, tail = message.partition(" is not ")
+    if found and _NUMBER.fullmatch(head):
+        message = f"the value is not {tail}"
+    return message[:_MAX_TEXT]
+
+
 def _describe(errors: list[fhirkit.Issue]) -> str:
-    problems = [f"{e.path}: {' '.join(e.message.split())}" for e in errors[:_MAX_REPORTED]]
+    problems = [
+        f"{' '.join(e.path.split())[:_MAX_TEXT]}: {_redacted(e.message)}"
+        for e in errors[:_MAX_REPORTED]
+    ]
     if len(errors) > _MAX_REPORTED:
         problems.append(f"and {len(errors) - _MAX_REPORTED} more")
     return "; ".join(problems)
@@ -66,14 +84,17 @@ def prepare(resource: Any) -> Prepared:
 
 def validated(kind: str, plaintext: bytes) -> Prepared:
     """Check canonical JSON bytes (from ``encode``) against FHIR R4; ``kind`` is the
-    resourceType they hold: what a worker process is given instead of the resource."""
+    resourceType they hold (checked): what a worker process is given instead of the
+    resource."""
     try:
-        issues = fhirkit.validate(plaintext)
+        parsed = fhirkit.parse(plaintext)
     except ValueError as err:  # fhirkit.ParseError: not JSON, or nested too deeply
-        raise InvalidResource(f"{kind} is not valid FHIR R4: {err}") from err
-    errors = [issue for issue in issues if issue.severity == "error"]
+        raise InvalidResource(f"{kind} is not valid FHIR R4: {_redacted(str(err))}") from err
+    errors = [issue for issue in parsed.issues if issue.severity == "error"]
     if errors:
         raise InvalidResource(f"{kind} is not valid FHIR R4: {_describe(errors)}")
+    if parsed.resource_type != kind:
+        raise InvalidResource(f"the resourceType is {parsed.resource_type}, not {kind}")
     return Prepared(kind, plaintext)
 
 
