@@ -102,6 +102,41 @@ def test_batched_records_are_amended_granted_erased_and_read_like_any(w: World) 
     assert not w.may_read(second, gp)
 
 
+def test_one_transaction_writes_for_several_patients_each_by_their_own_rules(w: World) -> None:
+    """Two patients' records interleaved in one transaction: each patient's list grows in
+    order, and each record needs the standing grantees of its own patient and type."""
+    ann, bob, provider, lab = w.patient(1), w.patient(4), w.provider(2), w.provider(3)
+    w.record(provider, bob)  # bob's list already holds one record
+    w.standing(ann, lab, types=["Observation"])
+    items = [
+        w.record_body(provider, ann, readers=[lab.public_key]),  # ann's Observation: lab too
+        w.record_body(provider, bob),
+        w.record_body(provider, ann, type_="Condition"),  # outside the grant's types
+        w.record_body(provider, bob, type_="Condition"),
+    ]
+    t = w.do(provider, "records", {"items": items})
+
+    ids = [tx.record_id(t.id, i) for i in range(4)]
+    assert w.account(ann)["nrec"] == 2 and w.account(bob)["nrec"] == 3
+    ann_list = [w.overlay.get(state.seq_key(P_PREC, ann.public_key, i)) for i in range(2)]
+    bob_list = [w.overlay.get(state.seq_key(P_PREC, bob.public_key, i)) for i in (1, 2)]
+    assert ann_list == [ids[0], ids[2]] and bob_list == [ids[1], ids[3]]
+    # the grant binds ann's Observations only: bob's and ann's Condition went without lab
+    lacking = w.record_body(provider, ann)
+    refused = w.sign(provider, "records", {"items": [items[3] | {"blob": bytes(32)}, lacking]})
+    assert w.rejects(refused) == "missing_grantee_key"
+
+
+def test_a_patient_writes_their_own_records_and_the_count_and_nonce_both_hold(w: World) -> None:
+    patient = w.patient(1)
+    before = w.account(patient)
+    items = [w.record_body(patient, patient) for _ in range(3)]
+    t = w.do(patient, "records", {"items": items})
+    after = w.account(patient)
+    assert after["nrec"] == before["nrec"] + 3 and after["nonce"] == t.nonce
+    assert w.load(P_REC + tx.record_id(t.id, 2))["author"] == patient.public_key
+
+
 def _records_body(items: Any) -> dict[str, Any]:
     return {"items": items}
 

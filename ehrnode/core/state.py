@@ -197,16 +197,66 @@ def required_readers(
 
 
 def _record(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]) -> None:
-    _write_record(scratch, ctx, tx, account, tx.id, tx.body)
+    patients = _Patients(scratch, ctx.time)
+    _write_record(scratch, ctx, tx, account, patients, tx.id, tx.body)
+    patients.save()
 
 
 def _records(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]) -> None:
     """Every record of the transaction, or none (the caller's scratch is dropped)."""
+    patients = _Patients(scratch, ctx.time)
     for index, body in enumerate(tx.body["items"]):
         try:
-            _write_record(scratch, ctx, tx, account, txmod.record_id(tx.id, index), body, index)
+            rid = txmod.record_id(tx.id, index)
+            _write_record(scratch, ctx, tx, account, patients, rid, body, index)
         except InvalidTransaction as err:
             raise _reject(err.code, f"record {index}: {err.message}") from err
+    patients.save()
+
+
+class _Patients:
+    """The patients one transaction writes records for. Each account is read once and saved
+    once, after the last record; each (patient, type)'s required readers are looked up once.
+    Neither can change while the transaction applies: it writes records only."""
+
+    def __init__(self, scratch: Overlay, now: int) -> None:
+        self.scratch = scratch
+        self.now = now
+        self.accounts: dict[bytes, dict[str, Any]] = {}
+        self.readers: dict[tuple[bytes, str], set[bytes]] = {}
+        self.counted: set[bytes] = set()  # patients whose record count moved
+
+    def account(self, patient: bytes) -> dict[str, Any]:
+        account = self.accounts.get(patient)
+        if account is None:
+            account = load(self.scratch, P_ACCT + patient)
+            if account is None or account["role"] != "patient":
+                raise _reject(
+                    "unknown_patient", f"{patient.hex()[:16]}… is not a registered patient"
+                )
+            self.accounts[patient] = account
+        return account
+
+    def required(self, patient: bytes, resource_type: str) -> set[bytes]:
+        key = (patient, resource_type)
+        required = self.readers.get(key)
+        if required is None:
+            required = self.readers[key] = required_readers(
+                self.scratch, patient, resource_type, self.now
+            )
+        return required
+
+    def next_seq(self, patient: bytes) -> int:
+        """The place of the patient's next new record in their record list."""
+        account = self.accounts[patient]
+        seq: int = account["nrec"]
+        account["nrec"] = seq + 1
+        self.counted.add(patient)
+        return seq
+
+    def save(self) -> None:
+        for patient in self.counted:
+            save(self.scratch, P_ACCT + patient, self.accounts[patient])
 
 
 def _write_record(
@@ -214,6 +264,7 @@ def _write_record(
     ctx: BlockContext,
     tx: Tx,
     account: dict[str, Any],
+    patients: _Patients,
     rid: bytes,
     body: dict[str, Any],
     index: int | None = None,
@@ -222,11 +273,9 @@ def _write_record(
     patient = body["patient"]
     if account["role"] != "provider" and tx.signer != patient:
         raise _reject("not_provider", "only a provider or the patient may write a record")
-    patient_account = load(scratch, P_ACCT + patient)
-    if patient_account is None or patient_account["role"] != "patient":
-        raise _reject("unknown_patient", f"{patient.hex()[:16]}… is not a registered patient")
+    patients.account(patient)  # registered as a patient
     holders = {key for key, _ in body["keys"]}
-    required = required_readers(scratch, patient, body["type"], ctx.time)
+    required = patients.required(patient, body["type"])
     missing = required - holders
     if missing:
         raise _reject(
@@ -259,10 +308,7 @@ def _write_record(
     amends = body.get("amends")
     if amends is None:
         entry.update(root=rid, ver=1, head=rid, nver=1)
-        seq = patient_account["nrec"]
-        patient_account["nrec"] = seq + 1
-        save(scratch, P_ACCT + patient, patient_account)
-        scratch.put_new(seq_key(P_PREC, patient, seq), rid)
+        scratch.put_new(seq_key(P_PREC, patient, patients.next_seq(patient)), rid)
     else:
         previous = load(scratch, P_REC + amends)
         if previous is None or previous["patient"] != patient:
