@@ -1,7 +1,7 @@
 """JSON views of chain objects for the RPC. Bytes become lowercase hex; nothing else changes.
 
 Reading the state for queries (records, grants) also lives here: it reads the committed
-state through ``core.state``'s layouts and never writes.
+state through ``core.layout``'s layouts and never writes.
 """
 
 from __future__ import annotations

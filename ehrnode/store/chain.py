@@ -8,7 +8,7 @@ so that keys sort by height):
     b"C" + height             the certificate that finalised it (core.block.Certificate)
     b"H" + block id           height
     b"T" + tx id              height(8) + index(4): where a transaction was committed
-    b"S" + state key          state entry (layouts in core.state)
+    b"S" + state key          state entry (layouts in core.layout)
 
 ``commit`` writes a block, its certificate, its index entries, its state changes and the
 new head in one synced batch: after a crash the head names the last block whose changes
@@ -37,7 +37,7 @@ T_BLOCK_ID = b"H"
 T_TX = b"T"
 T_STATE = b"S"
 K_HEAD = T_META + b"head"
-# The layout of the state entries (``core.state``) this build writes and reads, kept in the
+# The layout of the state entries (``core.layout``) this build writes and reads, kept in the
 # head record. 2: a record's first wrapped keys in one ``wkey`` entry, no ``ver`` entry for
 # a first version. A data directory of another layout holds other state hashes: its chain
 # cannot be continued by this build.

@@ -1,0 +1,45 @@
+"""Where the state keeps what: every key prefix and the layout of its values. Values are
+canonical msgpack, except where the table says raw bytes. The rules (``core.state``) are
+the only writers.
+
+    key                                    value
+    b"vals", b"vfrom"…, b"vvote"…,         validator sets, set-change votes and evidence:
+    b"vpend", b"evid"…                     see core.authority
+    b"acct" + key(32)                      {"role", "nonce", "since", "name"?, "by"?, "nrec"}
+    b"rec"  + record id(32)                {"patient", "author", "blob", "size", "type",
+                                            "height", "root", "ver", "erased", "amends"?,
+                                            "erased_at"?, on a root only: "head", "nver";
+                                            from a ``records`` transaction: "tx", "item"}
+    b"prec" + patient(32) + seq(8, BE)     raw root record id: the patient's records, in order
+    b"ver"  + root id(32) + seq(8, BE)     raw id of version seq + 1 of a record, from seq 1
+                                            (the root is version 1 and has no entry)
+    b"wkey" + record id(32)                [[reader, wrapped data key]...]: as its writer
+                                            wrapped it (the record body's "keys")
+    b"key"  + record id(32) + reader(32)   raw: the data key a grant wrapped for that reader
+                                            (wins over the writer's, see ``wrapped_key``)
+    b"grant"+ grant id(32)                 {"patient", "grantee", "scope", "height",
+                                            "types"?, "expires"?, "records"?, "revoked"?}
+    b"pgr"  + patient(32) + grant id(32)   raw b"": the patient's grants
+    b"std"  + patient(32)                  [[grantee, grant id, types | nil, expires | nil]...]
+                                            the standing grants in force (not revoked)
+    b"blob" + blob hash(32)                raw record id: the one record a ciphertext belongs to
+    b"lgr"  + record id(32) + grantee(32)  [grant id, ...]: the listed grants not revoked that
+                                            name that record for that grantee, in order
+"""
+
+from __future__ import annotations
+
+from ehrnode.core import authority
+
+K_VALS = authority.K_VALS
+P_ACCT = b"acct"
+P_REC = b"rec"
+P_PREC = b"prec"
+P_VER = b"ver"
+P_KEY = b"key"
+P_WKEY = b"wkey"
+P_GRANT = b"grant"
+P_PGR = b"pgr"
+P_STD = b"std"
+P_LGR = b"lgr"
+P_BLOB = b"blob"
