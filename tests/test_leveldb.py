@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ehrnode.store.db import LevelKV
+import pytest
+
+from ehrnode.store.db import LevelKV, MemoryKV
 
 
 def log_bytes(path: Path) -> int:
@@ -30,3 +32,24 @@ def test_a_clean_close_leaves_no_log_to_replay_and_loses_nothing(tmp_path: Path)
         assert all(again.get(key) == entries[key] for key in rest)
     finally:
         again.close()
+
+
+@pytest.mark.parametrize("kind", ["leveldb", "memory"])
+async def test_a_batch_written_from_the_event_loop_lands_whole(tmp_path: Path, kind: str) -> None:
+    """``write_from_loop`` (a block's commit): the batch is built on the loop's thread and
+    written on a worker thread; its puts and deletes land together and outlive a reopen."""
+    path = tmp_path / "data"
+    kv: LevelKV | MemoryKV = LevelKV(path) if kind == "leveldb" else MemoryKV()
+    kv.write({b"old": b"1", b"keep": b"2"}, sync=True)
+    entries: dict[bytes, bytes | None] = {b"n%05d" % i: os.urandom(100) for i in range(20_000)}
+    entries[b"old"] = None
+    await kv.write_from_loop(entries, sync=True)
+    if isinstance(kv, LevelKV):
+        kv.close()
+        kv = LevelKV(path)
+    try:
+        assert kv.get(b"old") is None and kv.get(b"keep") == b"2"
+        assert [k for k, _ in kv.scan(b"n")] == sorted(k for k in entries if k != b"old")
+        assert all(kv.get(k) == v for k, v in entries.items() if v is not None)
+    finally:
+        kv.close()

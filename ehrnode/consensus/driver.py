@@ -375,7 +375,7 @@ class Driver:
         started = time.perf_counter()
         block = decide.block
         execution, txs = self.executor.execution(block)
-        await self.chain.kv.run(self.chain.commit, block, decide.certificate, execution)
+        await self.chain.commit_from_loop(block, decide.certificate, execution)
         self._last_certificate = decide.certificate
         self.executor.forget()
         # The mempool's view of the committed state changes with the block, before any

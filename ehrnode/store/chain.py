@@ -156,6 +156,24 @@ class Chain:
 
     def commit(self, block: Block, certificate: Certificate, execution: state.Execution) -> Head:
         """Persist a block and everything it changes in one synced batch; return the new head."""
+        batch, head = self._commit_batch(block, certificate, execution)
+        self.kv.write(batch, sync=True)
+        self._head = head
+        return head
+
+    async def commit_from_loop(
+        self, block: Block, certificate: Certificate, execution: state.Execution
+    ) -> Head:
+        """``commit`` from the event loop: the batch is built here, written on a worker
+        thread (``KV.write_from_loop``)."""
+        batch, head = self._commit_batch(block, certificate, execution)
+        await self.kv.write_from_loop(batch, sync=True)
+        self._head = head
+        return head
+
+    def _commit_batch(
+        self, block: Block, certificate: Certificate, execution: state.Execution
+    ) -> tuple[dict[bytes, bytes | None], Head]:
         h = block.header
         assert h.height == self._head.height + 1, "blocks are committed in height order"
         head = Head(h.height, block.id, h.time, execution.digest)
@@ -166,9 +184,7 @@ class Chain:
         for index, tx_id in enumerate(block.tx_ids):
             batch[T_TX + tx_id] = struct.pack(">QI", h.height, index)
         batch[K_HEAD] = self._encode_head(head)
-        self.kv.write(batch, sync=True)
-        self._head = head
-        return head
+        return batch, head
 
     # --- reads ----------------------------------------------------------------------------
 

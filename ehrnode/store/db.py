@@ -36,6 +36,12 @@ class KV(Protocol):
 
     def write(self, changes: Mapping[bytes, bytes | None], *, sync: bool = True) -> None: ...
 
+    async def write_from_loop(
+        self, changes: Mapping[bytes, bytes | None], *, sync: bool = True
+    ) -> None:
+        """``write`` a large batch from the event loop's thread (see ``LevelKV``'s)."""
+        ...
+
     def scan(
         self,
         prefix: bytes,
@@ -89,12 +95,27 @@ class LevelKV:
         return await asyncio.get_running_loop().run_in_executor(self._workers, fn, *args)
 
     def write(self, changes: Mapping[bytes, bytes | None], *, sync: bool = True) -> None:
-        with self._db.write_batch(sync=sync) as batch:
-            for key, value in changes.items():
-                if value is None:
-                    batch.delete(key)
-                else:
-                    batch.put(key, value)
+        self._batch(changes, sync).write()
+
+    async def write_from_loop(
+        self, changes: Mapping[bytes, bytes | None], *, sync: bool = True
+    ) -> None:
+        """``write``, with the batch built on this (the event loop's) thread and only the
+        write itself on a worker thread. plyvel lets go of the GIL around every put, so a
+        worker thread building a batch of tens of thousands of entries waits for the busy
+        event loop's thread at each one: a 35,000-entry batch (a block of 5,000 records)
+        took 4.3 s instead of 0.09 while the loop's thread computed."""
+        batch = self._batch(changes, sync)
+        await self.run(batch.write)
+
+    def _batch(self, changes: Mapping[bytes, bytes | None], sync: bool) -> Any:
+        batch = self._db.write_batch(sync=sync)
+        for key, value in changes.items():
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
+        return batch
 
     def scan(
         self,
@@ -161,6 +182,11 @@ class MemoryKV:
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         return fn(*args)
+
+    async def write_from_loop(
+        self, changes: Mapping[bytes, bytes | None], *, sync: bool = True
+    ) -> None:
+        self.write(changes, sync=sync)
 
     def write(self, changes: Mapping[bytes, bytes | None], *, sync: bool = True) -> None:
         for key, value in changes.items():
