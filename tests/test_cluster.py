@@ -363,11 +363,14 @@ async def test_an_attachment_flows_to_every_replica_and_a_failed_upload_leaves_n
 
 
 async def test_a_validator_far_behind_asks_for_the_next_blocks_while_it_applies_a_batch(
-    nodes: list[Node], monkeypatch: pytest.MonkeyPatch
+    nodes: list[Node], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Block sync in batches (of 2 here): the request for the blocks after a batch goes out
-    before that batch is applied, and the node ends on the network's chain."""
+    before that batch is applied, and the node ends on the network's chain, saying how long
+    the catch-up took."""
     monkeypatch.setattr(sync, "BATCH", 2)
+    monkeypatch.setattr(sync, "LOG_BLOCKS", 4)
+    caplog.set_level(logging.INFO, logger="ehrnode.p2p.sync")
     seen: list[tuple[sync.BlockSync, str, int, int]] = []  # every node's; a live one
     ask, apply = sync.BlockSync._ask, sync.BlockSync._apply  # may sync a block it missed
 
@@ -394,6 +397,11 @@ async def test_a_validator_far_behind_asks_for_the_next_blocks_while_it_applies_
     await wait_for(lambda: restarted.chain.head.height >= final, 20, "the restarted node")
 
     assert restarted.chain.block(final).id == nodes[1].chain.block(final).id
+
+    def said_how_long() -> bool:
+        return any(r.getMessage().startswith("block sync applied ") for r in caplog.records)
+
+    await wait_for(said_how_long, 20, "the catch-up's log line")
     events = [event for who, *event in seen if who is restarted.sync]
     applies = [i for i, event in enumerate(events) if event[0] == "apply"]
     assert len(applies) >= 3, events

@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 BATCH = 256
 RESPONSE_TIMEOUT = 15.0
+LOG_BLOCKS = 16  # a catch-up this long is logged with its duration
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,7 @@ class BlockSync:
         # so the answer (tens of MB, a third of a second to read, send and parse) travels
         # while this node executes: one request in flight at a time.
         asked: _Request | None = None
+        started, first = time.perf_counter(), self.chain.head.height
         try:
             while True:
                 ours = self.chain.head.height
@@ -118,6 +121,13 @@ class BlockSync:
                     return
         finally:
             self._pending = None
+            if self.chain.head.height - first >= LOG_BLOCKS:
+                log.info(
+                    "block sync applied %d blocks (to height %d) in %.2f s",
+                    self.chain.head.height - first,
+                    self.chain.head.height,
+                    time.perf_counter() - started,
+                )
 
     def _ask(self, first: int) -> _Request | None:
         """Ask a peer that has block ``first`` for it and up to ``BATCH`` - 1 after it."""
