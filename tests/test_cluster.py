@@ -398,8 +398,11 @@ async def test_a_validator_far_behind_asks_for_the_next_blocks_while_it_applies_
 
     assert restarted.chain.block(final).id == nodes[1].chain.block(final).id
 
-    def said_how_long() -> bool:
-        return any(r.getMessage().startswith("block sync applied ") for r in caplog.records)
+    def said_how_long() -> bool:  # "block sync applied N blocks (to height H) in S s"
+        for said in (r.getMessage().split() for r in caplog.records):
+            if said[:3] == ["block", "sync", "applied"] and int(said[3]) >= 4:
+                return int(said[7].rstrip(")")) >= final and said[-1] == "s"
+        return False
 
     await wait_for(said_how_long, 20, "the catch-up's log line")
     events = [event for who, *event in seen if who is restarted.sync]

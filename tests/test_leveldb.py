@@ -43,7 +43,9 @@ async def test_a_batch_written_from_the_event_loop_lands_whole(tmp_path: Path, k
     kv.write({b"old": b"1", b"keep": b"2"}, sync=True)
     entries: dict[bytes, bytes | None] = {b"n%05d" % i: os.urandom(100) for i in range(20_000)}
     entries[b"old"] = None
-    await kv.write_from_loop(entries, sync=True)
+    seen_after: list[bytes | None] = []
+    await kv.write_from_loop(entries, sync=True, then=lambda: seen_after.append(kv.get(b"n00007")))
+    assert seen_after == [entries[b"n00007"]]  # ``then`` ran once, after the write
     if isinstance(kv, LevelKV):
         kv.close()
         kv = LevelKV(path)

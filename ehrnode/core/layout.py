@@ -1,6 +1,6 @@
 """Where the state keeps what: every key prefix and the layout of its values. Values are
-canonical msgpack, except where the table says raw bytes. The rules (``core.state``) are
-the only writers.
+canonical msgpack, except where the table says raw bytes. The rules (``core.state`` and
+``core.records``) are the only writers.
 
     key                                    value
     b"vals", b"vfrom"…, b"vvote"…,         validator sets, set-change votes and evidence:

@@ -68,7 +68,8 @@ class _Patients:
         self.now = now
         self.accounts: dict[bytes, dict[str, Any]] = {}
         self.readers: dict[tuple[bytes, str], set[bytes]] = {}
-        self.counted: set[bytes] = set()  # patients whose record count moved
+        # Patients whose record count moved, in the order first met (saved in that order).
+        self.counted: dict[bytes, None] = {}
 
     def account(self, patient: bytes) -> dict[str, Any]:
         account = self.accounts.get(patient)
@@ -95,7 +96,7 @@ class _Patients:
         account = self.accounts[patient]
         seq: int = account["nrec"]
         account["nrec"] = seq + 1
-        self.counted.add(patient)
+        self.counted[patient] = None
         return seq
 
     def save(self) -> None:

@@ -165,11 +165,14 @@ class Chain:
         self, block: Block, certificate: Certificate, execution: state.Execution
     ) -> Head:
         """``commit`` from the event loop: the batch is built here, written on a worker
-        thread (``KV.write_from_loop``)."""
+        thread (``KV.write_from_loop``), which moves the head right after the write (as
+        ``commit`` does), before the loop can read the new state under the old head."""
         batch, head = self._commit_batch(block, certificate, execution)
-        await self.kv.write_from_loop(batch, sync=True)
-        self._head = head
+        await self.kv.write_from_loop(batch, sync=True, then=lambda: self._advance(head))
         return head
+
+    def _advance(self, head: Head) -> None:
+        self._head = head
 
     def _commit_batch(
         self, block: Block, certificate: Certificate, execution: state.Execution
