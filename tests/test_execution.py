@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from helpers_core import raw_tx
 
 from ehrnode.consensus.execution import block_context, make_block
 from ehrnode.core import crypto, state, tx
+from ehrnode.core.block import Block
 from ehrnode.node import Node
+from ehrnode.store.chain import Chain
 
 
 async def test_a_block_from_too_far_ahead_is_refused_now_but_accepted_once_certified(
@@ -49,3 +52,49 @@ async def test_a_certified_block_is_still_refused_for_a_malformed_transaction(
     good = tx.make(signer, chain.genesis.chain_id, "register", 1, {"role": "patient"})
     again = make_block(chain, ctx, node.identity.public_key, [good], chain.validators(), None)
     assert node.executor.check(again, certified=True) is None
+
+
+def _registrations(chain: Chain, n: int, *, bad_sig_at: int | None = None) -> list[tx.Tx]:
+    out = []
+    for i in range(n):
+        sig = bytes(64) if i == bad_sig_at else None
+        raw = raw_tx(crypto.Identity.generate(), chain=chain.genesis.chain_id, sig=sig)
+        out.append(tx.decode(raw, verify_sig=sig is None))
+    return out
+
+
+def _block(node: Node, txs: list[tx.Tx]) -> Block:
+    chain = node.chain
+    ctx = block_context(chain, chain.head.height + 1, int(time.time() * 1000))
+    return make_block(chain, ctx, node.identity.public_key, txs, chain.validators(), None)
+
+
+async def test_transactions_decoded_ahead_serve_only_their_certified_block(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Block sync decodes the next block's transactions while the one before is written
+    (``predecode``, without signature checks: a quorum certified the block). What it
+    decoded serves that block's certified check only: never a live proposal's checks,
+    even of the same block, and never another block."""
+    executor = node.executor
+    forged = _block(node, _registrations(node.chain, 3, bad_sig_at=1))
+    executor.predecode(forged)
+    verdict = executor.check(forged)  # a proposal: every signature is checked
+    assert verdict is not None and "signature" in verdict
+
+    decoded: list[bytes] = []
+    decode = executor._decode
+    monkeypatch.setattr(
+        executor, "_decode", lambda raw, *a, **k: decoded.append(raw) or decode(raw, *a, **k)
+    )
+    block, other = (
+        _block(node, _registrations(node.chain, 4)),
+        _block(node, _registrations(node.chain, 2)),
+    )
+    executor.predecode(block)
+    assert len(decoded) == 4
+    assert executor.check(other, certified=True) is None
+    assert decoded[4:] == list(other.txs)  # another block: decoded afresh
+    executor.predecode(block)
+    assert executor.check(block, certified=True) is None
+    assert len(decoded) == 4 + 2 + 4  # its own: nothing decoded again by the check

@@ -136,11 +136,17 @@ class Driver:
     def submit_vote(self, vote: Vote) -> None:
         self._queue.put_nowait(("vote", vote))
 
-    async def apply_certified(self, block: Block, certificate: Certificate) -> None:
+    async def apply_certified(
+        self,
+        block: Block,
+        certificate: Certificate,
+        executed: asyncio.Future[None] | None = None,
+    ) -> None:
         """Commit a block whose certificate the caller verified (block sync); returns once
-        it is committed or known already, raises InvalidBlock if it does not apply here."""
+        it is committed or known already, raises InvalidBlock if it does not apply here.
+        ``executed`` is set once the block has applied and only its write is left."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(("certified", (block, certificate, future)))
+        self._queue.put_nowait(("certified", (block, certificate, future, executed)))
         await future
 
     def submit_evidence(self, first: Vote, second: Vote) -> None:
@@ -194,7 +200,11 @@ class Driver:
         raise ValueError(kind)
 
     def _certified(
-        self, block: Block, certificate: Certificate, future: asyncio.Future[None]
+        self,
+        block: Block,
+        certificate: Certificate,
+        future: asyncio.Future[None],
+        executed: asyncio.Future[None] | None,
     ) -> list[eng.Action]:
         height = block.header.height
         if height != self.engine.height or self.engine.decided is not None:
@@ -215,6 +225,8 @@ class Driver:
             future.set_exception(InvalidBlock(verdict))
             return []
         self._certified_waiters[height] = future
+        if executed is not None and not executed.done():
+            executed.set_result(None)
         return self.engine.on_certified_block(block, certificate)
 
     def _evidence(self, first: Vote, second: Vote) -> None:

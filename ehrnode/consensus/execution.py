@@ -6,6 +6,8 @@
   previous block must verify, and every transaction must apply in order.
 - Executions are cached by block id, so a block we built or validated is not executed
   again when it is decided; signatures already checked by the mempool are not re-checked.
+- Block sync decodes a certified block's transactions ahead (``predecode``), while the
+  block before it is written.
 
 Reads the chain and the mempool; writes nothing (the driver commits).
 """
@@ -46,6 +48,9 @@ class Executor:
         # Pending transactions the builder found no longer apply, reported with the next
         # commit (so their senders learn why).
         self.dropped: list[tuple[Tx, InvalidTransaction]] = []
+        # A certified block's transactions, decoded before it is checked (without their
+        # signatures: used for that block id, with certified=True, only).
+        self._predecoded: tuple[bytes, list[Tx]] | None = None
 
     def validators(self) -> ValidatorSet:
         return ValidatorSet(self.chain.validators())
@@ -155,10 +160,14 @@ class Executor:
         if block.last_commit is not None:
             previous = self.chain.validators_at(h.height - 1)
             block.last_commit.verify(genesis.chain_id, previous)
-        txs = [
-            self._decode(raw, tx_id, verify_sig=not certified)
-            for raw, tx_id in zip(block.txs, block.tx_ids, strict=True)
-        ]
+        predecoded, self._predecoded = self._predecoded, None
+        if certified and predecoded is not None and predecoded[0] == block.id:
+            txs = predecoded[1]
+        else:
+            txs = [
+                self._decode(raw, tx_id, verify_sig=not certified)
+                for raw, tx_id in zip(block.txs, block.tx_ids, strict=True)
+            ]
         ctx = self.context(h.height, h.time)
         execution = state.execute_block(self.chain.state, ctx, txs, head.digest)
         after = state.Overlay(self.chain.state)
@@ -166,6 +175,19 @@ class Executor:
         if h.next_vals != ValidatorSet(state.validators(after)).hash:
             raise InvalidBlock("block names the wrong next validator set")
         self._remember(block.id, execution, txs)
+
+    def predecode(self, block: Block) -> None:
+        """Decode a certified block's transactions ahead of ``check(block, certified=True)``;
+        a transaction that does not decode is left for the check to report."""
+        self._predecoded = None
+        try:
+            txs = [
+                self._decode(raw, tx_id, verify_sig=False)
+                for raw, tx_id in zip(block.txs, block.tx_ids, strict=True)
+            ]
+        except InvalidTransaction:
+            return
+        self._predecoded = (block.id, txs)
 
     def _decode(self, raw: bytes, tx_id: bytes, *, verify_sig: bool = True) -> Tx:
         known = self.mempool.get(tx_id)

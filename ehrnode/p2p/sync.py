@@ -150,15 +150,12 @@ class BlockSync:
             await asyncio.wait_for(request.future, RESPONSE_TIMEOUT)
 
     async def _apply(self, items: list[Any]) -> None:
-        chain_id = self.chain.genesis.chain_id
         max_block = self.chain.genesis.params.max_block_bytes
-        for raw_block, raw_cert in items:
+        ahead: tuple[Block, Certificate] | None = None  # the next item, decoded already
+        for index, item in enumerate(items):
+            block, cert = ahead or _decode_item(item, max_block)
+            ahead = None
             expected = self.chain.head.height + 1
-            try:
-                block = Block.decode(raw_block, max_bytes=max_block)
-                cert = Certificate.from_wire(codec.decode(raw_cert))
-            except (InvalidEncoding, InvalidBlock) as err:
-                raise PeerError(f"sent a malformed block: {err}") from err
             height = block.header.height
             if height < expected:
                 continue
@@ -167,11 +164,28 @@ class BlockSync:
             if cert.block != block.id or cert.height != height:
                 raise PeerError(f"sent a certificate that is not for block {height}")
             try:
-                cert.verify(chain_id, state.validators(self.chain.state))
+                cert.verify(self.chain.genesis.chain_id, state.validators(self.chain.state))
             except InvalidBlock as err:
                 raise PeerError(f"sent block {height} with a bad certificate: {err}") from err
-            await self.driver.apply_certified(block, cert)
+            executed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            applying = asyncio.ensure_future(self.driver.apply_certified(block, cert, executed))
+            malformed: PeerError | None = None
+            try:
+                await asyncio.wait((executed, applying), return_when=asyncio.FIRST_COMPLETED)
+                # While this block is written (on a worker thread), decode the next.
+                if index + 1 < len(items):
+                    try:
+                        ahead = _decode_item(items[index + 1], max_block)
+                        self.driver.executor.predecode(ahead[0])
+                    except PeerError as err:
+                        malformed = err  # said once this block is in
+            except asyncio.CancelledError:
+                applying.cancel()
+                raise
+            await applying
             self.synced_blocks += 1
+            if malformed is not None:
+                raise malformed
 
     def _on_blocks(self, peer: Peer, fields: dict[str, Any]) -> None:
         if self._pending is not None and self._pending[0] is peer and not self._pending[1].done():
@@ -195,3 +209,12 @@ class BlockSync:
             items.append([raw, cert])
             size += len(raw) + len(cert)
         self.switch.send(peer, "blocks", items=items)
+
+
+def _decode_item(item: Any, max_block: int) -> tuple[Block, Certificate]:
+    raw_block, raw_cert = item
+    try:
+        block = Block.decode(raw_block, max_bytes=max_block)
+        return block, Certificate.from_wire(codec.decode(raw_cert))
+    except (InvalidEncoding, InvalidBlock) as err:
+        raise PeerError(f"sent a malformed block: {err}") from err
