@@ -121,12 +121,14 @@ class BlockSync:
                     return
         finally:
             self._pending = None
-            if self.chain.head.height - first >= LOG_BLOCKS:
+            last = self.chain.head.height
+            if last - first >= LOG_BLOCKS:
+                elapsed = time.perf_counter() - started
                 log.info(
                     "block sync applied %d blocks (to height %d) in %.2f s",
-                    self.chain.head.height - first,
-                    self.chain.head.height,
-                    time.perf_counter() - started,
+                    last - first,
+                    last,
+                    elapsed,
                 )
 
     def _ask(self, first: int) -> _Request | None:

@@ -158,7 +158,7 @@ class Chain:
         """Persist a block and everything it changes in one synced batch; return the new head."""
         batch, head = self._commit_batch(block, certificate, execution)
         self.kv.write(batch, sync=True)
-        self._head = head
+        self._advance(head)
         return head
 
     async def commit_from_loop(
