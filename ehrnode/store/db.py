@@ -153,8 +153,14 @@ class LevelKV:
                     return
                 yield key, value
 
+    def stats(self) -> str:
+        """LevelDB's table count, size and compaction totals per level ("leveldb.stats")."""
+        text: bytes = self._db.get_property(b"leveldb.stats")
+        return text.decode()
+
     def compact(self, start: bytes, stop: bytes) -> None:
-        """Rewrite that key range so deleted values leave LevelDB's files."""
+        """Rewrite that key range into LevelDB's lower levels (the memtable first), so
+        deleted values leave its files and no compaction of it is left owed."""
         self._db.compact_range(start=start, stop=stop)
 
     def close(self) -> None:
@@ -167,12 +173,15 @@ class LevelKV:
         replay, as before."""
         self._workers.shutdown(wait=True)
         try:
-            # LevelDB writes the memtable to a table before compacting a range; this range
-            # holds no key, so that is all it does.
-            self._db.compact_range(start=b"\x00", stop=b"\x00")
+            self.flush()
         except (plyvel.Error, RuntimeError) as err:  # closing matters more: the log has it
             log.warning("could not write the memtable out before closing: %s", err)
         self._db.close()
+
+    def flush(self) -> None:
+        """Write the memtable out to a table (LevelDB does that before compacting a range;
+        this range holds no key, so that is all it does)."""
+        self._db.compact_range(start=b"\x00", stop=b"\x00")
 
 
 def _prefix_end(prefix: bytes) -> bytes | None:
