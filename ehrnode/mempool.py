@@ -114,13 +114,12 @@ class Mempool:
                 "the node's mempool is full; retry after the next block", code="mempool_full"
             )
         try:
-            state.check_nonce(self._overlay, tx)
+            self._admit(tx)  # checks the nonce before anything else
         except InvalidTransaction as err:
             if err.code != "nonce_gap":
                 raise
             self._park(tx)
             return []
-        self._admit(tx)
         admitted = [tx]
         admitted.extend(self._unpark(tx.signer, tx.nonce + 1))
         return admitted

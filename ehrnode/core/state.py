@@ -86,8 +86,7 @@ def _reject(code: str, message: str) -> InvalidTransaction:
     return InvalidTransaction(message, code=code)
 
 
-def check_nonce(reader: StateReader, tx: Tx) -> None:
-    account = load(reader, P_ACCT + tx.signer)
+def _check_nonce(account: dict[str, Any] | None, tx: Tx) -> None:
     expected = 1 if account is None else account["nonce"] + 1
     if tx.nonce < expected:
         raise _reject(
@@ -104,9 +103,10 @@ def apply_tx(overlay: Overlay, ctx: BlockContext, tx: Tx) -> None:
         raise _reject(
             "wrong_chain", f"transaction is for chain '{tx.chain}', this is '{ctx.chain}'"
         )
-    check_nonce(overlay, tx)
+    key = P_ACCT + tx.signer
+    account = load(overlay, key)  # read once: the rules get this copy, and none changes it
+    _check_nonce(account, tx)
     scratch = overlay.child()
-    account = load(scratch, P_ACCT + tx.signer)
     if tx.kind == "register":
         account = _register(scratch, ctx, tx, account)
     else:
@@ -117,9 +117,10 @@ def apply_tx(overlay: Overlay, ctx: BlockContext, tx: Tx) -> None:
                 "send a register transaction first",
             )
         _APPLY[tx.kind](scratch, ctx, tx, account)
-        account = load(scratch, P_ACCT + tx.signer)  # a record may have bumped "nrec"
+        if key in scratch.changes:  # a patient writing their own record: "nrec" moved
+            account = load(scratch, key)
     account["nonce"] = tx.nonce
-    save(scratch, P_ACCT + tx.signer, account)
+    save(scratch, key, account)
     overlay.merge(scratch)
 
 
