@@ -43,11 +43,19 @@ async def test_stage_timers_account_for_one_signature_check_per_node(tmp_path: P
     decodes each record once and checks its signature once)."""
     report = await stages.measure(tmp_path, 40)
     assert "us per tx per validator" in report
-    counts = {
-        line.split()[1]: int(line.split("(")[-1].split()[0]) for line in report.splitlines()[3:]
-    }
+    counts, times = {}, {}
+    for line in report.splitlines():
+        if line.endswith(" calls)"):
+            *numbers, label = line.rsplit(" (", 1)[0].split()
+            counts[label] = int(line.rsplit("(", 1)[1].split()[0])
+            times[label] = [float(n) for n in numbers]  # with the stages inside, without
     assert counts["ehrnode.core.tx.decode"] == 4 * 40
     assert counts["Chain.commit_from_loop"] >= 4  # each node committed at least one block
+    assert len(times["Chain.commit_from_loop"]) == 1  # a coroutine: no time without inner
+    with_verify, without = times["ehrnode.core.tx.decode"]
+    assert 0 < without < with_verify  # its signature check is a stage of its own
+    assert all(len(t) == 1 or t[1] <= t[0] for t in times.values())
+    assert "in the synchronous stages" in report
 
 
 def test_the_stages_tool_names_a_bad_argument_without_a_traceback(

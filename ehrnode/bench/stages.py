@@ -4,8 +4,8 @@ stage of the transaction path wrapped in a timer.
     python -m ehrnode.bench.stages [RECORDS]
 
 Prints the process's CPU per transaction per validator, and the time each stage took per
-transaction per validator (stages nest: a transaction's decoding includes its signature
-check). Sampling profilers mislead on this workload: they count threads waiting for a
+transaction per validator, with the stages inside it (a transaction's decoding includes its
+signature check) and without them, and how much of the CPU no synchronous stage holds. Sampling profilers mislead on this workload: they count threads waiting for a
 core as busy and cannot see LevelDB's own threads; these timers are exact, at the cost of
 about half a microsecond per wrapped call. Not part of ``scripts/bench``: a tool for
 finding what to optimise, not a figure.
@@ -66,7 +66,9 @@ STAGES: list[tuple[Any, str]] = [
 class Timers:
     def __init__(self) -> None:
         self.seconds: defaultdict[str, float] = defaultdict(float)
+        self.own: defaultdict[str, float] = defaultdict(float)  # less the stages inside
         self.calls: Counter[str] = Counter()
+        self._inner: list[float] = []  # per open synchronous stage: time in stages inside
         self._originals: list[tuple[Any, str, Any]] = []
 
     def install(self) -> None:
@@ -97,17 +99,23 @@ class Timers:
 
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
+            self._inner.append(0.0)
             started = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.seconds[label] += time.perf_counter() - started
+                elapsed = time.perf_counter() - started
+                self.seconds[label] += elapsed
+                self.own[label] += elapsed - self._inner.pop()
                 self.calls[label] += 1
+                if self._inner:
+                    self._inner[-1] += elapsed
 
         return timed
 
     def reset(self) -> None:
         self.seconds.clear()
+        self.own.clear()
         self.calls.clear()
 
 
@@ -171,10 +179,17 @@ async def measure(root: Path, records: int) -> str:
     lines = [
         f"{len(raws)} records ({source}); 4 validators in one process",
         f"process CPU {cpu:.2f} s over {wall:.2f} s: {cpu / per * 1e6:.1f} us per tx per validator",
-        "us per tx per validator, by stage (nested stages include their parts):",
+        "us per tx per validator, by stage: with the stages inside it, then without them",
+        "(a coroutine's stage is timed to its end, awaits included: no 'without' figure)",
     ]
     for label, seconds in sorted(timers.seconds.items(), key=lambda item: -item[1]):
-        lines.append(f"{seconds / per * 1e6:8.1f}  {label} ({timers.calls[label]} calls)")
+        own = f"{timers.own[label] / per * 1e6:8.1f}" if label in timers.own else " " * 8
+        lines.append(f"{seconds / per * 1e6:8.1f} {own}  {label} ({timers.calls[label]} calls)")
+    inside = sum(timers.own.values())
+    lines.append(
+        f"{inside / per * 1e6:8.1f} us in the synchronous stages; {(cpu - inside) / per * 1e6:.1f} "
+        "outside them (the event loop, sockets, HTTP, websockets, the commit, untimed code)"
+    )
     return "\n".join(lines)
 
 
