@@ -4,9 +4,10 @@ stage of the transaction path wrapped in a timer.
     python -m ehrnode.bench.stages [RECORDS]
 
 Prints the process's CPU per transaction per validator, and the time each stage took per
-transaction per validator, with the stages inside it (a transaction's decoding includes its
-signature check) and without them, and how much of the CPU no synchronous stage holds. Sampling profilers mislead on this workload: they count threads waiting for a
-core as busy and cannot see LevelDB's own threads; these timers are exact, at the cost of
+transaction per validator, with the stages inside it (a transaction's decoding includes
+its signature check) and without them, and how much of the CPU no synchronous stage
+holds. Sampling profilers mislead on this workload: they count threads waiting for a core
+as busy and cannot see LevelDB's own threads; these timers are exact, at the cost of
 about half a microsecond per wrapped call. Not part of ``scripts/bench``: a tool for
 finding what to optimise, not a figure.
 """
