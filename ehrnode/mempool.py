@@ -158,7 +158,7 @@ class Mempool:
 
     def _admit(self, tx: Tx) -> None:
         scratch = self._overlay.child()
-        state.apply_tx(scratch, self._context(), tx)
+        state.apply_tx(scratch, self._context(), tx, atomic=False)  # scratch is dropped
         self._overlay.merge(scratch)
         self._changes[tx.id] = scratch.changes
         self._nonces.add((tx.signer, tx.nonce))

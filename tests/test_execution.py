@@ -3,16 +3,19 @@ block, and a certified block's transactions are still checked field by field."""
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
-from helpers_core import raw_tx
+from helpers_core import fake_keys, make_genesis, raw_tx
 
-from ehrnode.consensus.execution import block_context, make_block
+from ehrnode.consensus.execution import Executor, block_context, make_block, next_context
 from ehrnode.core import crypto, state, tx
 from ehrnode.core.block import Block
+from ehrnode.mempool import Mempool
 from ehrnode.node import Node
 from ehrnode.store.chain import Chain
+from ehrnode.store.db import MemoryKV
 
 
 async def test_a_block_from_too_far_ahead_is_refused_now_but_accepted_once_certified(
@@ -98,3 +101,57 @@ async def test_transactions_decoded_ahead_serve_only_their_certified_block(
     executor.predecode(block)
     assert executor.check(block, certified=True) is None
     assert len(decoded) == 4 + 2 + 4  # its own: nothing decoded again by the check
+
+
+def test_a_transaction_the_builder_drops_leaves_none_of_its_writes() -> None:
+    """The proposer applies pending transactions one by one into the block's state and
+    drops one that no longer applies (a relayed one was never applied here). A ``records``
+    transaction refused at its second record leaves nothing of its first behind."""
+    validator = crypto.Identity.generate()
+    genesis = make_genesis([validator])
+    chain = Chain(MemoryKV(), genesis)
+    cid = genesis.chain_id
+    now = genesis.genesis_time + 1000
+    pool = Mempool(chain.state, lambda: next_context(chain, now))
+    executor = Executor(chain, pool, lambda: now)
+    patient, provider, stranger = (crypto.Identity.generate() for _ in range(3))
+
+    def item(who: crypto.Identity) -> dict[str, object]:
+        readers = [who.public_key, provider.public_key]
+        return {
+            "patient": who.public_key,
+            "blob": crypto.sha256(os.urandom(32)),
+            "size": 10,
+            "type": "Observation",
+            "keys": fake_keys(readers),
+        }
+
+    good, bad = item(patient), item(stranger)  # the stranger never registered
+    registrations = [
+        tx.make(patient, cid, "register", 1, {"role": "patient"}),
+        tx.make(
+            provider,
+            cid,
+            "register",
+            1,
+            {
+                "role": "provider",
+                "endorsement": tx.endorse(validator, cid, "provider", provider.public_key),
+            },
+        ),
+    ]
+    refused = tx.make(provider, cid, "records", 2, {"items": [good, bad]})
+    for t in [*registrations, refused]:
+        pool.add_relayed(t)
+
+    block = executor.build(validator.public_key, None)
+
+    execution, chosen = executor.execution(block)
+    assert chosen == registrations
+    assert [(t, err.code) for t, err in executor.dropped] == [(refused, "unknown_patient")]
+    assert state.P_BLOB + good["blob"] not in execution.changes
+    assert state.P_REC + tx.record_id(refused.id, 0) not in execution.changes
+    overlay = state.Overlay(chain.state)
+    overlay.changes.update(execution.changes)
+    assert state.load(overlay, state.P_ACCT + patient.public_key)["nrec"] == 0
+    assert state.load(overlay, state.P_ACCT + provider.public_key)["nonce"] == 1

@@ -78,16 +78,14 @@ class Executor:
                 continue
             if size + tx.size > params.max_block_bytes - 64 * 1024:
                 break
-            scratch = overlay.child()
             try:
-                state.apply_tx(scratch, ctx, tx)
+                state.apply_tx(overlay, ctx, tx)  # atomic: a rejection leaves no write
             except InvalidTransaction as err:
                 skipped.add(tx.signer)  # its later nonces cannot apply either
                 log.info("dropping %s, which no longer applies: %s", tx.id.hex()[:16], err)
                 self.mempool.remove(tx.id)
                 self.dropped.append((tx, err))
                 continue
-            overlay.merge(scratch)
             chosen.append(tx)
             size += tx.size
         state.finish_block(overlay, ctx)

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ehrnode.core import authority, crypto, records
+from ehrnode.core import authority, codec, crypto, records
 from ehrnode.core.errors import InvalidTransaction
 from ehrnode.core.genesis import Genesis
 from ehrnode.core.layout import (
@@ -97,18 +97,25 @@ def _check_nonce(account: dict[str, Any] | None, tx: Tx) -> None:
         raise _reject("nonce_gap", f"nonce {tx.nonce} skips ahead; the next nonce is {expected}")
 
 
-def apply_tx(overlay: Overlay, ctx: BlockContext, tx: Tx) -> None:
-    """Apply ``tx`` into ``overlay`` or raise InvalidTransaction leaving it unchanged."""
+def apply_tx(overlay: Overlay, ctx: BlockContext, tx: Tx, *, atomic: bool = True) -> None:
+    """Apply ``tx`` into ``overlay`` or raise InvalidTransaction.
+
+    ``atomic``: a rejected transaction leaves ``overlay`` unchanged (its writes go to a
+    child first). A caller that drops the overlay when a transaction is rejected (a
+    block's execution, the mempool's scratch for one transaction) passes False and saves
+    the child.
+    """
     if tx.chain != ctx.chain:
         raise _reject(
             "wrong_chain", f"transaction is for chain '{tx.chain}', this is '{ctx.chain}'"
         )
     key = P_ACCT + tx.signer
-    account = load(overlay, key)  # read once: the rules get this copy, and none changes it
+    raw = overlay.get(key)  # read once: the rules get this copy, and none changes it
+    account = None if raw is None else codec.decode_trusted(raw)
     _check_nonce(account, tx)
-    scratch = overlay.child()
+    target = overlay.child() if atomic else overlay
     if tx.kind == "register":
-        account = _register(scratch, ctx, tx, account)
+        account = _register(target, ctx, tx, account)
     else:
         if account is None:
             raise _reject(
@@ -116,12 +123,14 @@ def apply_tx(overlay: Overlay, ctx: BlockContext, tx: Tx) -> None:
                 f"signer {tx.signer.hex()[:16]}… is not registered; "
                 "send a register transaction first",
             )
-        _APPLY[tx.kind](scratch, ctx, tx, account)
-        if key in scratch.changes:  # a patient writing their own record: "nrec" moved
-            account = load(scratch, key)
+        _APPLY[tx.kind](target, ctx, tx, account)
+        after = target.get(key)
+        if after is not None and after != raw:  # a patient writing their own record: "nrec"
+            account = codec.decode_trusted(after)
     account["nonce"] = tx.nonce
-    save(scratch, key, account)
-    overlay.merge(scratch)
+    save(target, key, account)
+    if atomic:
+        overlay.merge(target)
 
 
 def _register(scratch: Overlay, ctx: BlockContext, tx: Tx, account: Any) -> dict[str, Any]:
@@ -325,7 +334,7 @@ def execute_block(
     """Apply every transaction in order; InvalidTransaction from the first one that fails."""
     overlay = Overlay(reader, cache_reads=True)
     for tx in txs:
-        apply_tx(overlay, ctx, tx)
+        apply_tx(overlay, ctx, tx, atomic=False)  # one rejected: the block is, whole
     finish_block(overlay, ctx)
     return Execution(overlay.changes, digest_after(overlay, overlay.changes, digest))
 
