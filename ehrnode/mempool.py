@@ -142,11 +142,10 @@ class Mempool:
         # that cannot be next may never be, and would hold a place in every block's reap.
         # (Following a pending one, the usual case under load, needs no state read.)
         if (tx.signer, tx.nonce - 1) not in self._nonces:
-            account = state.load(self._reader, state.P_ACCT + tx.signer)
-            committed = 0 if account is None else int(account["nonce"])
-            if tx.nonce <= committed:
+            expected = state.next_nonce(state.load(self._reader, state.P_ACCT + tx.signer))
+            if tx.nonce < expected:
                 raise InvalidTransaction("nonce already used", code="stale_nonce")
-            if tx.nonce != committed + 1:
+            if tx.nonce != expected:
                 raise InvalidTransaction(
                     "an earlier nonce of this signer is missing", code="nonce_gap"
                 )
@@ -157,8 +156,10 @@ class Mempool:
         self._bytes += tx.size
 
     def _admit(self, tx: Tx) -> None:
+        # A child of our own, not apply_tx's: its changes are kept per transaction (to
+        # take them out again), and on a rejection it is simply dropped.
         scratch = self._overlay.child()
-        state.apply_tx(scratch, self._context(), tx, atomic=False)  # scratch is dropped
+        state.apply_tx(scratch, self._context(), tx, atomic=False)
         self._overlay.merge(scratch)
         self._changes[tx.id] = scratch.changes
         self._nonces.add((tx.signer, tx.nonce))
@@ -172,7 +173,7 @@ class Mempool:
                 f"nonce {tx.nonce} skips ahead; an unregistered signer starts at nonce 1",
                 code="nonce_gap",
             )
-        expected = 1 if account is None else account["nonce"] + 1
+        expected = state.next_nonce(account)
         if tx.nonce > expected + MAX_NONCE_AHEAD:
             raise InvalidTransaction(
                 f"nonce {tx.nonce} is too far ahead; the next nonce is {expected}", code="nonce_gap"
@@ -284,8 +285,7 @@ class Mempool:
                 except InvalidTransaction as err:
                     dropped.append((tx, err))
         for signer in list(self._parked):
-            account = state.load(self._overlay, state.P_ACCT + signer)
-            expected = 1 if account is None else account["nonce"] + 1
+            expected = state.next_nonce(state.load(self._overlay, state.P_ACCT + signer))
             parked = self._parked[signer]
             for nonce in [n for n in parked if n < expected]:
                 tx = parked.pop(nonce)

@@ -1,8 +1,9 @@
 """The state machine: ``apply_tx(state, ctx, tx)`` and nothing else decides what is allowed.
 
 State is a key-value map; ``apply_tx`` reads it through ``StateReader`` and writes into an
-``Overlay``, so a rejected transaction leaves nothing behind and a block's changes can be
-committed in one batch. Every key and value layout is in ``core.layout``; the rules for
+``Overlay``, so a rejected transaction leaves nothing behind (unless its caller passes
+``atomic=False`` and drops the overlay) and a block's changes can be committed in one
+batch. Every key and value layout is in ``core.layout``; the rules for
 writing records are in ``core.records``.
 
 The state hash is defined in ``core.statekv``.
@@ -86,8 +87,13 @@ def _reject(code: str, message: str) -> InvalidTransaction:
     return InvalidTransaction(message, code=code)
 
 
+def next_nonce(account: dict[str, Any] | None) -> int:
+    """The nonce a signer's next transaction must carry (1 for a key with no account)."""
+    return 1 if account is None else int(account["nonce"]) + 1
+
+
 def _check_nonce(account: dict[str, Any] | None, tx: Tx) -> None:
-    expected = 1 if account is None else account["nonce"] + 1
+    expected = next_nonce(account)
     if tx.nonce < expected:
         raise _reject(
             "stale_nonce",
@@ -125,7 +131,8 @@ def apply_tx(overlay: Overlay, ctx: BlockContext, tx: Tx, *, atomic: bool = True
             )
         _APPLY[tx.kind](target, ctx, tx, account)
         after = target.get(key)
-        if after is not None and after != raw:  # a patient writing their own record: "nrec"
+        if after != raw:  # a patient writing their own record: "nrec" moved
+            assert after is not None, "no rule deletes its signer's account"
             account = codec.decode_trusted(after)
     account["nonce"] = tx.nonce
     save(target, key, account)
@@ -265,6 +272,9 @@ def _evidence(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, An
     authority.apply_evidence(scratch, ctx, tx)
 
 
+# The rules of each kind but ``register``: (overlay, ctx, tx, the signer's account). A rule
+# reads the account it is given and never changes that dict; one that writes the signer's
+# account entry (``records``, for a patient's own record) writes it to the overlay.
 _APPLY = {
     "record": records.record,
     "records": records.records,
