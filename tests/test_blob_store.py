@@ -171,22 +171,45 @@ def test_a_failed_append_leaves_nothing_and_the_next_one_lands_right(
 ) -> None:
     blobs = BlobStore(tmp_path / "blobs", MemoryKV())
     [kept_hash] = blobs.put_many([b"A" * 10])
-    real = os.pwrite
+    real = os.pwritev
 
-    def disk_full(fd: int, data: Any, offset: int) -> int:
-        real(fd, bytes(data)[:4], offset)  # part of it reached the file
+    def disk_full(fd: int, buffers: Any, offset: int) -> int:
+        os.pwrite(fd, bytes(buffers[0])[:4], offset)  # part of it reached the file
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(segments.os, "pwrite", disk_full)
+    monkeypatch.setattr(segments.os, "pwritev", disk_full)
     with pytest.raises(OSError):
-        blobs.put_many([b"B" * 10])
-    monkeypatch.setattr(segments.os, "pwrite", real)
+        blobs.put_many([b"B" * 10, b"D" * 10])
+    monkeypatch.setattr(segments.os, "pwritev", real)
     assert not blobs.has(hashlib.sha256(b"B" * 10).digest())
     assert segment_bytes(tmp_path / "blobs") == b"A" * 10  # no part of it stays
     [later_hash] = blobs.put_many([b"C" * 10])
     assert blobs.read_small(later_hash) == b"C" * 10
     assert blobs.read_small(kept_hash) == b"A" * 10
     assert segment_bytes(tmp_path / "blobs") == b"A" * 10 + b"C" * 10
+
+
+def test_short_writes_continue_where_they_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel may write less than asked (a signal, a full pipe of dirty pages): each
+    blob's bytes still land whole and in place, across segments too."""
+    monkeypatch.setattr(segments, "SEGMENT_BYTES", 100)
+    monkeypatch.setattr(segments, "_IOV_MAX", 3)  # several calls for one segment's run
+    real = os.pwritev
+    calls = []
+
+    def short(fd: int, buffers: Any, offset: int) -> int:
+        calls.append(len(buffers))
+        return real(fd, [bytes(b"".join(bytes(b) for b in buffers)[:7])], offset)
+
+    monkeypatch.setattr(segments.os, "pwritev", short)
+    blobs = BlobStore(tmp_path / "blobs", MemoryKV())
+    data = small_blobs(12)
+    hashes = blobs.put_many(data)
+    assert len(calls) > len(data)  # the writes really were cut short
+    assert [blobs.read_small(h) for h in hashes] == data
+    assert len(segment_bytes(tmp_path / "blobs")) == sum(map(len, data))
 
 
 def test_the_same_blob_stored_by_many_writers_at_once_is_kept_once(tmp_path: Path) -> None:
@@ -280,19 +303,20 @@ def test_an_append_that_fails_after_rolling_over_leaves_both_segments_as_they_we
     kv = MemoryKV()
     blobs = BlobStore(tmp_path / "blobs", kv)
     first = blobs.put_many([b"a" * 10])
-    real, calls = os.pwrite, 0
+    real, calls = os.pwritev, 0
 
-    def fails_third(fd: int, data: Any, offset: int) -> int:
+    def fails_second(fd: int, buffers: Any, offset: int) -> int:
         nonlocal calls
         calls += 1
-        if calls == 3:
+        if calls == 2:  # segment 1's write, after segment 0's went down
             raise OSError(errno.EIO, "I/O error")
-        return real(fd, data, offset)
+        return real(fd, buffers, offset)
 
-    monkeypatch.setattr(segments.os, "pwrite", fails_third)
+    monkeypatch.setattr(segments.os, "pwritev", fails_second)
     with pytest.raises(OSError):
         blobs.put_many([b"b" * 10, b"c" * 10, b"d" * 10])  # b fills segment 0, c starts 1
-    monkeypatch.setattr(segments.os, "pwrite", real)
+    monkeypatch.setattr(segments.os, "pwritev", real)
+    assert calls == 2
     assert segment_bytes(tmp_path / "blobs") == b"a" * 10
     later = blobs.put_many([b"e" * 10, b"f" * 10])
     again = BlobStore(tmp_path / "blobs", kv)

@@ -12,7 +12,7 @@ import msgpack
 import pytest
 
 from ehrnode.core import crypto, tx
-from ehrnode.core.errors import InvalidTransaction
+from ehrnode.core.errors import InvalidEncoding, InvalidTransaction
 
 K = bytes(range(32))
 WRAP = b"\x07" * crypto.WRAPPED_KEY_BYTES
@@ -107,6 +107,20 @@ def test_a_wrong_type_anywhere_in_a_body_is_refused(kind: str, body: dict[str, A
             with pytest.raises(InvalidTransaction) as caught:
                 tx.decode(raw, verify_sig=False)
             assert caught.value.code != "bad_signature", (path, wrong)
+
+
+@pytest.mark.parametrize(
+    ("kind", "body"), CASES, ids=[f"{k}-{i}" for i, (k, _) in enumerate(CASES)]
+)
+def test_make_refuses_a_wrong_type_anywhere_in_a_body(kind: str, body: dict[str, Any]) -> None:
+    """``make`` leaves the codec's walk over types to the body specs (and to it for the
+    shape-only kinds): a client still cannot sign a body a node would refuse."""
+    signer = crypto.Identity(bytes(32))
+    assert tx.decode(tx.make(signer, "test-chain", kind, 1, body).raw).body == body
+    for path in leaves(body):
+        for wrong in WRONG:
+            with pytest.raises((InvalidTransaction, InvalidEncoding)):
+                tx.make(signer, "test-chain", kind, 1, replaced(body, path, wrong))
 
 
 @pytest.mark.parametrize("field", ["v", "chain", "kind", "signer", "nonce", "sig", "body"])

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 SEGMENT_BYTES = 64 * 1024 * 1024
 OPEN_READERS = 32  # descriptors kept open for reading, the most recently used segments
 _SUFFIX = ".seg"
+_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 1024
 
 
 class Segments:
@@ -91,30 +92,48 @@ class Segments:
         """Write ``blobs`` durably: where each one is, as (segment, offset), and the end of
         each segment written to, which the caller records with the entries and then passes
         to ``committed`` (or, if that fails, calls ``abandon``). On an error here nothing
-        stays written."""
+        stays written.
+
+        The blobs bound for one segment go down in as few ``pwritev`` calls as the kernel
+        allows (a call per blob was a fifth of a batch's CPU)."""
         places: list[tuple[int, int]] = []
         ends: dict[int, int] = {}
         try:
             fd = self._open_for_append()
+            run: list[bytes] = []  # the blobs not yet written to the current segment
             for data in blobs:
                 if self._end >= SEGMENT_BYTES:
+                    self._write_run(fd, run)
+                    run = []
                     os.fdatasync(fd)
                     self._close_append()
                     self._current += 1
                     fd = self._open_for_append()
                 self._dirty.add(self._current)
                 places.append((self._current, self._end))
-                view = memoryview(data)
-                while view:
-                    written = os.pwrite(fd, view, self._end)
-                    view = view[written:]
-                    self._end += written
+                run.append(data)
+                self._end += len(data)
                 ends[self._current] = self._end
+            self._write_run(fd, run)
             os.fdatasync(fd)
         except OSError:
             self.abandon()
             raise
         return places, ends
+
+    def _write_run(self, fd: int, run: list[bytes]) -> None:
+        """Write ``run`` so that it ends at ``self._end`` (which already counts it)."""
+        at = self._end - sum(len(data) for data in run)
+        views = [memoryview(data) for data in run if data]
+        first = 0
+        while first < len(views):
+            written = os.pwritev(fd, views[first : first + _IOV_MAX], at)
+            at += written
+            while first < len(views) and written >= len(views[first]):
+                written -= len(views[first])
+                first += 1
+            if written:  # a short write ended inside this blob: its rest goes next
+                views[first] = views[first][written:]
 
     def committed(self, ends: Mapping[int, int]) -> None:
         """The entries naming the last append are written: its bytes stay."""
