@@ -17,6 +17,7 @@ No I/O: the committed state, the block context and the clock are passed in.
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -57,7 +58,9 @@ class Mempool:
         self._bytes = 0
         self._overlay = self._new_overlay()
         self._recently_committed: OrderedDict[bytes, None] = OrderedDict()
-        self._changes: dict[bytes, dict[bytes, bytes | None]] = {}  # each pending tx's writes
+        # The writes of each pending transaction this node checked (a relayed one has none
+        # here), in arrival order: what is laid over the state after each block.
+        self._changes: dict[bytes, dict[bytes, bytes | None]] = {}
         self._relayed: set[bytes] = set()  # admitted from peers without a state check
         self._nonces: set[tuple[bytes, int]] = set()  # (signer, nonce) of every pending tx
         self._parked: dict[bytes, dict[int, Tx]] = {}
@@ -150,7 +153,6 @@ class Mempool:
                     "an earlier nonce of this signer is missing", code="nonce_gap"
                 )
         self._txs[tx.id] = tx
-        self._changes[tx.id] = {}
         self._relayed.add(tx.id)
         self._nonces.add((tx.signer, tx.nonce))
         self._bytes += tx.size
@@ -258,15 +260,14 @@ class Mempool:
         recent.update(dict.fromkeys(done))
         while len(recent) > RECENTLY_COMMITTED:
             recent.popitem(last=False)
-        order = list(self._txs)
-        prefix = set(order[: len(done)]) == done
+        prefix = set(itertools.islice(self._txs, len(done))) == done
         for tx_id in done:
             self.remove(tx_id)
         dropped: list[tuple[Tx, InvalidTransaction]] = []
         if prefix or len(self._txs) > RECHECK_MAX:
             self._overlay = self._new_overlay()
-            for tx_id in self._txs:
-                self._overlay.changes.update(self._changes[tx_id])
+            for changes in self._changes.values():  # the checked ones, in arrival order
+                self._overlay.changes.update(changes)
         else:
             remaining = list(self._txs.values())
             relayed = self._relayed
