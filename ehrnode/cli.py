@@ -123,7 +123,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
         kv.close()
     print(
         f"height {report.height}: {report.blocks_checked} blocks checked, state hash "
-        f"{'matches' if report.state_entries_hash_ok else 'DOES NOT match'}"
+        f"{'matches' if report.state_entries_hash_ok else 'DOES NOT match'}, index entries "
+        f"{'match' if report.index_entries_ok else 'DO NOT match'}"
     )
     for problem in report.problems:
         print(f"problem: {problem}", file=sys.stderr)

@@ -55,7 +55,7 @@ class MemState:
                 self.entries[key] = value
 
     def digest(self) -> int:
-        return state.digest_of(self.entries.items())
+        return state.state_digest(self.entries.items())
 
 
 def raw_tx(

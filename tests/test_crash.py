@@ -134,7 +134,7 @@ async def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path: Path) -
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    assert "state hash matches" in result.stdout
+    assert "state hash matches, index entries match" in result.stdout
 
     # And the restarted node serves and keeps committing.
     node = start_process_node(home)

@@ -211,6 +211,7 @@ def test_record_by_provider_for_patient(w: World) -> None:
         "ver": 1,
         "head": t.id,
         "nver": 1,
+        "seq": 0,
     }
     assert w.load(state.P_WKEY + t.id) == body["keys"]
     assert w.overlay.get(state.seq_key(P_PREC, patient.public_key, 0)) == t.id

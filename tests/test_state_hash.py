@@ -214,3 +214,47 @@ def test_block_digests_track_the_full_state(actions: list[tuple[str, int, int]])
         elif action == "commit":
             commit()
     commit()
+
+
+# --- index entries -----------------------------------------------------------------------
+
+
+def index_world() -> World:
+    """Records (one amended twice), a records transaction, listed and standing grants."""
+    w = World()
+    patient, provider, other = w.patient(1), w.provider(2), w.provider(3)
+    first = w.record(provider, patient)
+    w.record(provider, patient, type_="Condition")
+    w.commit()
+    second = w.do(provider, "record", w.record_body(provider, patient, amends=first.id))
+    w.commit()
+    w.do(provider, "record", w.record_body(provider, patient, amends=second.id))
+    items = [w.record_body(provider, patient) for _ in range(3)]
+    w.do(provider, "records", {"items": items})
+    w.listed(patient, other, [first.id])
+    w.standing(patient, other, types=["Observation"])
+    w.commit()
+    return w
+
+
+def test_index_entries_are_exactly_those_the_hashed_entries_imply() -> None:
+    entries = index_world().base.entries
+    stored = {k: v for k, v in entries.items() if not state.in_state_hash(k)}
+    hashed = [(k, v) for k, v in entries.items() if state.in_state_hash(k)]
+    implied = dict(pair for k, v in hashed for pair in state.implied_index(k, v))
+    assert stored == implied
+    prefixes = {k[: len(p)] for k in stored for p in state.INDEX_PREFIXES if k.startswith(p)}
+    assert prefixes == set(state.INDEX_PREFIXES)  # each kind of index entry was made
+
+
+def test_index_entries_are_outside_the_state_hash_and_everything_else_is_in() -> None:
+    entries = dict(index_world().base.entries)
+    digest = state.state_digest(entries.items())
+    for key in list(entries):
+        changed = {**entries, key: entries[key] + b"\x00"}
+        if state.in_state_hash(key):
+            assert state.state_digest(changed.items()) != digest, key
+        else:
+            assert state.state_digest(changed.items()) == digest, key
+            without = {k: v for k, v in entries.items() if k != key}
+            assert state.state_digest(without.items()) == digest, key

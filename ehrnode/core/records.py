@@ -152,8 +152,9 @@ def _write_record(
         entry.update(tx=tx.id, item=index)
     amends = body.get("amends")
     if amends is None:
-        entry.update(root=rid, ver=1, head=rid, nver=1)
-        scratch.put_new(seq_key(P_PREC, patient, patients.next_seq(patient)), rid)
+        seq = patients.next_seq(patient)
+        entry.update(root=rid, ver=1, head=rid, nver=1, seq=seq)
+        scratch.put_new(seq_key(P_PREC, patient, seq), rid)
     else:
         previous = load(scratch, P_REC + amends)
         if previous is None or previous["patient"] != patient:

@@ -6,7 +6,7 @@ State is a key-value map; ``apply_tx`` reads it through ``StateReader`` and writ
 batch. Every key and value layout is in ``core.layout``; the rules for
 writing records are in ``core.records``.
 
-The state hash is defined in ``core.statekv``.
+The state hash is defined in ``core.statekv``; the entries it leaves out, in ``core.layout``.
 
 Pure: no I/O, no clock (time comes from the block header in ``BlockContext``).
 """
@@ -21,6 +21,7 @@ from ehrnode.core import authority, codec, crypto, records
 from ehrnode.core.errors import InvalidTransaction
 from ehrnode.core.genesis import Genesis
 from ehrnode.core.layout import (
+    INDEX_PREFIXES as INDEX_PREFIXES,
     K_VALS as K_VALS,
     P_ACCT as P_ACCT,
     P_BLOB as P_BLOB,
@@ -33,6 +34,7 @@ from ehrnode.core.layout import (
     P_STD as P_STD,
     P_VER as P_VER,
     P_WKEY as P_WKEY,
+    in_state_hash as in_state_hash,
 )
 from ehrnode.core.records import (
     grant_in_force as grant_in_force,
@@ -354,15 +356,40 @@ def finish_block(overlay: Overlay, ctx: BlockContext) -> None:
     authority.finish_block(overlay, ctx)
 
 
+def state_digest(entries: Iterable[tuple[bytes, bytes]]) -> int:
+    """The digest of a whole state (every entry but the index entries, ``core.layout``)."""
+    return digest_of((key, value) for key, value in entries if in_state_hash(key))
+
+
+def implied_index(key: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
+    """The index entries an entry implies (``core.layout``): a record's blob claim and its
+    place in its patient's list (a root) or among its root's versions; a grant's place
+    among its patient's grants. What ``ehrnode check`` derives to compare with the stored
+    ones."""
+    if key.startswith(P_REC):
+        rid, record = key[len(P_REC) :], codec.decode_trusted(value)
+        if record["ver"] == 1:
+            place = seq_key(P_PREC, record["patient"], record["seq"])
+        else:
+            place = seq_key(P_VER, record["root"], record["ver"] - 1)
+        return [(P_BLOB + record["blob"], rid), (place, rid)]
+    if key.startswith(P_GRANT):
+        patient = codec.decode_trusted(value)["patient"]
+        return [(P_PGR + patient + key[len(P_GRANT) :], b"")]
+    return []
+
+
 def digest_after(
     reader: StateReader | Overlay, changes: Mapping[bytes, bytes | None], digest: int
 ) -> int:
     """The digest after ``changes``; ``reader`` gives each key's value before them (an
-    Overlay gives its base's value, from its read cache)."""
+    Overlay gives its base's value, from its read cache). Index entries do not count."""
     old_value = reader.original if isinstance(reader, Overlay) else reader.get
     added: list[tuple[bytes, bytes]] = []
     removed: list[tuple[bytes, bytes]] = []
     for key, new in changes.items():
+        if key.startswith(INDEX_PREFIXES):
+            continue  # an index entry: outside the state hash (core.layout)
         old = old_value(key)
         if old == new:
             continue  # rewritten unchanged: no effect on the multiset

@@ -39,9 +39,10 @@ T_STATE = b"S"
 K_HEAD = T_META + b"head"
 # The layout of the state entries (``core.layout``) this build writes and reads, kept in the
 # head record. 2: a record's first wrapped keys in one ``wkey`` entry, no ``ver`` entry for
-# a first version. A data directory of another layout holds other state hashes: its chain
-# cannot be continued by this build.
-STATE_LAYOUT = 2
+# a first version. 3: index entries outside the state hash, a root record's "seq". A data
+# directory of another layout holds other state hashes: its chain cannot be continued by
+# this build.
+STATE_LAYOUT = 3
 
 MAX_STORED_BLOCK = 1 << 30
 
@@ -257,8 +258,3 @@ class Chain:
 
     def load_state(self, key: bytes) -> Any:
         return state.load(self.state, key)
-
-    def recompute_digest(self) -> int:
-        """Scan every state entry: what the stored head's digest must equal."""
-        cut = len(T_STATE)
-        return state.digest_of((k[cut:], v) for k, v in self.kv.scan(T_STATE))

@@ -3,13 +3,17 @@ and for the crash tests.
 
 Checks that the head's block is stored, that every block links to the one before it and
 carries the certificate of that one, that each stored certificate verifies, and that a full
-scan of the state entries hashes to the head's state digest.
+scan of the state entries hashes to the head's state digest, the index entries (outside the
+state hash, ``core.layout``) being exactly those the other entries imply. The two sets of
+index entries are compared by their multiset digests, so the check holds no more than one
+entry in memory at a time.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ehrnode.core import state
 from ehrnode.core.block import ZERO_HASH
 from ehrnode.core.errors import EhrError
 from ehrnode.store.chain import Chain
@@ -20,11 +24,12 @@ class Report:
     height: int = 0
     blocks_checked: int = 0
     state_entries_hash_ok: bool = False
+    index_entries_ok: bool = False
     problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.problems and self.state_entries_hash_ok
+        return not self.problems and self.state_entries_hash_ok and self.index_entries_ok
 
 
 def check_chain(chain: Chain, *, last_blocks: int | None = None) -> Report:
@@ -53,7 +58,36 @@ def check_chain(chain: Chain, *, last_blocks: int | None = None) -> Report:
         report.blocks_checked += 1
     if head.height and previous_id != head.id:
         report.problems.append("the head does not name the last stored block")
-    report.state_entries_hash_ok = chain.recompute_digest() == head.digest
+    hashed, stored_index, implied_index = _scan_state(chain)
+    report.state_entries_hash_ok = hashed == head.digest
     if not report.state_entries_hash_ok:
         report.problems.append("the state entries do not hash to the head's state hash")
+    report.index_entries_ok = stored_index == implied_index
+    if not report.index_entries_ok:
+        report.problems.append(
+            "the index entries (record lists, versions, blob claims, grant lists) differ from "
+            "those the records and grants imply"
+        )
     return report
+
+
+def _scan_state(chain: Chain) -> tuple[int, int, int]:
+    """One scan of the state: the digest of the hashed entries, of the index entries stored
+    and of the index entries the hashed ones imply."""
+    hashed: list[tuple[bytes, bytes]] = []
+    stored: list[tuple[bytes, bytes]] = []
+    implied: list[tuple[bytes, bytes]] = []
+    digests = [0, 0, 0]
+    for key, value in chain.state.scan(b""):
+        if state.in_state_hash(key):
+            hashed.append((key, value))
+            implied.extend(state.implied_index(key, value))
+        else:
+            stored.append((key, value))
+        if len(hashed) + len(stored) + len(implied) >= 10_000:  # fold into the digests
+            for i, part in enumerate((hashed, stored, implied)):
+                digests[i] = state.digest_moved(digests[i], part, [])
+                part.clear()
+    for i, part in enumerate((hashed, stored, implied)):
+        digests[i] = state.digest_moved(digests[i], part, [])
+    return digests[0], digests[1], digests[2]

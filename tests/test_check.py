@@ -1,0 +1,51 @@
+"""``ehrnode check`` on a node's real database: the state hash, and the index entries
+outside it, derived again from the records and grants they index."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ehrnode.client import Client
+from ehrnode.core import state
+from ehrnode.core.crypto import Identity
+from ehrnode.node import Node
+from ehrnode.store.chain import T_STATE
+from ehrnode.store.check import check_chain
+
+
+def observation(text: str) -> dict[str, Any]:
+    return {"resourceType": "Observation", "status": "final", "code": {"text": text}}
+
+
+async def test_check_finds_an_index_entry_changed_removed_or_added(node: Node) -> None:
+    async with Client(node.rpc_url, node.identity) as validator:
+        doctor = validator.as_identity(Identity.generate())
+        patient = validator.as_identity(Identity.generate())
+        await patient.register("patient")
+        endorsement = validator.endorse(doctor.public_key, "provider")
+        await doctor.register("provider", "Dr Who", endorsement)
+        first = await doctor.put(patient.public_id, observation("Heart rate"))
+        await doctor.put(patient.public_id, observation("Heart rate, again"), amends=first.id)
+        await doctor.put_many(patient.public_id, [observation(f"Weight {i}") for i in range(3)])
+        await patient.grant(doctor.public_id, standing=True)
+
+    report = check_chain(node.chain)
+    assert report.ok, report.problems
+    kv = node.chain.kv
+    index = [(k, v) for k, v in node.chain.state.scan(b"") if not state.in_state_hash(k)]
+    assert {k[:3] for k, _ in index} == {b"pre", b"ver", b"pgr", b"blo"}
+    some_key, some_value = index[len(index) // 2]
+
+    tamperings: list[dict[bytes, bytes | None]] = [
+        {T_STATE + some_key: some_value + b"\x00"},  # changed
+        {T_STATE + some_key: None},  # removed
+        {T_STATE + state.P_BLOB + bytes(32): some_value},  # added
+    ]
+    for tampering in tamperings:
+        kv.write(tampering, sync=True)
+        report = check_chain(node.chain)
+        assert report.state_entries_hash_ok  # the index is outside the state hash...
+        assert not report.index_entries_ok and not report.ok  # ...and still checked
+        assert any("index entries" in problem for problem in report.problems)
+        kv.write({T_STATE + some_key: some_value, T_STATE + state.P_BLOB + bytes(32): None})
+        assert check_chain(node.chain).ok
