@@ -156,8 +156,18 @@ class World:
         return info.value.code
 
     def commit(self) -> None:
-        """Move what was applied into the base state (as a committed block would)."""
+        """Move what was applied into the base state (as a committed block would), and
+        check that its index entries are exactly those its other entries imply."""
         self.base.apply(self.overlay.changes)
+        entries = self.base.entries
+        stored = sorted((k, v) for k, v in entries.items() if not state.in_state_hash(k))
+        implied = sorted(
+            pair
+            for k, v in entries.items()
+            if state.in_state_hash(k)
+            for pair in state.implied_index(k, v)
+        )
+        assert stored == implied, "index entries differ from those the state implies"
         self.overlay = state.Overlay(self.base)
         self.height += 1
 

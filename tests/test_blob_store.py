@@ -212,6 +212,27 @@ def test_short_writes_continue_where_they_stopped(
     assert len(segment_bytes(tmp_path / "blobs")) == sum(map(len, data))
 
 
+def test_a_write_that_makes_no_progress_fails_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blobs = BlobStore(tmp_path / "blobs", MemoryKV())
+    [kept_hash] = blobs.put_many([b"A" * 10])
+    monkeypatch.setattr(segments.os, "pwritev", lambda fd, buffers, offset: 0)
+    with pytest.raises(OSError):
+        blobs.put_many([b"B" * 10])
+    monkeypatch.undo()
+    assert segment_bytes(tmp_path / "blobs") == b"A" * 10
+    assert blobs.read_small(kept_hash) == b"A" * 10
+
+
+@pytest.mark.parametrize(("limit", "expected"), [(-1, 1024), (0, 1024), (8, 8), (4096, 1024)])
+def test_the_buffers_per_write_follow_the_system_limit(
+    monkeypatch: pytest.MonkeyPatch, limit: int, expected: int
+) -> None:
+    monkeypatch.setattr(segments.os, "sysconf", lambda name: limit)
+    assert segments._iov_max() == expected
+
+
 def test_the_same_blob_stored_by_many_writers_at_once_is_kept_once(tmp_path: Path) -> None:
     """A client's upload and peers' pushes of one blob can arrive together: a second copy
     in a segment would be one that an erasure does not reach."""

@@ -49,3 +49,19 @@ async def test_check_finds_an_index_entry_changed_removed_or_added(node: Node) -
         assert any("index entries" in problem for problem in report.problems)
         kv.write({T_STATE + some_key: some_value, T_STATE + state.P_BLOB + bytes(32): None})
         assert check_chain(node.chain).ok
+
+
+async def test_check_reports_a_damaged_record_entry_instead_of_failing(node: Node) -> None:
+    async with Client(node.rpc_url, node.identity) as validator:
+        doctor = validator.as_identity(Identity.generate())
+        patient = validator.as_identity(Identity.generate())
+        await patient.register("patient")
+        endorsement = validator.endorse(doctor.public_key, "provider")
+        await doctor.register("provider", "Dr Who", endorsement)
+        written = await doctor.put(patient.public_id, observation("Heart rate"))
+    key = T_STATE + state.P_REC + bytes.fromhex(written.id)
+    for damage in (b"\xc1 not msgpack", b"\x93\x01\x02\x03", b"\x81\xa3ver\x01"):
+        node.chain.kv.write({key: damage}, sync=True)
+        report = check_chain(node.chain)
+        assert not report.ok and not report.state_entries_hash_ok
+        assert any("cannot be read" in problem for problem in report.problems), report.problems

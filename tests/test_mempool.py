@@ -11,6 +11,7 @@ from helpers_core import CHAIN, World, identity
 from ehrnode import mempool as mempool_module
 from ehrnode.core import crypto, state, tx
 from ehrnode.core.errors import Conflict, InvalidTransaction, LimitExceeded
+from ehrnode.core.state import P_STD
 from ehrnode.mempool import (
     MAX_AHEAD_UNREGISTERED,
     MAX_NONCE_AHEAD,
@@ -250,6 +251,27 @@ def test_update_drops_committed(w: World) -> None:
     assert commit(w, mempool, [second]) == []
     assert len(mempool) == 0
     assert mempool.size_bytes == 0
+
+
+def test_after_a_block_of_the_oldest_the_rest_stand_in_arrival_order(w: World) -> None:
+    """Checked and relayed transactions interleaved, the checked ones all of one signer and
+    writing the same entries: after a block took the oldest two, the check state holds the
+    later ones' writes in their order (the last nonce, every standing grant)."""
+    registered(w, PATIENT)
+    mempool = pool(w)
+    checked = [standing(w, n) for n in (2, 3, 4)]
+    relayed = [register(GP), register(identity(4))]
+    mempool.add(checked[0])
+    mempool.add_relayed(relayed[0])
+    mempool.add(checked[1])
+    mempool.add_relayed(relayed[1])
+    mempool.add(checked[2])
+    assert commit(w, mempool, [checked[0], relayed[0]]) == []
+    pending = mempool.check_state
+    assert state.load(pending, state.P_ACCT + PATIENT.public_key)["nonce"] == 4
+    assert len(state.load(pending, P_STD + PATIENT.public_key)) == 3
+    assert mempool.add(standing(w, 5))  # the next nonce, checked on top of all of them
+    assert [t.nonce for t in mempool.reap(1 << 20, 10)] == [3, 1, 4, 5]
 
 
 def test_update_drops_a_tx_whose_nonce_a_committed_tx_used(w: World) -> None:

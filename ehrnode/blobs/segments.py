@@ -21,6 +21,7 @@ serialises appends and erasures; reads may come from any thread.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -33,7 +34,18 @@ log = logging.getLogger(__name__)
 SEGMENT_BYTES = 64 * 1024 * 1024
 OPEN_READERS = 32  # descriptors kept open for reading, the most recently used segments
 _SUFFIX = ".seg"
-_IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024) if hasattr(os, "sysconf") else 1024
+
+
+def _iov_max() -> int:
+    """Buffers one ``pwritev`` may take: the system's limit (-1 is "none"), at most 1024."""
+    try:
+        limit = os.sysconf("SC_IOV_MAX")
+    except (ValueError, OSError, AttributeError):
+        return 16  # POSIX's minimum
+    return 1024 if limit < 1 else min(limit, 1024)
+
+
+_IOV_MAX = _iov_max()
 
 
 class Segments:
@@ -128,6 +140,8 @@ class Segments:
         first = 0
         while first < len(views):
             written = os.pwritev(fd, views[first : first + _IOV_MAX], at)
+            if written <= 0:
+                raise OSError(errno.EIO, "a segment write made no progress")
             at += written
             while first < len(views) and written >= len(views[first]):
                 written -= len(views[first])

@@ -135,7 +135,11 @@ def _write_record(
             "a record may wrap its key only for the patient, its author and standing grantees",
         )
     # One blob, one record: otherwise erasing one record (whose owner may have named
-    # someone else's public blob hash) would delete the ciphertext of another.
+    # someone else's public blob hash) would delete the ciphertext of another. The claim
+    # is an index entry, outside the state hash but a function of the record entries in
+    # it (``core.layout``): a node whose claims drifted from its records would decide a
+    # later record differently from the others and stop at that block; ``ehrnode check``
+    # compares them.
     if scratch.get(P_BLOB + body["blob"]) is not None:
         raise _reject("blob_in_use", "that ciphertext already belongs to another record")
     scratch.put(P_BLOB + body["blob"], rid)

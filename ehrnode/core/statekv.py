@@ -1,10 +1,12 @@
 """The state as the rules see it: a key-value reader, an overlay of pending writes, the
 block context, and the state hash.
 
-The state hash is an additive multiset hash (AdHash, Bellare & Micciancio 1997) of all
+The state hash is an additive multiset hash (AdHash, Bellare & Micciancio 1997) of the
 entries: the sum, mod 2**2048, of SHAKE-256(len(key) || key || value) read as 256-byte
 integers, then hashed with SHA-256. Adding or removing an entry updates it in O(1), and
-anyone can recompute it from a full scan of the state.
+anyone can recompute it from a full scan of the state. Which entries count (all but the
+index entries of ``core.layout``) is ``core.state``'s to say: ``digest_of`` sums what it
+is given, ``state.state_digest`` a whole state.
 
 Pure: no I/O.
 """

@@ -29,7 +29,9 @@ from typing import Any
 from ehrnode.core import codec, crypto
 from ehrnode.core.errors import InvalidEncoding, PeerError
 
-PROTOCOL_VERSION = 1
+# 2: the state hash leaves the index entries out (state layout 3). Nodes that hash the
+# state differently would split at the first record: the handshake refuses the peer.
+PROTOCOL_VERSION = 2
 MAX_SYNC_BLOCKS = 256
 MAX_HASHES = 4096
 MAX_TXS = 20_000

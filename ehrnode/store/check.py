@@ -11,6 +11,7 @@ entry in memory at a time.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, field
 
 from ehrnode.core import state
@@ -58,7 +59,11 @@ def check_chain(chain: Chain, *, last_blocks: int | None = None) -> Report:
         report.blocks_checked += 1
     if head.height and previous_id != head.id:
         report.problems.append("the head does not name the last stored block")
-    hashed, stored_index, implied_index = _scan_state(chain)
+    hashed, stored_index, implied_index, damaged = _scan_state(chain)
+    if damaged:
+        report.problems.append(
+            f"{len(damaged)} record or grant entries cannot be read, e.g. {damaged[0].hex()}"
+        )
     report.state_entries_hash_ok = hashed == head.digest
     if not report.state_entries_hash_ok:
         report.problems.append("the state entries do not hash to the head's state hash")
@@ -71,9 +76,11 @@ def check_chain(chain: Chain, *, last_blocks: int | None = None) -> Report:
     return report
 
 
-def _scan_state(chain: Chain) -> tuple[int, int, int]:
+def _scan_state(chain: Chain) -> tuple[int, int, int, list[bytes]]:
     """One scan of the state: the digest of the hashed entries, of the index entries stored
-    and of the index entries the hashed ones imply."""
+    and of the index entries the hashed ones imply; and the keys of the entries too damaged
+    to imply anything (at most 10 kept)."""
+    damaged: list[bytes] = []
     hashed: list[tuple[bytes, bytes]] = []
     stored: list[tuple[bytes, bytes]] = []
     implied: list[tuple[bytes, bytes]] = []
@@ -81,7 +88,11 @@ def _scan_state(chain: Chain) -> tuple[int, int, int]:
     for key, value in chain.state.scan(b""):
         if state.in_state_hash(key):
             hashed.append((key, value))
-            implied.extend(state.implied_index(key, value))
+            try:
+                implied.extend(state.implied_index(key, value))
+            except (ValueError, TypeError, KeyError, IndexError, struct.error):  # damaged
+                if len(damaged) < 10:
+                    damaged.append(key)
         else:
             stored.append((key, value))
         if len(hashed) + len(stored) + len(implied) >= 10_000:  # fold into the digests
@@ -90,4 +101,4 @@ def _scan_state(chain: Chain) -> tuple[int, int, int]:
                 part.clear()
     for i, part in enumerate((hashed, stored, implied)):
         digests[i] = state.digest_moved(digests[i], part, [])
-    return digests[0], digests[1], digests[2]
+    return digests[0], digests[1], digests[2], damaged
