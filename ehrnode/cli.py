@@ -26,6 +26,7 @@ from ehrnode.core.errors import EhrError
 from ehrnode.core.genesis import Genesis
 from ehrnode.keys import load_identity, save_identity
 from ehrnode.node import Node
+from ehrnode.process import tune_malloc
 from ehrnode.store.chain import Chain
 from ehrnode.store.check import check_chain
 from ehrnode.store.db import LevelKV
@@ -98,6 +99,7 @@ def _tune_gc() -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     _install_uvloop()
     _tune_gc()
+    tune_malloc()
     asyncio.run(run_node(Path(args.home)))
     return 0
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from ehrnode.bench import machine, measures, throughput, workload
 from ehrnode.bench.network import Network
+from ehrnode.process import tune_malloc
 from ehrnode.testing import validator_identity
 
 NAMES = ("ceiling", "throughput", "latency", "import", "sync", "attachment", "query")
@@ -206,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="seconds-long sizes (CI)")
     parser.add_argument("--workdir", help="keep node data here (default: a temporary folder)")
     args = parser.parse_args(argv)
+    # This process is the attachment's client: tuned as the ehr CLI is (ehrnode.process).
+    tune_malloc()
     names = set(args.only or NAMES)
     sizes = SMOKE if args.smoke else FULL
     started = time.time()

@@ -32,6 +32,7 @@ from ehrnode.core.crypto import Identity
 from ehrnode.core.errors import EhrError
 from ehrnode.core.genesis import Genesis
 from ehrnode.keys import load_identity, save_identity
+from ehrnode.process import tune_malloc
 
 DEFAULT_NODE = "http://127.0.0.1:8645"
 Output = tuple[Any, str]  # (the JSON document, the human text)
@@ -344,6 +345,7 @@ def _fail(json_mode: bool, code: str, message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     json_mode = "--json" in argv
+    tune_malloc()  # attachments and imports stream large buffers (ehrnode.process)
     try:
         args = parser().parse_args(argv)
         doc, text = asyncio.run(_run(args))
