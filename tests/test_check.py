@@ -17,7 +17,9 @@ def observation(text: str) -> dict[str, Any]:
     return {"resourceType": "Observation", "status": "final", "code": {"text": text}}
 
 
-async def test_check_finds_an_index_entry_changed_removed_or_added(node: Node) -> None:
+async def write_some(node: Node) -> str:
+    """Records (one amended, three in a records transaction) and a standing grant; the
+    first record's id."""
     async with Client(node.rpc_url, node.identity) as validator:
         doctor = validator.as_identity(Identity.generate())
         patient = validator.as_identity(Identity.generate())
@@ -28,7 +30,11 @@ async def test_check_finds_an_index_entry_changed_removed_or_added(node: Node) -
         await doctor.put(patient.public_id, observation("Heart rate, again"), amends=first.id)
         await doctor.put_many(patient.public_id, [observation(f"Weight {i}") for i in range(3)])
         await patient.grant(doctor.public_id, standing=True)
+    return first.id
 
+
+async def test_check_finds_an_index_entry_changed_removed_or_added(node: Node) -> None:
+    await write_some(node)
     report = check_chain(node.chain)
     assert report.ok, report.problems
     kv = node.chain.kv
@@ -52,14 +58,7 @@ async def test_check_finds_an_index_entry_changed_removed_or_added(node: Node) -
 
 
 async def test_check_reports_a_damaged_record_entry_instead_of_failing(node: Node) -> None:
-    async with Client(node.rpc_url, node.identity) as validator:
-        doctor = validator.as_identity(Identity.generate())
-        patient = validator.as_identity(Identity.generate())
-        await patient.register("patient")
-        endorsement = validator.endorse(doctor.public_key, "provider")
-        await doctor.register("provider", "Dr Who", endorsement)
-        written = await doctor.put(patient.public_id, observation("Heart rate"))
-    key = T_STATE + state.P_REC + bytes.fromhex(written.id)
+    key = T_STATE + state.P_REC + bytes.fromhex(await write_some(node))
     for damage in (b"\xc1 not msgpack", b"\x93\x01\x02\x03", b"\x81\xa3ver\x01"):
         node.chain.kv.write({key: damage}, sync=True)
         report = check_chain(node.chain)
