@@ -5,8 +5,8 @@ Checks that the head's block is stored, that every block links to the one before
 carries the certificate of that one, that each stored certificate verifies, and that a full
 scan of the state entries hashes to the head's state digest, the index entries (outside the
 state hash, ``core.layout``) being exactly those the other entries imply. The two sets of
-index entries are compared by their multiset digests, so the check holds no more than one
-entry in memory at a time.
+index entries are compared by their multiset digests, so the check holds a batch of at
+most 10,000 entries in memory, whatever the state's size.
 """
 
 from __future__ import annotations
@@ -59,10 +59,10 @@ def check_chain(chain: Chain, *, last_blocks: int | None = None) -> Report:
         report.blocks_checked += 1
     if head.height and previous_id != head.id:
         report.problems.append("the head does not name the last stored block")
-    hashed, stored_index, implied_index, damaged = _scan_state(chain)
+    hashed, stored_index, implied_index, damaged, examples = _scan_state(chain)
     if damaged:
         report.problems.append(
-            f"{len(damaged)} record or grant entries cannot be read, e.g. {damaged[0].hex()}"
+            f"{damaged} record or grant entries cannot be read, e.g. state key {examples[0].hex()}"
         )
     report.state_entries_hash_ok = hashed == head.digest
     if not report.state_entries_hash_ok:
@@ -76,11 +76,12 @@ def check_chain(chain: Chain, *, last_blocks: int | None = None) -> Report:
     return report
 
 
-def _scan_state(chain: Chain) -> tuple[int, int, int, list[bytes]]:
+def _scan_state(chain: Chain) -> tuple[int, int, int, int, list[bytes]]:
     """One scan of the state: the digest of the hashed entries, of the index entries stored
-    and of the index entries the hashed ones imply; and the keys of the entries too damaged
-    to imply anything (at most 10 kept)."""
-    damaged: list[bytes] = []
+    and of the index entries the hashed ones imply; how many entries are too damaged to
+    imply anything, and the keys of the first 10."""
+    damaged = 0
+    examples: list[bytes] = []
     hashed: list[tuple[bytes, bytes]] = []
     stored: list[tuple[bytes, bytes]] = []
     implied: list[tuple[bytes, bytes]] = []
@@ -91,8 +92,9 @@ def _scan_state(chain: Chain) -> tuple[int, int, int, list[bytes]]:
             try:
                 implied.extend(state.implied_index(key, value))
             except (ValueError, TypeError, KeyError, IndexError, struct.error):  # damaged
-                if len(damaged) < 10:
-                    damaged.append(key)
+                damaged += 1
+                if len(examples) < 10:
+                    examples.append(key)
         else:
             stored.append((key, value))
         if len(hashed) + len(stored) + len(implied) >= 10_000:  # fold into the digests
@@ -101,4 +103,4 @@ def _scan_state(chain: Chain) -> tuple[int, int, int, list[bytes]]:
                 part.clear()
     for i, part in enumerate((hashed, stored, implied)):
         digests[i] = state.digest_moved(digests[i], part, [])
-    return digests[0], digests[1], digests[2], damaged
+    return digests[0], digests[1], digests[2], damaged, examples
