@@ -180,3 +180,37 @@ def test_the_type_given_with_the_bytes_must_be_theirs() -> None:
     assert fhir.validated("Patient", plaintext).kind == "Patient"
     with pytest.raises(InvalidResource, match="resourceType is Patient, not Observation"):
         fhir.validated("Observation", plaintext)
+
+
+def test_the_importers_encoder_writes_the_same_bytes_for_every_sample_resource() -> None:
+    entries = load_bundle(Path(__file__).parent / "data" / "1480536-bundle.json")
+    assert len(entries) > 100
+    for entry in entries:
+        assert fhir.encode_parsed(entry["resource"]) == fhir.encode(entry["resource"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(body=st.dictionaries(st.text(max_size=8), _JSON, max_size=6))
+def test_the_importers_encoder_agrees_with_encode_on_any_parsed_json(body: Any) -> None:
+    """Numbers orjson writes in another form (1e-05, 1e-07), nulls and ints beyond 64 bits
+    included: ``encode_parsed`` must give ``encode``'s bytes or its refusal."""
+    resource = {"resourceType": "Observation", **body}
+    parsed = json.loads(json.dumps(resource))
+    assert fhir.encode_parsed(parsed) == fhir.encode(parsed)
+
+
+@pytest.mark.parametrize(
+    "value", [1e-05, 1.5e-07, -8.261964784007407e-07, 1e-300, 5e-324, 1e16, 0.1, -0.0, 2**64, None]
+)
+def test_the_importers_encoder_handles_numbers_orjson_writes_differently(value: Any) -> None:
+    resource = {"resourceType": "Observation", "valueQuantity": {"value": value}}
+    assert fhir.encode_parsed(resource) == fhir.encode(resource)
+
+
+def test_the_importers_encoder_refuses_what_encode_refuses() -> None:
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(InvalidResource, match="cannot be written as JSON"):
+            fhir.encode_parsed({"resourceType": "Observation", "value": bad})
+    lone_surrogate = json.loads('{"resourceType": "Patient", "name": [{"text": "\\ud800"}]}')
+    with pytest.raises(InvalidResource, match="cannot be written as JSON"):
+        fhir.encode_parsed(lone_surrogate)

@@ -395,7 +395,7 @@ class Importer:
         for entry, writer in zip(entries, writers, strict=True):
             try:
                 kind = fhir.resource_type(entry["resource"])
-                plaintext = fhir.encode(entry["resource"])
+                plaintext = fhir.encode_parsed(entry["resource"])
             except InvalidResource as err:
                 raise InvalidResource(f"{result.file}: entry {entry_url(entry)}: {err}") from err
             readers = {patient, writer.public_key} | standing_readers(grants, kind)
