@@ -10,6 +10,7 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from ehrnode.core import crypto, tx
 from ehrnode.core.errors import InvalidEncoding, InvalidTransaction
@@ -140,3 +141,107 @@ def test_evidence_values_get_the_codec_walk_over_types() -> None:
         with pytest.raises(InvalidTransaction) as caught:
             tx.decode(raw_tx("evidence", {"a": bad, "b": vote}), verify_sig=False)
         assert caught.value.code == "malformed_body"
+
+
+def _record_bodies() -> Any:
+    holder = st.sampled_from([K, b"\x00" * 32, b"\xff" * 32, b"\x05" * 32, b"\x05" * 31])
+    wrapped = st.sampled_from(
+        [WRAP, b"\x07" * crypto.BATCH_WRAPPED_KEY_BYTES, b"\x07" * 10, "text", 3]
+    )
+    pair = st.one_of(
+        st.lists(st.one_of(holder, wrapped), min_size=2, max_size=2),
+        st.tuples(holder, wrapped).map(list),
+        st.sampled_from([[], [K], [K, WRAP, WRAP], (K, WRAP), "pair"]),
+    )
+    keys = st.one_of(
+        st.lists(pair, min_size=0, max_size=4),
+        st.lists(st.tuples(holder, wrapped).map(list), min_size=1, max_size=4).map(
+            lambda pairs: sorted(pairs, key=lambda p: p[0])
+        ),
+        st.just([[K, WRAP]] * 65),
+    )
+    scalar = st.sampled_from([K, b"\x01" * 32, b"\x01" * 33, 7, -1, 1 << 40, (1 << 40) + 1])
+    kind = st.sampled_from(
+        ["Observation", "Observation\n", "A" * 64, "A" * 64 + "\n", "A" * 65, "", "obs", "O1"]
+    )
+    mutants = {
+        "patient": st.one_of(holder, scalar),
+        "blob": st.one_of(holder, scalar),
+        "size": st.one_of(st.integers(-2, 1 << 41), st.booleans(), st.just(b"x")),
+        "type": st.one_of(kind, st.just(5)),
+        "keys": keys,
+    }
+    valid = {**RECORD, "keys": [[K, WRAP], [b"\xff" * 32, WRAP]]}
+    del valid["amends"]
+    # Mostly well-formed fields, some of them replaced, removed or added.
+    required = {
+        name: st.one_of(st.just(valid[name]), st.just(valid[name]), mutants[name])
+        for name in mutants
+    }
+    return st.fixed_dictionaries(
+        {},
+        optional={**required, "amends": st.one_of(holder, scalar), "extra": st.just(1)},
+    )
+
+
+def _edge_records() -> list[dict[str, Any]]:
+    base = {**RECORD, "keys": [[K, WRAP], [b"\xff" * 32, WRAP]]}
+    plain = {k: v for k, v in base.items() if k != "amends"}
+    batch_wrap = b"\x07" * crypto.BATCH_WRAPPED_KEY_BYTES
+    holders = [bytes([i]) * 32 for i in range(1, 66)]
+    return [
+        base,
+        plain,
+        {**plain, "keys": [[K, WRAP], [K, WRAP]]},  # a holder twice
+        {**plain, "keys": [[b"\xff" * 32, WRAP], [K, WRAP]]},  # unsorted
+        {**plain, "keys": [[b"\xff" * 32, WRAP]]},  # not wrapped for the patient
+        {**plain, "keys": [[K, batch_wrap]]},
+        {**plain, "keys": [[K, WRAP[:-1]]]},
+        {**plain, "keys": []},
+        {**plain, "patient": holders[0], "keys": [[h, WRAP] for h in holders[:64]]},
+        {**plain, "patient": holders[0], "keys": [[h, WRAP] for h in holders[:65]]},
+        {**plain, "type": "A" * 64},
+        {**plain, "type": "A" * 64 + "\n"},  # 65 characters the pattern's "$" lets by
+        {**plain, "type": "Observation\n"},
+        {**plain, "type": ""},
+        {**plain, "size": 1 << 40},
+        {**plain, "size": (1 << 40) + 1},
+        {**plain, "size": True},
+        {**plain, "size": -1},
+        {**plain, "amends": b"\x02" * 31},
+        {**plain, "extra": 1},
+        {k: v for k, v in plain.items() if k != "blob"},
+    ]
+
+
+@pytest.mark.parametrize("body", _edge_records())
+def test_the_record_fast_path_agrees_on_the_edges(body: dict[str, Any]) -> None:
+    try:
+        tx.check_spec("record", body)
+        valid = True
+    except InvalidTransaction:
+        valid = False
+    assert tx._plain_record(body) is valid
+
+
+def test_the_record_fast_path_agrees_with_the_spec_walk() -> None:
+    """``_plain_record`` (every record at every node) must accept exactly what walking the
+    record spec accepts: never a body the walk refuses, and every body it passes (else
+    the fast path would quietly stop being taken)."""
+    accepted = []
+
+    @settings(max_examples=3000, deadline=None)
+    @given(body=_record_bodies())
+    def check(body: dict[str, Any]) -> None:
+        try:
+            tx.check_spec("record", body)
+            valid = True
+        except InvalidTransaction:
+            valid = False
+        assert tx._plain_record(body) is valid, body
+        if valid:
+            accepted.append(body)
+
+    check()
+    assert accepted, "the strategy never produced a valid record body"
+    assert tx._plain_record(RECORD)
