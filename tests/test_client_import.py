@@ -112,6 +112,42 @@ async def test_a_bundle_imports_and_reads_back_resource_by_resource(
     assert code == 0 and "0 record(s) written" in out and err == ""
 
 
+def patient_copy(k: int) -> str:
+    """The sample bundle as another patient's: every id but the organizations' and
+    practitioners' made new, so that bundles share those identities."""
+    text = BUNDLE.read_text()
+    for entry in bundle_entries():
+        resource = entry["resource"]
+        if resource["resourceType"] not in IDENTITY_TYPES:
+            text = text.replace(resource["id"], f"{resource['id'][:-4]}{k:04d}")
+    return text
+
+
+async def test_bundles_sharing_providers_import_at_once(
+    node: Node, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Three patients' bundles with the same organizations and practitioners, imported
+    together: each identity is registered once, by whichever bundle came first, and the
+    others' records by those providers follow its register without waiting for its commit
+    (the node checks them against its pending transactions)."""
+    folder = tmp_path / "bundles"
+    folder.mkdir()
+    for k in range(3):
+        (folder / f"patient-{k}.json").write_text(patient_copy(k))
+    keys = tmp_path / "keys"
+    args = [*import_args(node, keys, "--json"), "--keys-dir", str(keys), str(folder)]
+    code, out, err = await ehr(capsys, *args)
+    assert code == 0, err
+    doc = json.loads(out)
+    assert doc["registered"] == {"institution": 2, "provider": 2, "patient": 3}
+    records = [e for e in bundle_entries() if e["resource"]["resourceType"] not in IDENTITY_TYPES]
+    assert doc["written"] == 3 * len(records)
+    assert [len(bundle["records"]) for bundle in doc["bundles"]] == [len(records)] * 3
+    async with Client(node.rpc_url, node.identity) as validator:
+        for public_id in doc["patients"]:
+            assert len(await validator.records(public_id)) == len(records)
+
+
 async def test_import_needs_a_validator_key(
     node: Node, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
