@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -96,10 +97,20 @@ def _tune_gc() -> None:
     gc.set_threshold(50_000, 50, 100)
 
 
+def _stage_times() -> None:
+    """``scripts/bench --stage-times``: stage timers in this node (``bench.nodetimes``)."""
+    folder = os.environ.get("EHR_STAGE_TIMES")
+    if folder:
+        from ehrnode.bench import nodetimes  # noqa: PLC0415 - only when asked for
+
+        nodetimes.record(Path(folder))
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     _install_uvloop()
     _tune_gc()
     tune_malloc()
+    _stage_times()
     asyncio.run(run_node(Path(args.home)))
     return 0
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from ehrnode.bench import stages
+from ehrnode.bench import nodetimes, stages
 from ehrnode.bench.__main__ import KEYS
 
 pytestmark = pytest.mark.slow
+TX = nodetimes.TX_STAGE
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -67,3 +68,43 @@ def test_the_stages_tool_names_a_bad_argument_without_a_traceback(
         assert stopped.value.code == 2
         err = capsys.readouterr().err
         assert "records" in err and "Traceback" not in err
+
+
+def test_stage_times_inside_the_validators_cover_every_transaction(tmp_path: Path) -> None:
+    """``scripts/bench --stage-times``: the validators time their own stages (thread CPU)
+    and the bench reports the throughput phase's: each of the 4 decoded each of the smoke
+    run's 300 transactions once."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [
+            str(ROOT / "scripts" / "bench"),
+            "--smoke",
+            "--only",
+            "throughput",
+            "--stage-times",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    notes = json.loads(out.read_text())["notes"]
+    [head] = [n for n in notes if n.startswith("stage times:")]
+    assert head.startswith("stage times: 1200 transaction decodes over 4 validators"), head
+    labels = {n.rsplit(" (", 1)[0].split()[-1] for n in notes if n.endswith(")")}
+    assert {"ehrnode.core.crypto.verify", "ehrnode.core.state.execute_block"} <= labels
+
+
+def test_stage_times_report_per_transaction_per_validator() -> None:
+    start = {"cpu": 1.0, "seconds": {"a": 0.5}, "own": {"a": 0.5}, "calls": {TX: 10, "a": 1}}
+    end = {"cpu": 3.0, "seconds": {"a": 1.5}, "own": {"a": 1.0}, "calls": {TX: 510, "a": 3}}
+    lines = nodetimes.report({"1.json": start}, {"1.json": end, "2.json": end})
+    # 500 decodes on one node, 510 on the other (it has no earlier snapshot): 1,010.
+    assert lines[0].startswith("stage times: 1010 transaction decodes over 2 validators")
+    assert f"process CPU {(2.0 + 3.0) / 1010 * 1e6:.1f} us" in lines[0]
+    assert lines[1].split() == [f"{2.5 / 1010 * 1e6:.1f}", f"{1.5 / 1010 * 1e6:.1f}", "a", "(5)"]
+    assert lines[-1].startswith(f"{1.5 / 1010 * 1e6:7.1f} in the synchronous stages")
+    assert nodetimes.report({}, {"1.json": start | {"calls": {}}})[0].endswith("snapshots")

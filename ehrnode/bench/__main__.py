@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import tempfile
 import time
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ehrnode.bench import machine, measures, throughput, workload
+from ehrnode.bench import machine, measures, nodetimes, throughput, workload
 from ehrnode.bench.network import Network
 from ehrnode.process import tune_malloc
 from ehrnode.testing import validator_identity
@@ -156,8 +157,12 @@ async def _network_measures(
                 f"{again / figures['verify_per_s_per_core']:.0%} of the first probe's"
             )
             before = net.cpu_s()
+            times = _stage_times_folder()
+            times_before = nodetimes.snapshot(times) if times else {}
             result = await throughput.sustained(net.urls, first)
             after = net.cpu_s()
+            if times:
+                notes.extend(nodetimes.report(times_before, nodetimes.snapshot(times)))
             figures["tx_per_s"] = result["tx_per_s"]
             if before is not None and after is not None and first:
                 used = sum(a - b for a, b in zip(after, before, strict=True)) / len(after)
@@ -185,6 +190,12 @@ async def _network_measures(
             figures.update(await measures.block_sync(net, third, figures["tx_per_s"]))
 
 
+def _stage_times_folder() -> Path | None:
+    """Where the validators write their stage timers (``--stage-times``), if they do."""
+    folder = os.environ.get(nodetimes.ENV)
+    return Path(folder) if folder else None
+
+
 def table(figures: dict[str, Any]) -> str:
     lines = [f"{'figure':28} {'value':>14}  target"]
     for key in KEYS:
@@ -206,6 +217,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="write the figures as JSON to this file")
     parser.add_argument("--smoke", action="store_true", help="seconds-long sizes (CI)")
     parser.add_argument("--workdir", help="keep node data here (default: a temporary folder)")
+    parser.add_argument(
+        "--stage-times",
+        action="store_true",
+        help="time the stages of the transaction path inside the validators and print "
+        "where a transaction's CPU went in the throughput phase (costs a few percent)",
+    )
     args = parser.parse_args(argv)
     # This process is the attachment's client: tuned as the ehr CLI is (ehrnode.process).
     tune_malloc()
@@ -215,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="ehr-bench-") as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
+        if args.stage_times:
+            os.environ[nodetimes.ENV] = str(workdir / "stage-times")  # the nodes inherit it
         figures = asyncio.run(run(names, sizes, workdir))
     figures["machine"] = machine.machine()
     figures["commit"] = machine.commit_id()

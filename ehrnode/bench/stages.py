@@ -36,7 +36,7 @@ from ehrnode.bench import workload
 from ehrnode.bench.throughput import split_by_node
 from ehrnode.blobs import replication
 from ehrnode.consensus import execution
-from ehrnode.core import block, crypto, state, tx as txmod
+from ehrnode.core import block, codec, crypto, records, state, tx as txmod
 from ehrnode.p2p import gossip, messages
 from ehrnode.store import chain
 from ehrnode.testing import cluster, validator_identity, wait_for
@@ -46,6 +46,8 @@ STAGES: list[tuple[Any, str]] = [
     (gossip.TxGossip, "_on_txs"),
     (admission.Admission, "submit"),
     (txmod, "decode"),
+    (codec, "decode"),
+    (txmod, "check_body"),
     (crypto, "verify"),
     (admission.Admission, "admit"),
     (mempool.Mempool, "add"),
@@ -58,6 +60,8 @@ STAGES: list[tuple[Any, str]] = [
     (execution.Executor, "build"),
     (execution.Executor, "check"),
     (state, "execute_block"),
+    (state, "apply_tx"),
+    (records, "_write_record"),
     (state, "digest_after"),
     (chain.Chain, "commit_from_loop"),
     (mempool.Mempool, "update"),
@@ -66,7 +70,11 @@ STAGES: list[tuple[Any, str]] = [
 
 
 class Timers:
-    def __init__(self) -> None:
+    """``clock``: wall time by default (all 4 nodes share this process's threads); a node
+    process timing itself uses its thread's CPU time (``nodetimes``)."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
         self.seconds: defaultdict[str, float] = defaultdict(float)
         self.own: defaultdict[str, float] = defaultdict(float)  # less the stages inside
         self.calls: Counter[str] = Counter()
@@ -92,11 +100,11 @@ class Timers:
 
             @functools.wraps(fn)
             async def timed_async(*args: Any, **kwargs: Any) -> Any:
-                started = time.perf_counter()
+                started = self._clock()
                 try:
                     return await fn(*args, **kwargs)
                 finally:
-                    self.seconds[label] += time.perf_counter() - started
+                    self.seconds[label] += self._clock() - started
                     self.calls[label] += 1
 
             return timed_async
@@ -105,11 +113,11 @@ class Timers:
         def timed(*args: Any, **kwargs: Any) -> Any:
             inner = self._inner()
             inner.append(0.0)
-            started = time.perf_counter()
+            started = self._clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                elapsed = time.perf_counter() - started
+                elapsed = self._clock() - started
                 self.seconds[label] += elapsed
                 self.own[label] += elapsed - inner.pop()
                 self.calls[label] += 1
