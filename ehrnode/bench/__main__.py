@@ -1,6 +1,6 @@
 """``scripts/bench``: run the measurements, print a table, write the figures as JSON.
 
-    scripts/bench [--only NAME ...] [--out FILE] [--smoke]
+    scripts/bench [--only NAME ...] [--out FILE] [--smoke] [--stage-times]
 
 NAME is one of: ceiling, throughput, latency, import, sync, attachment, query. A figure
 not measured in a run is null, never a guess. ``--smoke`` runs every measurement at a
