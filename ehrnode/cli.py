@@ -27,7 +27,7 @@ from ehrnode.core.errors import EhrError
 from ehrnode.core.genesis import Genesis
 from ehrnode.keys import load_identity, save_identity
 from ehrnode.node import Node
-from ehrnode.process import tune_malloc
+from ehrnode.process import STAGE_TIMES_ENV, tune_malloc
 from ehrnode.store.chain import Chain
 from ehrnode.store.check import check_chain
 from ehrnode.store.db import LevelKV
@@ -99,7 +99,7 @@ def _tune_gc() -> None:
 
 def _stage_times() -> None:
     """``scripts/bench --stage-times``: stage timers in this node (``bench.nodetimes``)."""
-    folder = os.environ.get("EHR_STAGE_TIMES")
+    folder = os.environ.get(STAGE_TIMES_ENV)
     if folder:
         from ehrnode.bench import nodetimes  # noqa: PLC0415 - only when asked for
 

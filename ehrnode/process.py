@@ -33,3 +33,7 @@ def tune_malloc() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
         mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
     )
+
+
+# Names a folder: ``ehrnode run`` times its stages there (``ehrnode.bench.nodetimes``).
+STAGE_TIMES_ENV = "EHR_STAGE_TIMES"

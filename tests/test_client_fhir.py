@@ -214,3 +214,10 @@ def test_the_importers_encoder_refuses_what_encode_refuses() -> None:
     lone_surrogate = json.loads('{"resourceType": "Patient", "name": [{"text": "\\ud800"}]}')
     with pytest.raises(InvalidResource, match="cannot be written as JSON"):
         fhir.encode_parsed(lone_surrogate)
+
+
+def test_the_installed_orjson_writes_numbers_as_json_does() -> None:
+    """orjson before 3.11.7 wrote ``1e16`` where Python writes ``1e+16``: such a version
+    is found at import and every resource goes through ``encode`` instead."""
+    assert fhir._ORJSON_AGREES  # the pinned version: the fast path is taken
+    assert fhir.encode_parsed({"resourceType": "Observation", "v": 1e16}).endswith(b'"v":1e+16}')

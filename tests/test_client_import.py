@@ -17,8 +17,11 @@ import pytest
 from ehrnode.client import Client
 from ehrnode.client.bundles import BundleIndex
 from ehrnode.client.cli import main
+from ehrnode.client.errors import NodeUnreachable
+from ehrnode.client.importer import Importer
 from ehrnode.config import KEY_FILE
 from ehrnode.core.crypto import Identity
+from ehrnode.core.errors import InvalidTransaction
 from ehrnode.keys import load_identity
 from ehrnode.node import Node
 from ehrnode.testing import local_node
@@ -230,3 +233,39 @@ async def test_no_plaintext_reaches_the_node_home(
     assert files_holding(home, needles) == []  # and after the node flushed and closed
     # The scan does see what is stored: a practitioner's name is public on the chain.
     assert files_holding(home, [practitioner_name.encode()]) != []
+
+
+class _FailingClient:
+    """A client whose node cannot be reached for account look-ups, and whose transactions
+    are all rejected when waited for."""
+
+    async def account(self, key: bytes) -> dict[str, Any]:
+        await asyncio.sleep(0)
+        raise NodeUnreachable("node 0 is unreachable")
+
+    async def wait_committed(self, ids: list[str], timeout: float = 60.0) -> list[Any]:
+        raise InvalidTransaction(f"transaction {ids[0][:16]}… was rejected: stale nonce")
+
+
+async def test_bundles_waiting_for_a_shared_register_learn_why_it_failed(tmp_path: Path) -> None:
+    """A bundle registering an identity another bundle also needs fails (here: its account
+    look-up): the other bundle gets the same error instead of waiting for ever."""
+    importer = Importer(_FailingClient(), tmp_path)  # type: ignore[arg-type]
+    shared = Identity.generate()
+    batch = [(shared, "register", {"role": "provider"})]
+    first = asyncio.create_task(importer._register(batch))
+    second = asyncio.create_task(importer._register(batch))
+    for task in (first, second):
+        with pytest.raises(NodeUnreachable):
+            await asyncio.wait_for(task, 10)
+
+
+async def test_a_register_that_did_not_commit_is_named(tmp_path: Path) -> None:
+    importer = Importer(_FailingClient(), tmp_path)  # type: ignore[arg-type]
+    tx_id = "ab" * 32
+    importer._register_names[tx_id] = "provider 0123456789abcdef…"
+    with pytest.raises(InvalidTransaction) as raised:
+        await importer._registers_committed(Path("b.json"), [tx_id])
+    message = raised.value.message
+    assert "b.json" in message and "provider 0123456789abcdef…" in message
+    assert "stale nonce" in message

@@ -173,14 +173,15 @@ def _record_bodies() -> Any:
     }
     valid = {**RECORD, "keys": [[K, WRAP], [b"\xff" * 32, WRAP]]}
     del valid["amends"]
-    # Mostly well-formed fields, some of them replaced, removed or added.
+    # Mostly well-formed fields, some of them replaced; "amends" and an unknown field added.
     required = {
         name: st.one_of(st.just(valid[name]), st.just(valid[name]), mutants[name])
         for name in mutants
     }
+    # Every required field present (a missing one is among the edge cases above), so that
+    # a good share of the bodies are valid and the accepting side is exercised too.
     return st.fixed_dictionaries(
-        {},
-        optional={**required, "amends": st.one_of(holder, scalar), "extra": st.just(1)},
+        required, optional={"amends": st.one_of(holder, scalar), "extra": st.just(1)}
     )
 
 
@@ -230,7 +231,7 @@ def test_the_record_fast_path_agrees_with_the_spec_walk() -> None:
     the fast path would quietly stop being taken)."""
     accepted = []
 
-    @settings(max_examples=3000, deadline=None)
+    @settings(max_examples=3000, deadline=None, derandomize=True)
     @given(body=_record_bodies())
     def check(body: dict[str, Any]) -> None:
         try:

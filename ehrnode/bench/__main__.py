@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -233,8 +234,15 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
         workdir.mkdir(parents=True, exist_ok=True)
         if args.stage_times:
-            os.environ[nodetimes.ENV] = str(workdir / "stage-times")  # the nodes inherit it
+            folder = workdir / "stage-times"
+            shutil.rmtree(folder, ignore_errors=True)  # an earlier run's nodes' files
+            os.environ[nodetimes.ENV] = str(folder)  # the nodes inherit it
         figures = asyncio.run(run(names, sizes, workdir))
+        if args.stage_times:
+            figures["notes"].append(
+                "stage timers were on in the validators: every figure "
+                "of this run includes their cost"
+            )
     figures["machine"] = machine.machine()
     figures["commit"] = machine.commit_id()
     figures["smoke"] = args.smoke

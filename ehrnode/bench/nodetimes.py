@@ -1,6 +1,6 @@
 """Stage timers inside the running validators: ``scripts/bench --stage-times``.
 
-With ``EHR_STAGE_TIMES`` naming a folder, ``ehrnode run`` wraps the stages of
+With ``EHR_STAGE_TIMES`` naming a folder, ``ehrnode run`` wraps the synchronous stages of
 ``ehrnode.bench.stages.STAGES`` in timers of its own threads' CPU time and writes what they
 hold (and the process's CPU time) to ``FOLDER/PID.json`` four times a second. The bench
 reads the files before and after its throughput phase and prints where a transaction's CPU
@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ehrnode.bench.stages import Timers
+from ehrnode.process import STAGE_TIMES_ENV
 
-ENV = "EHR_STAGE_TIMES"
+ENV = STAGE_TIMES_ENV
 DUMP_EVERY_S = 0.25
 TX_STAGE = "ehrnode.core.tx.decode"  # called once per transaction per validator
 
@@ -30,7 +31,7 @@ def record(folder: Path) -> None:
     """In a node process: time the stages, and keep ``folder/PID.json`` up to date."""
     folder.mkdir(parents=True, exist_ok=True)
     timers = Timers(clock=time.thread_time)
-    timers.install()
+    timers.install(coroutines=False)  # thread time across awaits is other tasks' too
     path = folder / f"{os.getpid()}.json"
 
     def dump() -> None:

@@ -83,9 +83,13 @@ class Timers:
         self._local = threading.local()
         self._originals: list[tuple[Any, str, Any]] = []
 
-    def install(self) -> None:
+    def install(self, *, coroutines: bool = True) -> None:
+        """``coroutines=False``: leave out the stages that are coroutines (timed to their
+        end, they would count what other tasks do on the thread meanwhile as theirs)."""
         for owner, name in STAGES:
             original = getattr(owner, name)
+            if not coroutines and inspect.iscoroutinefunction(original):
+                continue
             label = f"{getattr(owner, '__name__', owner)}.{name}"
             setattr(owner, name, self._timed(original, label))
             self._originals.append((owner, name, original))

@@ -165,6 +165,7 @@ class Importer:
         self.parallel = parallel
         self._pool: ProcessPoolExecutor | None = None
         self._registering: dict[bytes, asyncio.Future[None]] = {}
+        self._register_names: dict[str, str] = {}  # register tx id -> role and key
 
     def identity(self, name: str) -> Identity:
         """The key file ``name`` in keys_dir, created on first use."""
@@ -219,45 +220,55 @@ class Importer:
         others: list[asyncio.Future[None]] = []
         mine: list[asyncio.Future[None]] = []
         loop = asyncio.get_running_loop()
-        for identity, kind, body in batch:
-            key = identity.public_key
-            if key in self._registering:
-                others.append(self._registering[key])
-                continue
-            future: asyncio.Future[None] = loop.create_future()
-            self._registering[key] = future
-            mine.append(future)
-            account = await self.client.account(key)
-            if not account["registered"]:
-                todo.append((identity, kind, body))
-            elif account["role"] != body["role"]:
-                error = EhrError(
-                    f"key {identity.public_id[:16]}… is registered as {account['role']}, "
-                    f"not {body['role']}",
-                    code="already_registered",
-                )
-                for f in mine:
-                    f.set_exception(error)
-                    f.exception()  # retrieved here; the bundle that raced reads it too
-                raise error
         sent: list[str] = []
         try:
+            for identity, kind, body in batch:
+                key = identity.public_key
+                if key in self._registering:
+                    others.append(self._registering[key])
+                    continue
+                future: asyncio.Future[None] = loop.create_future()
+                self._registering[key] = future
+                mine.append(future)
+                account = await self.client.account(key)
+                if not account["registered"]:
+                    todo.append((identity, kind, body))
+                elif account["role"] != body["role"]:
+                    raise EhrError(
+                        f"key {identity.public_id[:16]}… is registered as {account['role']}, "
+                        f"not {body['role']}",
+                        code="already_registered",
+                    )
             if todo:
                 submitted = await self.client.submit_many(todo, wait=False)
                 sent = [done.id for done in submitted]
+                for (identity, _, body), done in zip(todo, submitted, strict=True):
+                    self._register_names[done.id] = f"{body['role']} {identity.public_id[:16]}…"
                 self.result.registered.update(body["role"] for _, _, body in todo)
         except BaseException as err:
+            # Bundles waiting for these keys learn why (each reads the error once).
             for f in mine:
                 if not f.done():
                     f.set_exception(err)
                     f.exception()
             raise
         for f in mine:
-            if not f.done():
-                f.set_result(None)
+            f.set_result(None)
         for other in others:
             await other
         return sent
+
+    async def _registers_committed(self, path: Path, ids: list[str]) -> None:
+        """Wait for a bundle's registers; if one was not committed, say whose it was."""
+        try:
+            await self.client.wait_committed(ids)
+        except EhrError as err:
+            names = ", ".join(self._register_names.get(i, i[:16]) for i in ids)
+            raise type(err)(
+                f"{path}: the registers of this bundle's identities ({names}) did not all "
+                f"commit: {err.message}",
+                code=err.code,
+            ) from err
 
     async def import_bundle(self, path: Path) -> BundleResult:
         entries = load_bundle(path)
@@ -351,7 +362,8 @@ class Importer:
             self.progress(len(chunk))
         # Registers and batches went in without waiting for their commit; the manifest
         # names only what is committed.
-        await self.client.wait_committed(registers + sent)
+        await self._registers_committed(path, registers)
+        await self.client.wait_committed(sent)
         result.records.update(pending)
         self._save_manifest(manifest_path, patient.public_id, result.records)
         return result

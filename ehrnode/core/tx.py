@@ -238,7 +238,7 @@ BODY_SPECS: dict[str, Spec] = {
         "name": (False, _text(MAX_NAME_CHARS)),
         "endorsement": (False, _endorsement),
     },
-    "record": {
+    "record": {  # also decided in one pass by _plain_record: change both together
         "patient": (True, _bin(32)),
         "blob": (True, _bin(32)),
         "size": (True, _uint(MAX_BLOB_BYTES)),
@@ -273,6 +273,10 @@ BODY_SPECS: dict[str, Spec] = {
         "b": (True, _vote),
     },
 }
+
+
+# _plain_record knows the record spec's fields: a field added there must be added to it.
+assert set(BODY_SPECS["record"]) == _AMENDING_FIELDS, "update _plain_record with the spec"
 
 
 def check_body(kind: str, body: Any) -> None:
