@@ -4,6 +4,7 @@ and no plaintext reaches the node's disk."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import secrets
@@ -16,7 +17,7 @@ import pytest
 
 from ehrnode.client import Client
 from ehrnode.client.bundles import BundleIndex
-from ehrnode.client.cli import main
+from ehrnode.client.cli import BUNDLES_AT_ONCE, _parallel as cli_parallel, main
 from ehrnode.client.errors import NodeUnreachable
 from ehrnode.client.importer import Importer
 from ehrnode.config import KEY_FILE
@@ -269,3 +270,24 @@ async def test_a_register_that_did_not_commit_is_named(tmp_path: Path) -> None:
     message = raised.value.message
     assert "b.json" in message and "provider 0123456789abcdef…" in message
     assert "stale nonce" in message
+
+
+async def test_bundles_at_once_is_bounded_and_bad_values_are_named(
+    node: Node, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    args = [*import_args(node, tmp_path / "keys"), "--keys-dir", str(tmp_path / "keys")]
+    for bad in ("0", "65", "many"):
+        code, out, err = await ehr(capsys, *args, "--parallel", bad, str(BUNDLE))
+        assert code == 2 and out == ""
+        assert "--parallel" in err and "from 1 to 64" in err and "Traceback" not in err
+    monkeypatch.setenv("EHR_IMPORT_PARALLEL", "lots")
+    code, out, err = await ehr(capsys, *args, str(BUNDLE))
+    assert code == 1 and out == ""
+    assert "EHR_IMPORT_PARALLEL" in err and "Traceback" not in err
+    monkeypatch.setenv("EHR_IMPORT_PARALLEL", "2")
+    code, out, err = await ehr(capsys, *args, "--parallel", "3", str(BUNDLE))
+    assert code == 0, err
+    assert cli_parallel(argparse.Namespace(parallel=None)) == 2
+    monkeypatch.delenv("EHR_IMPORT_PARALLEL")
+    assert cli_parallel(argparse.Namespace(parallel=None)) == BUNDLES_AT_ONCE
+    assert cli_parallel(argparse.Namespace(parallel=3)) == 3

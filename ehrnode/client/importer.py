@@ -154,7 +154,7 @@ class Importer:
         batch: int = BATCH,
         progress: Progress | None = None,
         grow: Progress | None = None,
-        parallel: int = 4,
+        parallel: int = 8,
     ) -> None:
         self.client = client
         self.keys_dir = keys_dir
