@@ -24,7 +24,7 @@ from typing import Any
 
 from ehrnode.bench import machine, measures, nodetimes, throughput, workload
 from ehrnode.bench.network import Network
-from ehrnode.process import tune_malloc
+from ehrnode.process import STAGE_TIMES_ENV, tune_malloc
 from ehrnode.testing import validator_identity
 
 NAMES = ("ceiling", "throughput", "latency", "import", "sync", "attachment", "query")
@@ -193,7 +193,7 @@ async def _network_measures(
 
 def _stage_times_folder() -> Path | None:
     """Where the validators write their stage timers (``--stage-times``), if they do."""
-    folder = os.environ.get(nodetimes.ENV)
+    folder = os.environ.get(STAGE_TIMES_ENV)
     return Path(folder) if folder else None
 
 
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage_times:
             folder = workdir / "stage-times"
             shutil.rmtree(folder, ignore_errors=True)  # an earlier run's nodes' files
-            os.environ[nodetimes.ENV] = str(folder)  # the nodes inherit it
+            os.environ[STAGE_TIMES_ENV] = str(folder)  # the nodes inherit it
         figures = asyncio.run(run(names, sizes, workdir))
         if args.stage_times:
             figures["notes"].append(

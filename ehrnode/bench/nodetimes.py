@@ -20,9 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ehrnode.bench.stages import Timers
-from ehrnode.process import STAGE_TIMES_ENV
 
-ENV = STAGE_TIMES_ENV
 DUMP_EVERY_S = 0.25
 TX_STAGE = "ehrnode.core.tx.decode"  # called once per transaction per validator
 

@@ -165,10 +165,8 @@ def _record_items(name: str, value: Any) -> None:
     if not isinstance(value, list) or not 1 <= len(value) <= MAX_RECORDS_PER_TX:
         raise _fail(name, f"must be a list of 1 to {MAX_RECORDS_PER_TX} record bodies")
     for index, item in enumerate(value):
-        if _plain_record(item):
-            continue
         try:
-            check_spec("record", item)
+            check_body("record", item)
         except InvalidTransaction as err:
             raise InvalidTransaction(f"{name}[{index}]: {err.message}", code=err.code) from err
 
