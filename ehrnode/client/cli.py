@@ -373,8 +373,27 @@ async def _run(args: argparse.Namespace) -> Output:
 def _fail(json_mode: bool, code: str, message: str) -> None:
     line = " ".join(message.split())
     if json_mode:
-        print(json.dumps({"error": {"code": code, "message": line}}))
+        write_out(json.dumps({"error": {"code": code, "message": line}}) + "\n")
     print(f"ehr: {line}", file=sys.stderr)
+
+
+def write_out(text: str) -> None:
+    """All of ``text`` on stdout. A large write to a pipe that is stopped and continued
+    meanwhile (Ctrl-Z and ``fg``, a debugger or profiler attaching, a paused container)
+    returns part-way, and Python's buffered stdout then drops the rest without an error
+    (3.11 and 3.12 here: a 3 MB ``import --json`` report came out as its first 64 KiB).
+    So the bytes go out by ``os.write`` until all are written."""
+    stream = sys.stdout
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (a test's capture)
+        stream.write(text)
+        stream.flush()
+        return
+    stream.flush()
+    data = memoryview(text.encode(stream.encoding or "utf-8", errors="replace"))
+    while data:
+        data = data[os.write(fd, data) :]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -397,10 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _fail(json_mode, "interrupted", "interrupted")
         return 130
-    if json_mode:
-        print(json.dumps(doc))
-    else:
-        print(text)
+    write_out((json.dumps(doc) if json_mode else text) + "\n")
     return 0
 
 
