@@ -108,3 +108,9 @@ def test_stage_times_report_per_transaction_per_validator() -> None:
     assert lines[1].split() == [f"{2.5 / 1010 * 1e6:.1f}", f"{1.5 / 1010 * 1e6:.1f}", "a", "(5)"]
     assert lines[-1].startswith(f"{1.5 / 1010 * 1e6:7.1f} in the synchronous stages")
     assert nodetimes.report({}, {"1.json": start | {"calls": {}}})[0].endswith("snapshots")
+    # Per imported resource instead: 100 resources, each on both validators.
+    per_resource = nodetimes.report(
+        {"1.json": start}, {"1.json": end, "2.json": end}, ("resource", 100)
+    )
+    assert f"process CPU {(2.0 + 3.0) / 200 * 1e6:.1f} us a resource a validator" in per_resource[0]
+    assert per_resource[1].split()[:2] == [f"{2.5 / 200 * 1e6:.1f}", f"{1.5 / 200 * 1e6:.1f}"]

@@ -124,8 +124,18 @@ async def _network_measures(
             notes.append("import: ../shared samples absent; imported the bundle in tests/data")
         if sizes.import_bundles is not None:
             files = sorted(files, key=lambda f: f.stat().st_size)[: sizes.import_bundles]
+        times = _stage_times_folder()
+        times_before = nodetimes.snapshot(times) if times else {}
         with tempfile.TemporaryDirectory() as keys:
             figures.update(measures.import_bundles(net, files, Path(keys)))
+        if times:
+            unit = ("resource", figures["import_resources"])
+            notes.extend(
+                [
+                    "import " + n
+                    for n in nodetimes.report(times_before, nodetimes.snapshot(times), unit)
+                ]
+            )
     chain = "ehr-bench"
     if names & {"throughput", "latency", "sync"}:
         total = sizes.throughput_txs + sizes.latency_txs + sizes.sync_txs

@@ -53,9 +53,15 @@ def snapshot(folder: Path) -> dict[str, dict[str, Any]]:
     return {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
 
 
-def report(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> list[str]:
+def report(
+    before: dict[str, dict[str, Any]],
+    after: dict[str, dict[str, Any]],
+    unit: tuple[str, int] | None = None,
+) -> list[str]:
     """Per transaction per validator, between two snapshots: each stage with the stages
-    inside it and without them, and the process CPU no synchronous stage holds."""
+    inside it and without them, and the process CPU no synchronous stage holds.
+    ``unit``: per that many of something else instead (``("resource", 26617)`` for an
+    import, whose transactions each carry many records)."""
     txs = 0
     cpu = 0.0
     seconds: dict[str, float] = {}
@@ -70,10 +76,12 @@ def report(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) 
                 into[label] = into.get(label, 0) + value - start[table].get(label, 0)
     if txs == 0:
         return ["stage times: no transaction decoded between the snapshots"]
-    per = 1e6 / txs
+    # Each validator decodes each transaction once: ``txs`` counts them over all of them.
+    name, count = unit or ("transaction", txs / len(after))
+    per = 1e6 / (count * len(after))
     lines = [
         f"stage times: {txs} transaction decodes over {len(after)} validators; process CPU "
-        f"{cpu * per:.1f} us a transaction a validator; by stage, us with the stages "
+        f"{cpu * per:.1f} us a {name} a validator; by stage, us with the stages "
         "inside it / without them (calls)"
     ]
     for label, total in sorted(seconds.items(), key=lambda item: -item[1]):

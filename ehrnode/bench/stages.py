@@ -34,11 +34,11 @@ import msgpack
 from ehrnode import admission, mempool
 from ehrnode.bench import workload
 from ehrnode.bench.throughput import split_by_node
-from ehrnode.blobs import replication
+from ehrnode.blobs import replication, store as blobstore
 from ehrnode.consensus import execution
 from ehrnode.core import block, codec, crypto, records, state, tx as txmod
 from ehrnode.p2p import gossip, messages
-from ehrnode.store import chain
+from ehrnode.store import chain, db
 from ehrnode.testing import cluster, validator_identity, wait_for
 
 # (owner, attribute): the stages timed, in the order of a transaction's path.
@@ -66,6 +66,14 @@ STAGES: list[tuple[Any, str]] = [
     (chain.Chain, "commit_from_loop"),
     (mempool.Mempool, "update"),
     (replication.Replication, "on_commit"),
+    # The blob path (``ehr import``): pushed, announced, stored (on a LevelDB worker thread).
+    (replication.Replication, "push"),
+    (replication.Replication, "_on_data"),
+    (replication.Replication, "_on_have"),
+    (replication.Replication, "stored"),
+    (blobstore.BlobStore, "put_many"),
+    (chain.Chain, "_commit_batch"),
+    (db.LevelKV, "_batch"),
 ]
 
 
