@@ -291,3 +291,33 @@ async def test_bundles_at_once_is_bounded_and_bad_values_are_named(
     monkeypatch.delenv("EHR_IMPORT_PARALLEL")
     assert cli_parallel(argparse.Namespace(parallel=None)) == BUNDLES_AT_ONCE
     assert cli_parallel(argparse.Namespace(parallel=3)) == 3
+
+
+def test_references_resolve_in_document_order_at_any_depth() -> None:
+    org = {
+        "resourceType": "Organization",
+        "id": "o1",
+        "identifier": [{"system": "s", "value": "9"}],
+    }
+    prac = {"resourceType": "Practitioner", "id": "p1"}
+    enc = {"resourceType": "Encounter", "id": "e1"}
+    entries = [
+        {"fullUrl": "urn:uuid:org", "resource": org},
+        {"fullUrl": "urn:uuid:prac", "resource": prac},
+        {"fullUrl": "urn:uuid:enc", "resource": enc},
+    ]
+    index = BundleIndex(entries)
+    claim = {
+        "resourceType": "Claim",
+        "provider": {"reference": "Practitioner/p1"},
+        "item": [
+            {"encounter": [{"reference": "urn:uuid:enc"}], "net": {"value": 3.5}},
+            {"note": "reference", "detail": [[{"reference": "Organization?identifier=s|9"}]]},
+        ],
+        # a "reference" that is not a string is walked into, not resolved
+        "reference": {"inner": {"reference": "http://x/fhir/Practitioner/p1/_history/2"}},
+        "other": {"reference": "urn:uuid:nowhere"},
+    }
+    assert [id(t) for t in index.references(claim)] == [id(prac), id(enc), id(org), id(prac)]
+    assert list(index.references("Practitioner/p1")) == []
+    assert list(index.references(None)) == []

@@ -168,14 +168,23 @@ class Importer:
         self._pool: ProcessPoolExecutor | None = None
         self._registering: dict[bytes, asyncio.Future[None]] = {}
         self._register_names: dict[str, str] = {}  # register tx id -> role and key
+        self._identities: dict[str, asyncio.Future[Identity]] = {}  # by key file name
 
-    def identity(self, name: str) -> Identity:
-        """The key file ``name`` in keys_dir, created on first use."""
+    async def identity(self, name: str) -> Identity:
+        """The key file ``name`` in keys_dir, created on first use. A new key file is
+        written and synced on a thread (the event loop goes on with other bundles); the
+        bundles that share it wait for that one write."""
+        known = self._identities.get(name)
+        if known is None:
+            known = self._identities[name] = asyncio.ensure_future(self._key_file(name))
+        return await known
+
+    async def _key_file(self, name: str) -> Identity:
         path = self.keys_dir / name
         if path.exists():
             return load_identity(path)
         identity = Identity.generate()
-        save_identity(identity, path)
+        await asyncio.to_thread(save_identity, identity, path)
         return identity
 
     async def check_endorser(self) -> None:
@@ -292,7 +301,9 @@ class Importer:
         batch: list[tuple[Identity, str, dict[str, Any]]] = []
         for entry in by_kind.get("Organization", []):
             org = entry["resource"]
-            identity = self.identity(f"org-{_safe(str(org.get('id') or entry_url(entry)))}.json")
+            identity = await self.identity(
+                f"org-{_safe(str(org.get('id') or entry_url(entry)))}.json"
+            )
             orgs[id(org)] = identity
             body: dict[str, Any] = {
                 "role": "institution",
@@ -318,7 +329,7 @@ class Importer:
         batch = []
         for entry in by_kind.get("Practitioner", []):
             prac = entry["resource"]
-            identity = self.identity(
+            identity = await self.identity(
                 f"practitioner-{_safe(str(prac.get('id') or entry_url(entry)))}.json"
             )
             providers[id(prac)] = identity
@@ -334,7 +345,7 @@ class Importer:
                 body["name"] = _practitioner_name(prac)
             batch.append((identity, "register", body))
         # 3. the patient, self-registered and nameless
-        patient = self.identity(f"patient-{_safe(patient_rid)}.json")
+        patient = await self.identity(f"patient-{_safe(patient_rid)}.json")
         batch.append((patient, "register", {"role": "patient"}))
         registers += await self._register(batch)
         self.progress(sum(len(by_kind.get(k, [])) for k in IDENTITY_TYPES))
