@@ -88,3 +88,26 @@ async def test_news_of_one_blob_does_not_release_a_batch_another_is_short_in(
     announce(r, P2, blobs[1])
     assert await asyncio.wait_for(waiting, 5) == [2, 2, 2]
     assert r._waiters == {}
+
+
+async def test_pushed_blobs_are_stored_once_and_an_erased_one_is_left_out(tmp_path: Path) -> None:
+    r = replication(tmp_path, quorum=2)
+    held, new, erased = b"held already", b"new here", b"erased here"
+    [held_hash, erased_hash] = r.blobs.put_many([held, erased])
+    assert r.blobs.delete(erased_hash)
+    announced: list[bytes] = []
+    r.stored = announced.extend  # type: ignore[method-assign]
+    pushed = [held, new, erased, new]
+    r._on_data(SimpleNamespace(key=P1), {"blobs": pushed})  # type: ignore[arg-type]
+    await asyncio.wait_for(asyncio.gather(*r._tasks), 5)
+    new_hash = crypto.sha256(new)
+    assert r.blobs.has(new_hash) and r.blobs.read_small(new_hash) == new
+    assert not r.blobs.has(erased_hash) and r.blobs.erased(erased_hash)
+    assert erased_hash not in announced and new_hash in announced
+    assert r.count(new_hash) == 2 and r.count(held_hash) == 2  # this node and the pusher
+    assert r._incoming == set()
+    # The store took the new blob once: pushing it again changes nothing.
+    before = r.blobs.info(new_hash)
+    r._on_data(SimpleNamespace(key=P2), {"blobs": [new]})  # type: ignore[arg-type]
+    await asyncio.wait_for(asyncio.gather(*r._tasks), 5)
+    assert r.blobs.info(new_hash) == before and r.count(new_hash) == 3
