@@ -79,6 +79,8 @@ def test_make_and_decode_round_trip(kind: str, body: dict[str, Any]) -> None:
     )
     assert decoded.body == codec.decode(codec.encode(body))
     assert crypto.verify(SIGNER.public_key, b"", decoded.signing_bytes(), decoded.sig)
+    # What a client sends: the same bytes and id, without the decoded body.
+    assert tx.sign(SIGNER, CHAIN, kind, 7, body) == (made.raw, made.id)
 
 
 @pytest.mark.parametrize(("kind", "body"), VALID_BODIES.values(), ids=VALID_BODIES.keys())
@@ -244,9 +246,10 @@ MALFORMED_BODIES: dict[str, tuple[str, Any]] = {
 
 @pytest.mark.parametrize(("kind", "body"), MALFORMED_BODIES.values(), ids=MALFORMED_BODIES.keys())
 def test_make_refuses_malformed_body(kind: str, body: Any) -> None:
-    with pytest.raises(InvalidTransaction) as info:
-        tx.make(SIGNER, CHAIN, kind, 1, body)
-    assert info.value.code == "malformed_body"
+    for build in (tx.make, tx.sign):
+        with pytest.raises(InvalidTransaction) as info:
+            build(SIGNER, CHAIN, kind, 1, body)
+        assert info.value.code == "malformed_body"
 
 
 @pytest.mark.parametrize(("kind", "body"), MALFORMED_BODIES.values(), ids=MALFORMED_BODIES.keys())

@@ -39,7 +39,7 @@ def _sign_records(jobs: list[tuple[bytes, bytes, int]]) -> list[bytes]:
             "type": "Observation",
             "keys": [[r, rng(crypto.WRAPPED_KEY_BYTES)] for r in readers],
         }
-        out.append(tx.make(provider, CHAIN_ID, "record", nonce, body).raw)
+        out.append(tx.sign(provider, CHAIN_ID, "record", nonce, body)[0])
     return out
 
 

@@ -139,7 +139,7 @@ def _seal_chunk(
         # Not validated: the client's validation is measured by the import, not here.
         prepared = fhir.Prepared(resource["resourceType"], fhir.encode(resource))
         sealed = seal_record(patient, prepared, {patient, provider.public_key})
-        out.append((sealed.blob, tx.make(provider, chain, "record", nonce, sealed.body).raw))
+        out.append((sealed.blob, tx.sign(provider, chain, "record", nonce, sealed.body)[0]))
     return out
 
 

@@ -148,11 +148,11 @@ class Client:
         """Sign and submit one transaction as this identity; wait for commit if ``wait``."""
         nonces = self.transport.nonces
         async with nonces.reserve({self.public_key: 1}) as first:
-            t = tx.make(self.identity, self.chain_id, kind, first[self.public_key], body)
-            reply = await self.transport.post_tx(t.raw, wait=wait)
-        if reply.get("id") != t.id.hex():
+            raw, tx_id = tx.sign(self.identity, self.chain_id, kind, first[self.public_key], body)
+            reply = await self.transport.post_tx(raw, wait=wait)
+        if reply.get("id") != tx_id.hex():
             raise InvalidEncoding("the node answered for another transaction", code="bad_node")
-        return Submitted(t.id.hex(), str(reply["status"]), reply.get("height"))
+        return Submitted(tx_id.hex(), str(reply["status"]), reply.get("height"))
 
     async def submit_many(
         self, items: list[tuple[Identity, str, dict[str, Any]]], *, wait: bool = True
@@ -164,23 +164,23 @@ class Client:
             counts[key] = counts.get(key, 0) + 1
         async with self.transport.nonces.reserve(counts) as first:
             used = dict.fromkeys(counts, 0)
-            raws = []
+            signed = []
             for key, (signer, kind, body) in zip(keys, items, strict=True):
-                raws.append(tx.make(signer, self.chain_id, kind, first[key] + used[key], body))
+                signed.append(tx.sign(signer, self.chain_id, kind, first[key] + used[key], body))
                 used[key] += 1
-            results = await self.transport.post_batch([t.raw for t in raws], wait=wait)
+            results = await self.transport.post_batch([raw for raw, _ in signed], wait=wait)
             out = []
-            for index, (t, result) in enumerate(zip(raws, results, strict=True)):
+            for index, ((_, tx_id), result) in enumerate(zip(signed, results, strict=True)):
                 if result.get("status") == "rejected":
                     raise error_for(
                         400,
                         str(result.get("code", "rejected")),
-                        f"transaction {index + 1} of {len(raws)} in the batch was rejected: "
+                        f"transaction {index + 1} of {len(signed)} in the batch was rejected: "
                         f"{result.get('message', '')}",
                     )
-                if result.get("id") != t.id.hex():
+                if result.get("id") != tx_id.hex():
                     raise InvalidEncoding("the node answered for another transaction")
-                out.append(Submitted(t.id.hex(), str(result["status"]), result.get("height")))
+                out.append(Submitted(tx_id.hex(), str(result["status"]), result.get("height")))
         return out
 
     async def wait_committed(self, ids: list[str], timeout: float = 60.0) -> list[Submitted]:
