@@ -114,3 +114,6 @@ def test_stage_times_report_per_transaction_per_validator() -> None:
     )
     assert f"process CPU {(2.0 + 3.0) / 200 * 1e6:.1f} us a resource a validator" in per_resource[0]
     assert per_resource[1].split()[:2] == [f"{2.5 / 200 * 1e6:.1f}", f"{1.5 / 200 * 1e6:.1f}"]
+    # An import that wrote nothing is reported per transaction, not divided by zero.
+    nothing = nodetimes.report({"1.json": start}, {"1.json": end, "2.json": end}, ("resource", 0))
+    assert nothing[0] == lines[0]

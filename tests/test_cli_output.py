@@ -54,3 +54,17 @@ def test_a_large_document_arrives_whole_through_stops_and_continues() -> None:
     out = b"".join(got)
     assert len(out) == SIZE + 2, f"{len(out)} bytes arrived"
     assert out == b"[" + b"1," * (SIZE // 2 - 1) + b"1]\n"
+
+
+def test_a_large_document_arrives_whole_through_a_non_blocking_stdout() -> None:
+    """Whoever shares the pipe may have set it non-blocking: a full pipe is waited for,
+    not a traceback after the first 64 KiB."""
+    code = (
+        "import os\n"
+        "from ehrnode.client.cli import write_out\n"
+        "os.set_blocking(1, False)\n"
+        f"write_out('[' + '1,' * {SIZE // 2 - 1} + '1]\\n')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=False)
+    assert out.returncode == 0, out.stderr.decode()[-500:]
+    assert out.stdout == b"[" + b"1," * (SIZE // 2 - 1) + b"1]\n"

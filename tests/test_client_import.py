@@ -321,3 +321,19 @@ def test_references_resolve_in_document_order_at_any_depth() -> None:
     assert [id(t) for t in index.references(claim)] == [id(prac), id(enc), id(org), id(prac)]
     assert list(index.references("Practitioner/p1")) == []
     assert list(index.references(None)) == []
+
+
+async def test_bundles_sharing_a_new_key_file_get_one_key_even_if_one_is_cancelled(
+    tmp_path: Path,
+) -> None:
+    importer = Importer(None, tmp_path)  # type: ignore[arg-type]  # keys need no node
+    first = asyncio.ensure_future(importer.identity("org-x.json"))
+    second = asyncio.ensure_future(importer.identity("org-x.json"))
+    await asyncio.sleep(0)  # both wait for the one write
+    first.cancel()
+    key = await asyncio.wait_for(second, 10)
+    assert first.cancelled()
+    assert load_identity(tmp_path / "org-x.json").public_id == key.public_id
+    # Written once it is loaded, not kept: a later bundle reads the same key back.
+    assert importer._identities == {}
+    assert (await importer.identity("org-x.json")).public_id == key.public_id

@@ -103,7 +103,7 @@ async def test_pushed_blobs_are_stored_once_and_an_erased_one_is_left_out(tmp_pa
     new_hash = crypto.sha256(new)
     assert r.blobs.has(new_hash) and r.blobs.read_small(new_hash) == new
     assert not r.blobs.has(erased_hash) and r.blobs.erased(erased_hash)
-    assert erased_hash not in announced and new_hash in announced
+    assert announced == [new_hash]  # neither the blob held already nor the erased one
     assert r.count(new_hash) == 2 and r.count(held_hash) == 2  # this node and the pusher
     assert r._incoming == set()
     # The store took the new blob once: pushing it again changes nothing.
@@ -111,3 +111,24 @@ async def test_pushed_blobs_are_stored_once_and_an_erased_one_is_left_out(tmp_pa
     r._on_data(SimpleNamespace(key=P2), {"blobs": [new]})  # type: ignore[arg-type]
     await asyncio.wait_for(asyncio.gather(*r._tasks), 5)
     assert r.blobs.info(new_hash) == before and r.count(new_hash) == 3
+
+
+async def test_a_missing_blob_erased_since_is_no_longer_asked_for(tmp_path: Path) -> None:
+    r = replication(tmp_path, quorum=2)
+    erased, wanted = b"erased meanwhile", b"still wanted"
+    [erased_hash] = r.blobs.put_many([erased])
+    assert r.blobs.delete(erased_hash)
+    wanted_hash = crypto.sha256(wanted)
+    r.missing.update([erased_hash, wanted_hash])
+    r.kv.write({b"Q" + erased_hash: b"", b"Q" + wanted_hash: b""})  # as a commit lists them
+    asked: list[list[bytes]] = []
+    r.switch.send = lambda peer, kind, hashes: asked.append(hashes)  # type: ignore[attr-defined]
+    r.switch.peers = {P1: SimpleNamespace(key=P1)}  # type: ignore[attr-defined]
+    # A peer pushing the erased blob's bytes neither stores them nor sets off a request.
+    r._on_data(SimpleNamespace(key=P1), {"blobs": [erased]})  # type: ignore[arg-type]
+    await asyncio.wait_for(asyncio.gather(*r._tasks), 5)
+    assert asked == [] and not r.blobs.has(erased_hash)
+    r._ask_for_missing()
+    assert asked == [[wanted_hash]]
+    assert r.missing == {wanted_hash}
+    assert [k for k, _ in r.kv.scan(b"Q")] == [b"Q" + wanted_hash]  # kept across restarts

@@ -77,7 +77,7 @@ def report(
     if txs == 0:
         return ["stage times: no transaction decoded between the snapshots"]
     # Each validator decodes each transaction once: ``txs`` counts them over all of them.
-    name, count = unit or ("transaction", txs / len(after))
+    name, count = unit if unit and unit[1] else ("transaction", txs / len(after))
     per = 1e6 / (count * len(after))
     lines = [
         f"stage times: {txs} transaction decodes over {len(after)} validators; process CPU "

@@ -217,7 +217,7 @@ class Replication:
             self.switch.broadcast("blob_data", blobs=frame)
 
     def _on_data(self, peer: Peer, fields: dict[str, Any]) -> None:
-        """Store pushed blobs. Those held or erased already are left out by ``put_many``,
+        """Store pushed blobs. Those held or erased already are left out by the store,
         under its lock: checking here first cost a LevelDB look-up per blob, a miss for
         every new one (and the store checks again all the same)."""
         wanted = []
@@ -236,9 +236,9 @@ class Replication:
 
     async def _store_pushed(self, blobs: list[bytes], incoming: list[bytes]) -> None:
         try:
-            hashes = await self.kv.run(self.blobs.put_many, blobs, incoming)
+            hashes = await self.kv.run(self.blobs.put_pushed, blobs, incoming)
             was_missing = any(h in self.missing for h in hashes)
-            self.stored([h for h in hashes if not self.erased(h)])
+            self.stored(hashes)
             if was_missing:
                 self._ask_for_missing()  # the answer to our last want came: the next batch
         except EhrError as err:
@@ -260,12 +260,21 @@ class Replication:
         """Ask one peer (a different one each time, at random) for missing blobs; it sends
         the small ones' bytes and announces the large ones. Asked again as soon as its
         answer is stored, so a node back from downtime catches up batch after batch."""
+        self._forget_erased()
         peers = list(self.switch.peers.values())
         if not self.missing or not peers:
             return
         peer = random.choice(peers)
         self.switch.send(peer, "blob_want", hashes=sorted(self.missing)[:4096])
         self._asked_at = time.monotonic()
+
+    def _forget_erased(self) -> None:
+        """A missing blob whose record was erased since will never come (it is refused if
+        it does): stop asking for it."""
+        gone = [blob for blob in self.missing if self.erased(blob)]
+        if gone:
+            self.missing.difference_update(gone)
+            self.kv.write({T_MISSING + blob: None for blob in gone}, sync=False)
 
     def on_commit(self, committed: Committed) -> None:
         """A committed record whose blob we lack goes on the missing list."""

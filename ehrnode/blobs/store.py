@@ -151,54 +151,58 @@ class BlobStore:
 
     # --- writing --------------------------------------------------------------------------
 
-    def put_many(self, blobs: list[bytes], hashes: list[bytes] | None = None) -> list[bytes]:
+    def put_many(self, blobs: Iterable[bytes]) -> list[bytes]:
         """Store small blobs, durably, with their entries in one synced batch; return their
-        hashes. A blob of an erased record is refused (``Conflict``).
-
-        ``hashes``: the blobs' SHA-256, computed by this node already (a peer's push is
-        hashed on arrival); erased blobs among them are left out, not refused."""
-        known = hashes
+        hashes. A blob of an erased record is refused (``Conflict``)."""
         hashes = []
         new: dict[bytes, bytes] = {}
-        for position, data in enumerate(blobs):
-            if len(data) > INLINE_MAX:
-                raise LimitExceeded(
-                    f"a blob of {len(data)} bytes is too large for a batch upload "
-                    f"(limit {INLINE_MAX}); upload it on its own"
-                )
-            if known is None:
-                blob_hash = hashlib.sha256(data).digest()
-                self._refuse_erased(blob_hash)
-            else:
-                blob_hash = known[position]
+        for data in blobs:
+            _check_small(data)
+            blob_hash = hashlib.sha256(data).digest()
+            self._refuse_erased(blob_hash)
             hashes.append(blob_hash)
-            if blob_hash not in new:
-                new[blob_hash] = data
-        if new:
-            with self._lock:
-                # Held already (perhaps by another writer of the same blob a moment ago: a
-                # client's upload and a peer's push), or erased since our check: skipped.
-                for blob_hash in [h for h in new if self.has(h) or self.erased(h)]:
-                    del new[blob_hash]
-                if not new:
-                    return hashes
-                places, ends = self._segments.append(list(new.values()))
-                now = int(time.time() * 1000)
-                infos = [
-                    BlobInfo(h, len(data), True, now, segment, offset)
-                    for (h, data), (segment, offset) in zip(new.items(), places, strict=True)
-                ]
-                batch = {T_META + i.hash: _meta(i) for i in infos}
-                for segment, end in ends.items():
-                    batch[T_SEGMENT_END + segment.to_bytes(4, "big")] = end.to_bytes(8, "big")
-                try:
-                    self.kv.write(batch, sync=True)
-                except BaseException:
-                    self._segments.abandon()  # no entry names those bytes: they go
-                    raise
-                self._segments.committed(ends)
-                self._remember(infos)
+            new.setdefault(blob_hash, data)
+        self._store(new)
         return hashes
+
+    def put_pushed(self, blobs: list[bytes], hashes: list[bytes]) -> list[bytes]:
+        """Store small blobs a peer pushed, whose SHA-256 this node computed on arrival
+        (``hashes``); those held or erased already are left out. Return the hashes of the
+        blobs stored now."""
+        new: dict[bytes, bytes] = {}
+        for data, blob_hash in zip(blobs, hashes, strict=True):
+            _check_small(data)
+            new.setdefault(blob_hash, data)
+        return self._store(new)
+
+    def _store(self, new: dict[bytes, bytes]) -> list[bytes]:
+        """Write ``new`` (hash: bytes) but for the blobs held or erased already, checked
+        under the lock (another writer may have stored one a moment ago: a client's upload
+        and a peer's push); return the hashes written."""
+        if not new:
+            return []
+        with self._lock:
+            for blob_hash in [h for h in new if self.has(h) or self.erased(h)]:
+                del new[blob_hash]
+            if not new:
+                return []
+            places, ends = self._segments.append(list(new.values()))
+            now = int(time.time() * 1000)
+            infos = [
+                BlobInfo(h, len(data), True, now, segment, offset)
+                for (h, data), (segment, offset) in zip(new.items(), places, strict=True)
+            ]
+            batch = {T_META + i.hash: _meta(i) for i in infos}
+            for segment, end in ends.items():
+                batch[T_SEGMENT_END + segment.to_bytes(4, "big")] = end.to_bytes(8, "big")
+            try:
+                self.kv.write(batch, sync=True)
+            except BaseException:
+                self._segments.abandon()  # no entry names those bytes: they go
+                raise
+            self._segments.committed(ends)
+            self._remember(infos)
+        return list(new)
 
     async def put_stream(
         self,
@@ -332,6 +336,14 @@ class BlobStore:
 
     def close(self) -> None:
         self._segments.close()
+
+
+def _check_small(data: bytes) -> None:
+    if len(data) > INLINE_MAX:
+        raise LimitExceeded(
+            f"a blob of {len(data)} bytes is too large for a batch upload "
+            f"(limit {INLINE_MAX}); upload it on its own"
+        )
 
 
 def _unreadable() -> NotFound:

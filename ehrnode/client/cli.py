@@ -16,6 +16,7 @@ import asyncio
 import json
 import mimetypes
 import os
+import select
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -391,9 +392,12 @@ def write_out(text: str) -> None:
         stream.flush()
         return
     stream.flush()
-    data = memoryview(text.encode(stream.encoding or "utf-8", errors="replace"))
+    data = memoryview(text.encode(stream.encoding or "utf-8", stream.errors or "strict"))
     while data:
-        data = data[os.write(fd, data) :]
+        try:
+            data = data[os.write(fd, data) :]
+        except BlockingIOError:  # stdout left non-blocking by whoever shares it
+            select.select([], [fd], [])
 
 
 def main(argv: list[str] | None = None) -> int:

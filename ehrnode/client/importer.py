@@ -168,7 +168,7 @@ class Importer:
         self._pool: ProcessPoolExecutor | None = None
         self._registering: dict[bytes, asyncio.Future[None]] = {}
         self._register_names: dict[str, str] = {}  # register tx id -> role and key
-        self._identities: dict[str, asyncio.Future[Identity]] = {}  # by key file name
+        self._identities: dict[str, asyncio.Future[Identity]] = {}  # key files being written
 
     async def identity(self, name: str) -> Identity:
         """The key file ``name`` in keys_dir, created on first use. A new key file is
@@ -177,7 +177,10 @@ class Importer:
         known = self._identities.get(name)
         if known is None:
             known = self._identities[name] = asyncio.ensure_future(self._key_file(name))
-        return await known
+            # Once written the file is there to load: only writes in flight are shared.
+            known.add_done_callback(lambda _: self._identities.pop(name, None))
+        # Shielded: a bundle cancelled while waiting leaves the write to the others.
+        return await asyncio.shield(known)
 
     async def _key_file(self, name: str) -> Identity:
         path = self.keys_dir / name
