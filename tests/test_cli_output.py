@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,21 @@ def test_a_large_document_arrives_whole_through_a_non_blocking_stdout() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, check=False)
     assert out.returncode == 0, out.stderr.decode()[-500:]
     assert out.stdout == b"[" + b"1," * (SIZE // 2 - 1) + b"1]\n"
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_a_reader_that_went_away_ends_ehr_quietly(tmp_path: Path, json_flag: list[str]) -> None:
+    """``ehr records | head -1``: the rest has nowhere to go; no traceback, SIGPIPE's status."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before ehr writes
+    key = tmp_path / "me.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "ehrnode.client.cli", *json_flag, "keygen", "--out", str(key)],
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        check=False,
+    )
+    os.close(write_end)
+    assert done.returncode == 128 + signal.SIGPIPE
+    assert b"Traceback" not in done.stderr and done.stderr == b""
+    assert key.exists()  # the command itself did its work

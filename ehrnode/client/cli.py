@@ -17,6 +17,7 @@ import json
 import mimetypes
 import os
 import select
+import signal
 import sys
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -374,8 +375,18 @@ async def _run(args: argparse.Namespace) -> Output:
 def _fail(json_mode: bool, code: str, message: str) -> None:
     line = " ".join(message.split())
     if json_mode:
-        write_out(json.dumps({"error": {"code": code, "message": line}}) + "\n")
+        try:
+            write_out(json.dumps({"error": {"code": code, "message": line}}) + "\n")
+        except BrokenPipeError:
+            _reader_gone()
     print(f"ehr: {line}", file=sys.stderr)
+
+
+def _reader_gone() -> int:
+    """Whoever read stdout went away (``ehr records | head -1``): end quietly, as Unix tools
+    do, with the status of a SIGPIPE, rather than a traceback."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the exit's flush
+    return 128 + signal.SIGPIPE
 
 
 def write_out(text: str) -> None:
@@ -420,7 +431,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _fail(json_mode, "interrupted", "interrupted")
         return 130
-    write_out((json.dumps(doc) if json_mode else text) + "\n")
+    try:
+        write_out((json.dumps(doc) if json_mode else text) + "\n")
+    except BrokenPipeError:
+        return _reader_gone()
     return 0
 
 
