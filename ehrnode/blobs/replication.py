@@ -252,29 +252,32 @@ class Replication:
             self.switch.broadcast("blob_have", hashes=batch[start : start + 4096])
 
     def _on_connect(self, peer: Peer) -> None:
-        if self.missing:
-            self.switch.send(peer, "blob_want", hashes=sorted(self.missing)[:4096])
+        wanted = self._wanted()
+        if wanted:
+            self.switch.send(peer, "blob_want", hashes=wanted)
             self._asked_at = time.monotonic()
 
     def _ask_for_missing(self) -> None:
         """Ask one peer (a different one each time, at random) for missing blobs; it sends
         the small ones' bytes and announces the large ones. Asked again as soon as its
         answer is stored, so a node back from downtime catches up batch after batch."""
-        self._forget_erased()
         peers = list(self.switch.peers.values())
-        if not self.missing or not peers:
+        wanted = self._wanted() if peers else []
+        if not wanted:
             return
-        peer = random.choice(peers)
-        self.switch.send(peer, "blob_want", hashes=sorted(self.missing)[:4096])
+        self.switch.send(random.choice(peers), "blob_want", hashes=wanted)
         self._asked_at = time.monotonic()
 
-    def _forget_erased(self) -> None:
-        """A missing blob whose record was erased since will never come (it is refused if
-        it does): stop asking for it."""
-        gone = [blob for blob in self.missing if self.erased(blob)]
+    def _wanted(self) -> list[bytes]:
+        """The next missing blobs to ask for (at most 4096). One whose record was erased
+        since will never come (it is refused if it does): it leaves the list instead."""
+        wanted = sorted(self.missing)[:4096]
+        gone = {blob for blob in wanted if self.erased(blob)}
         if gone:
             self.missing.difference_update(gone)
             self.kv.write({T_MISSING + blob: None for blob in gone}, sync=False)
+            wanted = [blob for blob in wanted if blob not in gone]
+        return wanted
 
     def on_commit(self, committed: Committed) -> None:
         """A committed record whose blob we lack goes on the missing list."""
