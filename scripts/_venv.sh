@@ -3,10 +3,38 @@
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
-python="${PYTHON:-python3}"
+
+# The interpreter: $PYTHON if set; else the system's own python3 if it is 3.11 or newer
+# and can make a virtual environment (Debian's needs python3-venv); else python3 on PATH.
+# Distributions build their python3 with profile-guided and link-time optimisation, which
+# a Python compiled without --enable-optimizations (pyenv's default) lacks: on the bench's
+# machine the nodes and the import client used 11-15% less CPU under Debian's 3.11 than
+# under pyenv's 3.11 (docs/benchmarks.md, note 36).
+usable() {
+    "$1" -c 'import ensurepip, sys, venv; sys.exit(sys.version_info < (3, 11))' 2>/dev/null
+}
+if [ -n "${PYTHON:-}" ]; then
+    python="$PYTHON"
+elif [ -x /usr/bin/python3 ] && usable /usr/bin/python3; then
+    python=/usr/bin/python3
+else
+    python=python3
+fi
+base_of() {
+    "$1" -c 'import os, sys; print(os.path.realpath(sys._base_executable))' 2>/dev/null || true
+}
 if [ ! -x "$venv/bin/python" ]; then
-    echo "creating virtual environment in $venv" >&2
+    if ! usable "$python"; then
+        echo "$python is not a Python 3.11 or newer that can make a virtual environment" \
+             "(set PYTHON to one)" >&2
+        exit 1
+    fi
+    echo "creating virtual environment in $venv ($(base_of "$python"))" >&2
     "$python" -m venv "$venv"
+elif [ "$(base_of "$venv/bin/python")" != "$(base_of "$python")" ]; then
+    # Used as it is (a test may be running from it), but pointed out.
+    echo "note: $venv runs on $(base_of "$venv/bin/python"), not on $python" \
+         "(remove it to remake it)" >&2
 fi
 stamp="$venv/.installed"
 if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then

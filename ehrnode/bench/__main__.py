@@ -259,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     figures["seconds"] = time.time() - started
     m = figures["machine"]
     print(
-        f"machine: {m['cores']} cores, {m['cpu']}, Python {m['python']}; commit {figures['commit']}"
+        f"machine: {m['cores']} cores, {m['cpu']}, Python {m['python']} ({m['interpreter']}); "
+        f"commit {figures['commit']}"
     )
     print(table(figures))
     for note in figures["notes"]:

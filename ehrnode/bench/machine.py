@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,18 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def interpreter() -> str:
+    """The Python binary the nodes run on (a virtual environment's base interpreter): two
+    builds of one version differ by a tenth or more in CPU (docs/benchmarks.md, note 36)."""
+    return os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+
+
 def machine() -> dict[str, Any]:
     return {
         "cores": cores(),
         "cpu": cpu_model(),
         "python": platform.python_version(),
+        "interpreter": interpreter(),
         "platform": platform.platform(),
     }
 
