@@ -35,6 +35,8 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     measured = [k for k in KEYS if figures[k] is not None]
     assert len(measured) == len(KEYS), f"smoke left figures unmeasured: {set(KEYS) - set(measured)}"
     assert figures["machine"]["cores"] >= 1
+    # The interpreter's binary, since two builds of one Python version differ by a tenth.
+    assert Path(figures["machine"]["interpreter"]).is_file()
     assert "verify_per_s_per_core" in result.stdout  # the table went to stdout
 
 
