@@ -1,11 +1,13 @@
 """``scripts/bench``: run the measurements, print a table, write the figures as JSON.
 
     scripts/bench [--only NAME ...] [--out FILE] [--smoke] [--stage-times]
+    scripts/bench --compare REV [--pairs N] [--only NAME ...] [--out FILE] [--smoke]
 
 NAME is one of: ceiling, throughput, latency, import, sync, attachment, query. A figure
 not measured in a run is null, never a guess. ``--smoke`` runs every measurement at a
 size of seconds (for CI: it proves the bench runs and writes valid JSON; its figures mean
-little).
+little). ``--compare REV`` runs the same measurements on this tree and on commit REV in
+turn, ``--pairs`` times each, and prints both sides' figures (``ehrnode.bench.compare``).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ehrnode.bench import machine, measures, nodetimes, throughput, workload
+from ehrnode.bench import compare, machine, measures, nodetimes, throughput, workload
 from ehrnode.bench.network import Network
 from ehrnode.process import STAGE_TIMES_ENV, tune_malloc
 from ehrnode.testing import validator_identity
@@ -234,7 +236,21 @@ def main(argv: list[str] | None = None) -> int:
         help="time the stages of the transaction path inside the validators and print "
         "where a transaction's CPU went in the throughput phase (costs a few percent)",
     )
+    parser.add_argument(
+        "--compare",
+        metavar="REV",
+        help="run the measurements on this tree and on commit REV in turn and print both",
+    )
+    parser.add_argument(
+        "--pairs",
+        type=int,
+        default=3,
+        help=f"with --compare: runs of each side, alternating (1 to {compare.MAX_PAIRS}, "
+        "default 3)",
+    )
     args = parser.parse_args(argv)
+    if args.compare is not None:
+        return _compare(parser, args)
     # This process is the attachment's client: tuned as the ehr CLI is (ehrnode.process).
     tune_malloc()
     names = set(args.only or NAMES)
@@ -267,6 +283,25 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}")
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
+
+
+def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    if args.workdir:
+        parser.error("--workdir does not go with --compare (each run keeps its own)")
+    passed = [*(["--only", *args.only] if args.only else []), *(["--smoke"] if args.smoke else [])]
+    if args.stage_times:
+        passed.append("--stage-times")
+    try:
+        result = compare.compare(args.compare, args.pairs, passed, KEYS)
+    except compare.CompareError as err:
+        print(f"scripts/bench: --compare: {err}", file=sys.stderr)
+        return 2
+    m = machine.machine()
+    print(f"machine: {m['cores']} cores, {m['cpu']}, Python {m['python']} ({m['interpreter']})")
+    print(compare.table(result["rows"], args.compare))
+    if args.out:
+        Path(args.out).write_text(json.dumps({**result, "machine": m}, indent=2) + "\n")
     return 0
 
 
