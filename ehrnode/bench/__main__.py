@@ -273,17 +273,17 @@ def main(argv: list[str] | None = None) -> int:
     figures["commit"] = machine.commit_id()
     figures["smoke"] = args.smoke
     figures["seconds"] = time.time() - started
-    m = figures["machine"]
-    print(
-        f"machine: {m['cores']} cores, {m['cpu']}, Python {m['python']} ({m['interpreter']}); "
-        f"commit {figures['commit']}"
-    )
+    print(f"{_machine_line(figures['machine'])}; commit {figures['commit']}")
     print(table(figures))
     for note in figures["notes"]:
         print(f"note: {note}")
     if args.out:
         Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
     return 0
+
+
+def _machine_line(m: dict[str, Any]) -> str:
+    return f"machine: {m['cores']} cores, {m['cpu']}, Python {m['python']} ({m['interpreter']})"
 
 
 def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -298,7 +298,7 @@ def _compare(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         print(f"scripts/bench: --compare: {err}", file=sys.stderr)
         return 2
     m = machine.machine()
-    print(f"machine: {m['cores']} cores, {m['cpu']}, Python {m['python']} ({m['interpreter']})")
+    print(_machine_line(m))
     print(compare.table(result["rows"], args.compare))
     if args.out:
         Path(args.out).write_text(json.dumps({**result, "machine": m}, indent=2) + "\n")
