@@ -38,6 +38,10 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     # The interpreter's binary, since two builds of one Python version differ by a tenth.
     assert Path(figures["machine"]["interpreter"]).is_file()
     assert "verify_per_s_per_core" in result.stdout  # the table went to stdout
+    if Path("/proc/self/task").is_dir():  # Linux: the validators' CPU split by thread
+        for phase, unit in (("throughput", "transaction"), ("import", "resource")):
+            head = f"{phase}: validator CPU by thread, us a {unit} a validator: event-loop"
+            assert any(n.startswith(head) for n in figures["notes"]), figures["notes"]
 
 
 async def test_stage_timers_account_for_one_signature_check_per_node(tmp_path: Path) -> None:

@@ -24,7 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ehrnode.bench import compare, machine, measures, nodetimes, throughput, workload
+from ehrnode.bench import (
+    compare,
+    machine,
+    measures,
+    nodetimes,
+    threadcpu,
+    throughput,
+    workload,
+)
 from ehrnode.bench.network import Network
 from ehrnode.process import STAGE_TIMES_ENV, tune_malloc
 from ehrnode.testing import validator_identity
@@ -128,8 +136,13 @@ async def _network_measures(
             files = sorted(files, key=lambda f: f.stat().st_size)[: sizes.import_bundles]
         times = _stage_times_folder()
         times_before = nodetimes.snapshot(times) if times else {}
+        threads_before = net.thread_cpu()
         with tempfile.TemporaryDirectory() as keys:
             figures.update(measures.import_bundles(net, files, Path(keys)))
+        by_thread = threadcpu.split_note(
+            "import", threads_before, net.thread_cpu(), figures["import_resources"], "resource"
+        )
+        notes.extend([by_thread] if by_thread else [])
         if times:
             unit = ("resource", figures["import_resources"])
             notes.extend(
@@ -169,17 +182,19 @@ async def _network_measures(
                 f"verify rate probed again before the load phases: {again:,.0f}/s per core, "
                 f"{again / figures['verify_per_s_per_core']:.0%} of the first probe's"
             )
-            before = net.cpu_s()
+            before = net.thread_cpu()
             times = _stage_times_folder()
             times_before = nodetimes.snapshot(times) if times else {}
             result = await throughput.sustained(net.urls, first)
-            after = net.cpu_s()
+            after = net.thread_cpu()
             if times:
                 notes.extend(nodetimes.report(times_before, nodetimes.snapshot(times)))
             figures["tx_per_s"] = result["tx_per_s"]
             if before is not None and after is not None and first:
-                used = sum(a - b for a, b in zip(after, before, strict=True)) / len(after)
-                figures["validator_cpu_us_per_tx"] = used / len(first) * 1e6
+                used = sum(a.total - b.total for a, b in zip(after, before, strict=True))
+                figures["validator_cpu_us_per_tx"] = used / len(after) / len(first) * 1e6
+            by_thread = threadcpu.split_note("throughput", before, after, len(first), "transaction")
+            notes.extend([by_thread] if by_thread else [])
             # Not a target: how much memory a validator takes with a backlog of 60,000.
             figures["load_peak_rss_mb"] = max(net.peak_rss_mb(i) for i in range(len(net.nodes)))
             if result["tx_per_s"] and figures["ceiling_tx_per_s"]:

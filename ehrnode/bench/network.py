@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+from ehrnode.bench.threadcpu import ThreadCpu, thread_cpu
 from ehrnode.testing import ProcessNode, cluster_homes, start_process_node
 
 # Limits raised for load: one client address sends everything, in large batches.
@@ -20,13 +20,6 @@ RPC_SETTINGS = (
     "commit_timeout_s = 120.0\n"
 )
 MEMPOOL_SETTINGS = "\n[mempool]\nmax_txs = 400000\nmax_bytes = 1073741824\n"
-
-
-def _clock_ticks() -> int:
-    try:
-        return os.sysconf("SC_CLK_TCK")
-    except (ValueError, OSError, AttributeError):
-        return 100
 
 
 class Network:
@@ -70,15 +63,19 @@ class Network:
     def cpu_s(self) -> list[float] | None:
         """CPU time (user + system, all threads) each node process has used so far, from
         /proc; None where there is no /proc."""
-        ticks = _clock_ticks()
+        readings = self.thread_cpu()
+        if readings is None:
+            return None
+        return [r.total for r in readings]
+
+    def thread_cpu(self) -> list[ThreadCpu] | None:
+        """Each node's CPU so far by thread (``bench.threadcpu``); None without /proc."""
         out = []
         for node in self.nodes:
-            try:
-                fields = Path(f"/proc/{node.process.pid}/stat").read_text().rsplit(")", 1)[1]
-            except OSError:
+            reading = thread_cpu(node.process.pid)
+            if reading is None:
                 return None
-            utime, stime = fields.split()[11:13]
-            out.append((int(utime) + int(stime)) / ticks)
+            out.append(reading)
         return out
 
     def peak_rss_mb(self, index: int) -> float:

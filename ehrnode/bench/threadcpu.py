@@ -1,0 +1,105 @@
+"""Where a validator's CPU goes by thread: its event loop's thread against its helper
+threads (LevelDB's flushes and compactions, the writer threads of blob and block writes),
+user time against the kernel's, from ``/proc/PID/task`` (Linux).
+
+The benchmark prints the split for the throughput phase and the import. Sampling
+profilers attribute a helper's time badly and the stage timers see only the event loop's
+thread; this counts what the kernel charged each thread.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class ThreadCpu:
+    """CPU seconds a process has used so far: its main thread's, and the rest (threads
+    running now and those already ended), each as user and system time."""
+
+    main_user: float
+    main_system: float
+    other_user: float
+    other_system: float
+
+    @property
+    def total(self) -> float:
+        return self.main_user + self.main_system + self.other_user + self.other_system
+
+    def __sub__(self, earlier: ThreadCpu) -> ThreadCpu:
+        return ThreadCpu(
+            self.main_user - earlier.main_user,
+            self.main_system - earlier.main_system,
+            self.other_user - earlier.other_user,
+            self.other_system - earlier.other_system,
+        )
+
+    def __add__(self, other: ThreadCpu) -> ThreadCpu:
+        return ThreadCpu(
+            self.main_user + other.main_user,
+            self.main_system + other.main_system,
+            self.other_user + other.other_user,
+            self.other_system + other.other_system,
+        )
+
+
+def _clock_ticks() -> int:
+    try:
+        return os.sysconf("SC_CLK_TCK")
+    except (ValueError, OSError, AttributeError):
+        return 100
+
+
+def _user_system(stat_file: Path) -> tuple[int, int]:
+    # The command name (field 2) is in parentheses and may hold spaces: split after it.
+    fields = stat_file.read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]), int(fields[12])
+
+
+def thread_cpu(pid: int, proc: Path = Path("/proc")) -> ThreadCpu | None:
+    """``pid``'s CPU by thread so far, or None where there is no such ``/proc`` entry."""
+    ticks = _clock_ticks()
+    try:
+        total_user, total_system = _user_system(proc / str(pid) / "stat")
+        main_user, main_system = _user_system(proc / str(pid) / "task" / str(pid) / "stat")
+    except (OSError, IndexError, ValueError):
+        return None
+    # The process's own line counts every thread, ended ones included.
+    return ThreadCpu(
+        main_user / ticks,
+        main_system / ticks,
+        max(0, total_user - main_user) / ticks,
+        max(0, total_system - main_system) / ticks,
+    )
+
+
+def split_note(
+    phase: str,
+    before: list[ThreadCpu] | None,
+    after: list[ThreadCpu] | None,
+    count: int,
+    unit: str,
+) -> str | None:
+    """One line: the validators' CPU per ``unit`` per validator between two readings,
+    by thread; None when a reading is missing or nothing was counted."""
+    if count <= 0 or not before or not after:
+        return None
+    used = [a - b for a, b in zip(after, before, strict=True)]
+    total = used[0]
+    for more in used[1:]:
+        total = total + more
+    scale = 1e6 / count / len(used)
+    main = (total.main_user + total.main_system) * scale
+    other = (total.other_user + total.other_system) * scale
+    whole = main + other
+    if whole <= 0:
+        return None
+    return (
+        f"{phase}: validator CPU by thread, us a {unit} a validator: event-loop thread "
+        f"{main:.0f} (user {total.main_user * scale:.0f}, system "
+        f"{total.main_system * scale:.0f}), helper threads {other:.0f} (user "
+        f"{total.other_user * scale:.0f}, system {total.other_system * scale:.0f}); "
+        f"system time {(total.main_system + total.other_system) * scale / whole:.0%} of it"
+    )

@@ -1,0 +1,82 @@
+"""The benchmark's split of a validator's CPU by thread (``ehrnode.bench.threadcpu``)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ehrnode.bench.threadcpu import ThreadCpu, split_note, thread_cpu
+
+linux_only = pytest.mark.skipif(
+    not Path(f"/proc/{os.getpid()}/task").is_dir(), reason="needs Linux's /proc/PID/task"
+)
+
+
+def _burn(seconds: float) -> None:
+    """Use ``seconds`` of this thread's CPU (bounded by a wall-clock limit too)."""
+    start, deadline = time.thread_time(), time.monotonic() + 30
+    while time.thread_time() - start < seconds and time.monotonic() < deadline:
+        sum(range(1000))
+
+
+@linux_only
+def test_a_helper_threads_cpu_is_counted_apart_from_the_main_threads() -> None:
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("the test must run on the process's main thread")
+    before = thread_cpu(os.getpid())
+    assert before is not None
+    helper = threading.Thread(target=_burn, args=(0.3,))
+    helper.start()
+    helper.join()  # ended: its time still counts, from the process's own line
+    after = thread_cpu(os.getpid())
+    assert after is not None
+    used = after - before
+    # Clock ticks are 10 ms: 0.3 s of helper work shows as at least 0.2 s.
+    assert used.other_user + used.other_system >= 0.2
+    assert used.main_user + used.main_system < 0.2  # the main thread only waited
+    main_start = thread_cpu(os.getpid())
+    assert main_start is not None
+    _burn(0.3)
+    main_end = thread_cpu(os.getpid())
+    assert main_end is not None
+    assert (main_end - main_start).main_user >= 0.2
+
+
+def test_a_process_that_is_gone_reads_as_none(tmp_path: Path) -> None:
+    assert thread_cpu(123456, proc=tmp_path) is None
+
+
+def test_a_command_name_with_spaces_and_parentheses_is_read_right(tmp_path: Path) -> None:
+    # Fields after the name: state, ppid, ... utime is the 14th field and stime the 15th.
+    rest = " ".join(["S"] + ["0"] * 10 + ["{u}", "{s}"] + ["0"] * 30)
+    (tmp_path / "7" / "task" / "7").mkdir(parents=True)
+    (tmp_path / "7" / "stat").write_text("7 (ehr node (x)) " + rest.format(u=500, s=300))
+    (tmp_path / "7" / "task" / "7" / "stat").write_text(
+        "7 (ehr node (x)) " + rest.format(u=400, s=100)
+    )
+    ticks = os.sysconf("SC_CLK_TCK")
+    reading = thread_cpu(7, proc=tmp_path)
+    assert reading == ThreadCpu(400 / ticks, 100 / ticks, 100 / ticks, 200 / ticks)
+
+
+def test_the_note_gives_microseconds_a_unit_a_validator() -> None:
+    zero = ThreadCpu(0, 0, 0, 0)
+    # Two validators, 1,000 transactions: 0.2 s main user on each = 200 us a transaction.
+    after = [ThreadCpu(0.2, 0.05, 0.01, 0.04)] * 2
+    note = split_note("throughput", [zero, zero], after, 1000, "transaction")
+    assert note == (
+        "throughput: validator CPU by thread, us a transaction a validator: event-loop "
+        "thread 250 (user 200, system 50), helper threads 50 (user 10, system 40); "
+        "system time 30% of it"
+    )
+
+
+def test_no_note_without_readings_or_work() -> None:
+    zero = ThreadCpu(0, 0, 0, 0)
+    assert split_note("import", None, [zero], 10, "resource") is None
+    assert split_note("import", [zero], [zero], 0, "resource") is None
+    assert split_note("import", [zero], [zero], 10, "resource") is None
