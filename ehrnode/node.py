@@ -79,9 +79,7 @@ class Node:
             self.switch = switch = Switch(self.identity, self.genesis, c.p2p)
             switch.allowed = lambda key: key in chain.validators()
             gossip = ConsensusGossip(switch, self.genesis.params.max_block_bytes)
-            self.driver = driver = Driver(
-                self.identity, executor, kv, gossip, timeouts, lock_dir=c.data_dir / "locks"
-            )
+            self.driver = driver = Driver(self.identity, executor, kv, gossip, timeouts)
             gossip.driver = driver
             self.admission = admission = Admission(chain, mempool, blobs, driver.txs_available)
             TxGossip(switch, admission)

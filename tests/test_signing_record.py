@@ -1,13 +1,10 @@
 """The validator's signing record on disk (``consensus.signing``): what it signed and the
-block it is locked on survive a restart, and a block is stored once, outside LevelDB."""
+block it is locked on survive a restart, and a signed proposal (its block) is stored once."""
 
 from __future__ import annotations
 
 import random
-import re
 from pathlib import Path
-
-import pytest
 
 from ehrnode.consensus.signing import K_LOCK, K_SIGN, STEP_PROPOSAL, SigningRecord
 from ehrnode.consensus.sim_node import CHAIN, SimNode
@@ -15,7 +12,6 @@ from ehrnode.consensus.validators import ValidatorSet
 from ehrnode.core import codec
 from ehrnode.core.block import PRECOMMIT, PREVOTE, Block, sign_proposal, sign_vote
 from ehrnode.core.crypto import Identity
-from ehrnode.core.errors import ConfigError
 from ehrnode.store.db import LevelKV
 
 ME = Identity(b"\x07" * 32)
@@ -35,23 +31,17 @@ def _precommit(record: SigningRecord, block: Block, round_: int) -> bytes:
     return msg
 
 
-def test_a_lock_survives_a_restart_with_its_block_in_a_file_not_in_leveldb(
-    tmp_path: Path,
-) -> None:
+def test_a_lock_survives_a_restart(tmp_path: Path) -> None:
     block = _block(1)
     height = block.header.height
     kv = LevelKV(tmp_path / "data")
-    record = SigningRecord(kv, tmp_path / "locks")
-    msg = _precommit(record, block, 2)
-    # LevelDB holds the lock's names, not the block's bytes.
-    assert len(kv.get(K_LOCK) or b"") < 200 < len(block.raw)
-    [file] = (tmp_path / "locks").iterdir()
-    assert file.read_bytes() == block.raw
+    msg = _precommit(SigningRecord(kv), block, 2)
     kv.close()
 
     kv = LevelKV(tmp_path / "data")
-    again = SigningRecord(kv, tmp_path / "locks")
+    again = SigningRecord(kv)
     assert again.check(height, 2, PRECOMMIT) == msg  # the same vote, sent again
+    assert again.check(height, 2, PREVOTE) is False
     restored = again.restored(height, MAX)
     assert restored is not None
     assert (restored.locked_round, restored.locked_block) == (2, block)
@@ -64,7 +54,7 @@ def test_a_proposal_is_stored_once_and_sent_again_the_same_after_a_restart(
     block = _block(2)
     height = block.header.height
     kv = LevelKV(tmp_path / "data")
-    record = SigningRecord(kv, tmp_path / "locks")
+    record = SigningRecord(kv)
     proposal = sign_proposal(ME, CHAIN, 0, -1, block)
     msg = codec.encode(proposal.to_wire())
     record.save(height, 0, STEP_PROPOSAL, block.id, msg, None)
@@ -72,46 +62,29 @@ def test_a_proposal_is_stored_once_and_sent_again_the_same_after_a_restart(
     kv.close()
 
     kv = LevelKV(tmp_path / "data")
-    again = SigningRecord(kv, tmp_path / "locks")
+    again = SigningRecord(kv)
     assert again.check(height, 0, STEP_PROPOSAL) == msg
     assert again.check(height, 0, PREVOTE) is True
     kv.close()
 
 
-def test_a_lock_whose_file_is_gone_or_damaged_stops_the_start_with_a_clear_error(
+def test_a_record_whose_message_was_pruned_never_signs_that_step_again(
     tmp_path: Path,
 ) -> None:
     block = _block(3)
-    kv = LevelKV(tmp_path / "data")
-    _precommit(SigningRecord(kv, tmp_path / "locks"), block, 0)
-    [file] = (tmp_path / "locks").iterdir()
-    file.write_bytes(_block(4).raw)
-    with pytest.raises(ConfigError, match=r"locked on block .* holds another block"):
-        SigningRecord(kv, tmp_path / "locks").restored(block.header.height, MAX)
-    file.unlink()
-    with pytest.raises(ConfigError, match=re.escape(str(file))):
-        SigningRecord(kv, tmp_path / "locks").restored(block.header.height, MAX)
-    kv.close()
-
-
-def test_prune_removes_the_lock_files_of_committed_heights_and_orphans(tmp_path: Path) -> None:
-    block = _block(5)
     height = block.header.height
-    locks = tmp_path / "locks"
     kv = LevelKV(tmp_path / "data")
-    record = SigningRecord(kv, locks)
+    record = SigningRecord(kv)
     _precommit(record, block, 0)
-    # What a crash between a file and its entry leaves behind.
-    (locks / f"{height:016d}-{'ab' * 32}.part").write_bytes(b"half")
-    record.prune(height)  # nothing at this height is committed yet
-    assert len(list(locks.iterdir())) == 2
-    record.prune(height + 1)
-    assert list(locks.iterdir()) == []
+    record.prune(height + 1)  # the height is committed: its messages go
+    again = SigningRecord(kv)
+    assert again.check(height, 0, PRECOMMIT) is False
+    assert again.check(height + 1, 0, PREVOTE) is True
     kv.close()
 
 
 def test_a_record_written_by_an_earlier_build_is_read(tmp_path: Path) -> None:
-    """Earlier builds kept the message in ``Vsign`` and the locked block in ``Vlock``."""
+    """Earlier builds kept a copy of the message in ``Vsign``."""
     block = _block(6)
     height = block.header.height
     vote = sign_vote(ME, CHAIN, PRECOMMIT, height, 1, block.id)
@@ -126,7 +99,7 @@ def test_a_record_written_by_an_earlier_build_is_read(tmp_path: Path) -> None:
         },
         sync=True,
     )
-    record = SigningRecord(kv, tmp_path / "locks")
+    record = SigningRecord(kv)
     assert record.check(height, 1, PRECOMMIT) == msg
     restored = record.restored(height, MAX)
     assert restored is not None and restored.locked_block == block

@@ -15,7 +15,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol
 
 from ehrnode.consensus import engine as eng
@@ -79,9 +78,7 @@ class Driver:
         kv: KV,
         network: Network,
         timeouts: eng.Timeouts | None = None,
-        lock_dir: Path | None = None,
     ) -> None:
-        """``lock_dir``: where a locked block's bytes are kept (``SigningRecord``)."""
         self.identity = identity
         self.executor = executor
         self.chain = executor.chain
@@ -89,7 +86,7 @@ class Driver:
         self.network = network
         self.me = None if identity is None else identity.public_key
         self.engine = eng.Engine(self.me, executor.is_valid, timeouts)
-        self.signing = SigningRecord(kv, lock_dir)
+        self.signing = SigningRecord(kv)
         self.listeners: list[Callable[[Committed], None]] = []
         self.evidence: list[tuple[Vote, Vote]] = []
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
