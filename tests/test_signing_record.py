@@ -23,6 +23,11 @@ def _block(tag: int) -> Block:
     return SimNode(0, ME).build(random.Random(tag), 0.0, VALS)
 
 
+def _open(tmp_path: Path) -> tuple[LevelKV, SigningRecord]:
+    kv = LevelKV(tmp_path / "data")
+    return kv, SigningRecord(kv)
+
+
 def _precommit(record: SigningRecord, block: Block, round_: int) -> bytes:
     height = block.header.height
     vote = sign_vote(ME, CHAIN, PRECOMMIT, height, round_, block.id)
@@ -34,12 +39,11 @@ def _precommit(record: SigningRecord, block: Block, round_: int) -> bytes:
 def test_a_lock_survives_a_restart(tmp_path: Path) -> None:
     block = _block(1)
     height = block.header.height
-    kv = LevelKV(tmp_path / "data")
-    msg = _precommit(SigningRecord(kv), block, 2)
+    kv, record = _open(tmp_path)
+    msg = _precommit(record, block, 2)
     kv.close()
 
-    kv = LevelKV(tmp_path / "data")
-    again = SigningRecord(kv)
+    kv, again = _open(tmp_path)
     assert again.check(height, 2, PRECOMMIT) == msg  # the same vote, sent again
     assert again.check(height, 2, PREVOTE) is False
     restored = again.restored(height, MAX)
@@ -53,16 +57,14 @@ def test_a_proposal_is_stored_once_and_sent_again_the_same_after_a_restart(
 ) -> None:
     block = _block(2)
     height = block.header.height
-    kv = LevelKV(tmp_path / "data")
-    record = SigningRecord(kv)
+    kv, record = _open(tmp_path)
     proposal = sign_proposal(ME, CHAIN, 0, -1, block)
     msg = codec.encode(proposal.to_wire())
     record.save(height, 0, STEP_PROPOSAL, block.id, msg, None)
     assert len(kv.get(K_SIGN) or b"") < 200 < len(msg)  # not a second copy of the block
     kv.close()
 
-    kv = LevelKV(tmp_path / "data")
-    again = SigningRecord(kv)
+    kv, again = _open(tmp_path)
     assert again.check(height, 0, STEP_PROPOSAL) == msg
     assert again.check(height, 0, PREVOTE) is True
     kv.close()
@@ -73,8 +75,7 @@ def test_a_record_whose_message_was_pruned_never_signs_that_step_again(
 ) -> None:
     block = _block(3)
     height = block.header.height
-    kv = LevelKV(tmp_path / "data")
-    record = SigningRecord(kv)
+    kv, record = _open(tmp_path)
     _precommit(record, block, 0)
     record.prune(height + 1)  # the height is committed: its messages go
     again = SigningRecord(kv)
