@@ -86,11 +86,8 @@ def split_note(
     by thread; None when a reading is missing or nothing was counted."""
     if count <= 0 or not before or not after:
         return None
-    used = [a - b for a, b in zip(after, before, strict=True)]
-    total = used[0]
-    for more in used[1:]:
-        total = total + more
-    scale = 1e6 / count / len(used)
+    total = sum((a - b for a, b in zip(after, before, strict=True)), ThreadCpu(0, 0, 0, 0))
+    scale = 1e6 / count / len(after)
     main = (total.main_user + total.main_system) * scale
     other = (total.other_user + total.other_system) * scale
     whole = main + other
