@@ -1,107 +1,179 @@
 """The validator's signing record on disk (``consensus.signing``): what it signed and the
-block it is locked on survive a restart, and a signed proposal (its block) is stored once."""
+block it is locked on survive a restart, and a block it proposes or locks on is written
+once: in the chain's place for that height, where its commit finds it."""
 
 from __future__ import annotations
 
-import random
+from collections.abc import Iterator
 from pathlib import Path
 
-from ehrnode.consensus.signing import K_LOCK, K_SIGN, STEP_PROPOSAL, SigningRecord
-from ehrnode.consensus.sim_node import CHAIN, SimNode
-from ehrnode.consensus.validators import ValidatorSet
-from ehrnode.core import codec
-from ehrnode.core.block import PRECOMMIT, PREVOTE, Block, sign_proposal, sign_vote
-from ehrnode.core.crypto import Identity
+import pytest
+
+from ehrnode.consensus.execution import block_context, make_block
+from ehrnode.consensus.signing import K_LOCK, K_MESSAGE, K_SIGN, STEP_PROPOSAL, SigningRecord
+from ehrnode.core import codec, crypto, state
+from ehrnode.core.block import (
+    PRECOMMIT,
+    PREVOTE,
+    Block,
+    Certificate,
+    sign_proposal,
+    sign_vote,
+)
+from ehrnode.core.errors import ConfigError, NotFound
+from ehrnode.core.genesis import Genesis, ValidatorInfo
+from ehrnode.store.chain import Chain, pending_block_key
+from ehrnode.store.check import check_chain
 from ehrnode.store.db import LevelKV
 
-ME = Identity(b"\x07" * 32)
-VALS = ValidatorSet({ME.public_key: 1})
+ME = crypto.Identity(b"\x07" * 32)
+GENESIS = Genesis("sign-test", 1_700_000_000_000, (ValidatorInfo(ME.public_key, 1, "me"),))
+CHAIN = GENESIS.chain_id
 MAX = 1 << 30
 
 
-def _block(tag: int) -> Block:
-    return SimNode(0, ME).build(random.Random(tag), 0.0, VALS)
+class Home:
+    """A validator's data directory, opened and reopened as a restarted node would."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "data"
+        self.kv = LevelKV(self.path)
+        self.chain = Chain(self.kv, GENESIS)
+        self.record = SigningRecord(self.kv)
+
+    def restart(self) -> None:
+        self.kv.close()
+        self.__init__(self.path.parent)  # type: ignore[misc]
+
+    def block(self, tag: int) -> Block:
+        """A block for the next height (empty; ``tag`` makes blocks of one height differ)."""
+        head = self.chain.head
+        ctx = block_context(self.chain, head.height + 1, GENESIS.genesis_time + 1000 * tag)
+        last = None if head.height == 0 else self.chain.certificate(head.height)
+        return make_block(self.chain, ctx, ME.public_key, [], self.chain.validators(), last)
+
+    def precommit(self, block: Block, round_: int) -> bytes:
+        vote = sign_vote(ME, CHAIN, PRECOMMIT, block.header.height, round_, block.id)
+        self.record.save(vote, block)
+        return codec.encode(vote.to_wire())
+
+    def commit(self, block: Block) -> None:
+        height = block.header.height
+        ctx = block_context(self.chain, height, block.header.time)
+        execution = state.execute_block(self.chain.state, ctx, [], self.chain.head.digest)
+        vote = sign_vote(ME, CHAIN, PRECOMMIT, height, 0, block.id)
+        certificate = Certificate(height, 0, block.id, ((vote.validator, vote.sig),))
+        stored = self.record.holds(height, block.id)
+        self.chain.commit(block, certificate, execution, stored=stored)
 
 
-def _open(tmp_path: Path) -> tuple[LevelKV, SigningRecord]:
-    kv = LevelKV(tmp_path / "data")
-    return kv, SigningRecord(kv)
+@pytest.fixture
+def home(tmp_path: Path) -> Iterator[Home]:
+    opened = Home(tmp_path)
+    yield opened
+    opened.kv.close()
 
 
-def _precommit(record: SigningRecord, block: Block, round_: int) -> bytes:
-    height = block.header.height
-    vote = sign_vote(ME, CHAIN, PRECOMMIT, height, round_, block.id)
-    msg = codec.encode(vote.to_wire())
-    record.save(height, round_, PRECOMMIT, block.id, msg, block, ())
-    return msg
+def test_a_lock_survives_a_restart_and_names_its_block_without_a_copy(home: Home) -> None:
+    block = home.block(1)
+    msg = home.precommit(block, 2)
+    assert block.raw not in (home.kv.get(K_LOCK) or b"")  # it names the block
+    assert home.kv.get(pending_block_key(1)) == block.raw
+    home.restart()
 
-
-def test_a_lock_survives_a_restart(tmp_path: Path) -> None:
-    block = _block(1)
-    height = block.header.height
-    kv, record = _open(tmp_path)
-    msg = _precommit(record, block, 2)
-    kv.close()
-
-    kv, again = _open(tmp_path)
-    assert again.check(height, 2, PRECOMMIT) == msg  # the same vote, sent again
-    assert again.check(height, 2, PREVOTE) is False
-    restored = again.restored(height, MAX)
+    assert home.record.check(1, 2, PRECOMMIT) == msg  # the same vote, sent again
+    assert home.record.check(1, 2, PREVOTE) is False
+    restored = home.record.restored(1, MAX)
     assert restored is not None
     assert (restored.locked_round, restored.locked_block) == (2, block)
-    kv.close()
 
 
-def test_a_proposal_is_stored_once_and_sent_again_the_same_after_a_restart(
-    tmp_path: Path,
+def test_a_proposal_is_stored_once_and_sent_again_byte_for_byte_after_a_restart(
+    home: Home,
 ) -> None:
-    block = _block(2)
-    height = block.header.height
-    kv, record = _open(tmp_path)
+    block = home.block(2)
     proposal = sign_proposal(ME, CHAIN, 0, -1, block)
-    msg = codec.encode(proposal.to_wire())
-    record.save(height, 0, STEP_PROPOSAL, block.id, msg, None)
-    assert len(kv.get(K_SIGN) or b"") < 200 < len(msg)  # not a second copy of the block
-    kv.close()
+    home.record.save(proposal)
+    assert not [key for key, value in home.kv.scan(b"V") if block.raw in value]
+    assert home.kv.get(pending_block_key(1)) == block.raw  # in the chain's place only
+    home.restart()
 
-    kv, again = _open(tmp_path)
-    assert again.check(height, 0, STEP_PROPOSAL) == msg
-    assert again.check(height, 0, PREVOTE) is True
-    kv.close()
+    assert home.record.check(1, 0, STEP_PROPOSAL) == codec.encode(proposal.to_wire())
+    assert home.record.check(1, 0, PREVOTE) is True
+    restored = home.record.restored(1, MAX)
+    assert restored is not None and list(restored.messages) == [proposal]
 
 
-def test_a_record_whose_message_was_pruned_never_signs_that_step_again(
-    tmp_path: Path,
+def test_the_committed_block_is_the_one_locked_and_is_served_only_once_committed(
+    home: Home,
 ) -> None:
-    block = _block(3)
-    height = block.header.height
-    kv, record = _open(tmp_path)
-    _precommit(record, block, 0)
-    record.prune(height + 1)  # the height is committed: its messages go
-    again = SigningRecord(kv)
-    assert again.check(height, 0, PRECOMMIT) is False
-    assert again.check(height + 1, 0, PREVOTE) is True
-    kv.close()
+    block = home.block(3)
+    home.precommit(block, 0)
+    with pytest.raises(NotFound):  # written, but not committed: not a block of the chain
+        home.chain.block(1)
+    home.restart()
+    assert home.record.holds(1, block.id)
+    home.commit(block)
+    home.restart()
+
+    assert home.chain.block(1) == block
+    assert check_chain(home.chain).ok
 
 
-def test_a_record_written_by_an_earlier_build_is_read(tmp_path: Path) -> None:
-    """Earlier builds kept a copy of the message in ``Vsign``."""
-    block = _block(6)
-    height = block.header.height
-    vote = sign_vote(ME, CHAIN, PRECOMMIT, height, 1, block.id)
+def test_another_block_at_the_same_height_is_kept_whole_and_the_commit_overwrites(
+    home: Home,
+) -> None:
+    proposed, locked, committed = home.block(4), home.block(5), home.block(6)
+    proposal = sign_proposal(ME, CHAIN, 0, -1, proposed)
+    home.record.save(proposal)
+    home.precommit(locked, 1)  # a later round's block: the place holds the proposal's
+    home.restart()
+
+    restored = home.record.restored(1, MAX)
+    assert restored is not None and restored.locked_block == locked
+    assert proposal in restored.messages
+    assert not home.record.holds(1, locked.id)
+    home.commit(committed)  # a quorum decided a third block (this node saw it certified)
+    home.restart()
+    assert home.chain.block(1) == committed
+    assert check_chain(home.chain).ok
+
+
+def test_a_record_whose_message_was_pruned_never_signs_that_step_again(home: Home) -> None:
+    block = home.block(7)
+    home.precommit(block, 0)
+    home.commit(block)
+    home.record.prune(2)  # the height is committed: its messages go
+    home.restart()
+    assert home.record.check(1, 0, PRECOMMIT) is False
+    assert home.record.check(2, 0, PREVOTE) is True
+    assert not list(home.kv.scan(K_MESSAGE))
+
+
+def test_a_lock_whose_block_is_missing_stops_the_start_with_a_clear_error(home: Home) -> None:
+    block = home.block(8)
+    home.precommit(block, 0)
+    home.kv.write({pending_block_key(1): None}, sync=True)  # damaged by hand
+    home.restart()
+    with pytest.raises(ConfigError, match="lock at height 1 names a block that is not stored"):
+        home.record.restored(1, MAX)
+
+
+def test_a_record_written_by_an_earlier_build_is_read(home: Home) -> None:
+    """Earlier builds kept a copy of the message in ``Vsign`` and the block in ``Vlock``."""
+    block = home.block(9)
+    vote = sign_vote(ME, CHAIN, PRECOMMIT, 1, 1, block.id)
     msg = codec.encode(vote.to_wire())
-    kv = LevelKV(tmp_path / "data")
-    kv.write(
+    old = {"height": 1, "round": 1, "step": PRECOMMIT, "block": block.id, "msg": msg}
+    home.kv.write(
         {
-            K_SIGN: codec.encode(
-                {"height": height, "round": 1, "step": PRECOMMIT, "block": block.id, "msg": msg}
-            ),
-            K_LOCK: codec.encode({"height": height, "round": 1, "block": block.raw, "pol": []}),
+            K_SIGN: codec.encode(old),
+            K_LOCK: codec.encode({"height": 1, "round": 1, "block": block.raw, "pol": []}),
         },
         sync=True,
     )
-    record = SigningRecord(kv)
-    assert record.check(height, 1, PRECOMMIT) == msg
-    restored = record.restored(height, MAX)
+    home.restart()
+    assert home.record.check(1, 1, PRECOMMIT) == msg
+    restored = home.record.restored(1, MAX)
     assert restored is not None and restored.locked_block == block
-    kv.close()
+    assert not home.record.holds(1, block.id)  # its commit writes the block

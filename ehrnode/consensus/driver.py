@@ -337,17 +337,8 @@ class Driver:
         proposal = sign_proposal(
             self.identity, chain_id, action.round, action.pol_round, action.block
         )
-        msg = codec.encode(proposal.to_wire())
         # Persist before the signature leaves the process (it only leaves after this).
-        await self.signing.kv.run(
-            self.signing.save,
-            action.height,
-            action.round,
-            STEP_PROPOSAL,
-            action.block.id,
-            msg,
-            None,
-        )
+        await self.signing.kv.run(self.signing.save, proposal)
         self._sent.setdefault((action.height, action.round), []).append(proposal)
         return proposal
 
@@ -369,14 +360,7 @@ class Driver:
         )
         lock = action.lock if action.type == PRECOMMIT else None
         await self.signing.kv.run(
-            self.signing.save,
-            action.height,
-            action.round,
-            action.type,
-            action.block_id,
-            codec.encode(vote.to_wire()),
-            lock,
-            action.pol if lock is not None else (),
+            self.signing.save, vote, lock, action.pol if lock is not None else ()
         )
         self._sent.setdefault((action.height, action.round), []).append(vote)
         return vote
@@ -387,7 +371,8 @@ class Driver:
         started = time.perf_counter()
         block = decide.block
         execution, txs = self.executor.execution(block)
-        await self.chain.commit_from_loop(block, decide.certificate, execution)
+        stored = self.signing.holds(block.header.height, block.id)
+        await self.chain.commit_from_loop(block, decide.certificate, execution, stored=stored)
         self._last_certificate = decide.certificate
         self.executor.forget()
         # The mempool's view of the committed state changes with the block, before any

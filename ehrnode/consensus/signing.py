@@ -4,19 +4,28 @@ at any instant it never signs two different things for one (height, round, step)
 Table ``b"V"`` in the node's LevelDB:
 
     b"Vsign"  {"height", "round", "step" (0 proposal, 1 prevote, 2 precommit),
-               "block" (id or nil)}; the signed message itself is the b"Vmsg" entry of
-               that (height, round, step) (earlier builds kept a second copy here, as
-               "msg": a proposal holds its block, megabytes)
-    b"Vlock"  {"height", "round", "block" (the locked block's bytes),
-               "pol" [vote, ...] (the prevotes that justified the lock)}
+               "block" (id or nil), "slot" (id or nil: the block held in the chain's slot
+               for that height, below)}; the signed message itself is the b"Vmsg" entry of
+               that (height, round, step) (earlier builds kept a second copy here, as "msg")
+    b"Vlock"  {"height", "round", "block_id" (the locked block, held in the slot),
+               "pol" [vote, ...] (the prevotes that justified the lock)}; earlier builds
+               kept the block's bytes here, as "block", still read
     b"Vmsg" + height(8) + round(4) + step(1)   every message we signed at the current
-              height (older heights are pruned after each commit)
+              height (older heights are pruned after each commit); a proposal whose block
+              is in the slot is kept with "block_id" in place of "block"
+
+The slot: the first block this validator proposes or locks at a height above its head is
+written where the chain keeps that height's block (``store.chain.pending_block_key``), so
+that a block is written once: the commit of that same block does not write it again
+(``holds``), and a lock or proposal only names it. A second, different block at that
+height (a later round's) is kept whole in its own entries, as are all blocks of earlier
+builds; the commit of another block overwrites the slot.
 
 A message is signed only if its (height, round, step) is after the recorded one. For the
 recorded (height, round, step) itself the recorded message is sent again, never a new one
 (after a restart the engine may pick another block or nil; what was signed stands).
-The record, the message, and the lock a precommit sets, are written in one synced batch
-before the message leaves the process.
+The record, the message, the slot, and the lock a precommit sets, are written in one
+synced batch before the message leaves the process.
 """
 
 from __future__ import annotations
@@ -27,12 +36,15 @@ from typing import Any
 from ehrnode.consensus import engine as eng
 from ehrnode.core import codec
 from ehrnode.core.block import Block, Proposal, Vote
+from ehrnode.core.errors import ConfigError
+from ehrnode.store.chain import pending_block_key
 from ehrnode.store.db import KV
 
 K_SIGN = b"Vsign"
 K_LOCK = b"Vlock"
 K_MESSAGE = b"Vmsg"
 STEP_PROPOSAL = 0
+MAX_RECORD = 1 << 30
 
 
 class SigningRecord:
@@ -42,12 +54,17 @@ class SigningRecord:
         self.kv = kv
         raw = kv.get(K_SIGN)
         self.last: dict[str, Any] | None = (
-            None if raw is None else codec.decode(raw, max_bytes=1 << 30)
+            None if raw is None else codec.decode(raw, max_bytes=MAX_RECORD)
         )
-        if self.last is not None and "msg" not in self.last:
-            last = self.last
-            # None once pruned: the record is then below every height still to be signed.
-            last["msg"] = kv.get(_message_key(last["height"], last["round"], last["step"]))
+        # (height, block id) of the block in the chain's slot for that height.
+        self.slot: tuple[int, bytes] | None = None
+        if self.last is not None and self.last.get("slot") is not None:
+            self.slot = (self.last["height"], self.last["slot"])
+
+    def holds(self, height: int, block_id: bytes) -> bool:
+        """Whether the chain's slot for ``height`` holds this block already (written with
+        a proposal or lock), so that committing it need not write it again."""
+        return self.slot == (height, block_id)
 
     def check(self, height: int, round_: int, step: int) -> bytes | bool:
         """True: may sign. False: refuse (we signed a later step). bytes: we already signed
@@ -60,36 +77,82 @@ class SigningRecord:
         if new > old:
             return True
         if new == old:
-            msg: bytes | None = last["msg"]
+            msg = self._recorded_message(last)
             return False if msg is None else msg  # gone with its height: never sign again
         return False
 
+    def _recorded_message(self, last: dict[str, Any]) -> bytes | None:
+        if "msg" in last:  # an earlier build's record
+            msg: bytes | None = last["msg"]
+            return msg
+        height = last["height"]
+        stored = self.kv.get(_message_key(height, last["round"], last["step"]))
+        if stored is None or last["step"] != STEP_PROPOSAL:
+            return stored  # None once pruned: below every height still to be signed
+        wire = self._whole(height, codec.decode(stored, max_bytes=MAX_RECORD))
+        return None if wire is None else codec.encode(wire)
+
+    def _whole(self, height: int, wire: dict[str, Any]) -> dict[str, Any] | None:
+        """A stored proposal with its block: read from the slot when it was kept there;
+        None when the slot has since been given to the committed block."""
+        if "block_id" not in wire:
+            return wire
+        block_id = wire.pop("block_id")
+        raw = self._slot_block(height, block_id)
+        if raw is None:
+            return None
+        wire["block"] = raw
+        return wire
+
+    def _slot_block(self, height: int, block_id: bytes) -> bytes | None:
+        if not self.holds(height, block_id):
+            return None
+        return self.kv.get(pending_block_key(height))
+
     def save(
-        self,
-        height: int,
-        round_: int,
-        step: int,
-        block_id: bytes | None,
-        msg: bytes,
-        lock: Block | None,
-        pol: tuple[Vote, ...] = (),
+        self, message: Proposal | Vote, lock: Block | None = None, pol: tuple[Vote, ...] = ()
     ) -> None:
-        record = {"height": height, "round": round_, "step": step, "block": block_id}
-        batch: dict[bytes, bytes | None] = {
-            K_SIGN: codec.encode(record),
-            _message_key(height, round_, step): msg,
+        """Record ``message`` as signed (with the block a precommit locks on) in one synced
+        batch; call before the message leaves the process."""
+        height = message.height
+        batch: dict[bytes, bytes | None] = {}
+        block = message.block if isinstance(message, Proposal) else lock
+        slot = self.slot if self.slot is not None and self.slot[0] == height else None
+        if slot is None and block is not None:  # the slot is free: the block goes there
+            batch[pending_block_key(height)] = block.raw
+            slot = (height, block.id)
+        in_slot = block is not None and slot == (height, block.id)
+        wire = message.to_wire()
+        step, block_id = STEP_PROPOSAL, None
+        if isinstance(message, Proposal):
+            block_id = message.block.id
+            if in_slot:
+                del wire["block"]
+                wire["block_id"] = block_id
+        else:
+            step, block_id = message.type, message.block
+        record = {
+            "height": height,
+            "round": message.round,
+            "step": step,
+            "block": block_id,
+            "slot": None if slot is None else slot[1],
         }
+        batch[K_SIGN] = codec.encode(record)
+        batch[_message_key(height, message.round, step)] = codec.encode(wire)
         if lock is not None:
-            batch[K_LOCK] = codec.encode(
-                {
-                    "height": height,
-                    "round": round_,
-                    "block": lock.raw,
-                    "pol": [vote.to_wire() for vote in pol],
-                }
-            )
+            entry: dict[str, Any] = {
+                "height": height,
+                "round": message.round,
+                "pol": [vote.to_wire() for vote in pol],
+            }
+            if in_slot:
+                entry["block_id"] = lock.id
+            else:
+                entry["block"] = lock.raw
+            batch[K_LOCK] = codec.encode(entry)
         self.kv.write(batch, sync=True)
-        self.last = {**record, "msg": msg}
+        self.last, self.slot = record, slot
 
     def restored(self, height: int, max_block_bytes: int) -> eng.Restored | None:
         last = self.last
@@ -97,17 +160,25 @@ class SigningRecord:
             return None
         messages: list[Proposal | Vote] = []
         for wire in self.messages(height):
-            if "pol_round" in wire:
-                messages.append(Proposal.from_wire(wire, max_block_bytes=max_block_bytes))
-            else:
+            if "pol_round" not in wire:
                 messages.append(Vote.from_wire(wire))
+                continue
+            whole = self._whole(height, wire)
+            if whole is not None:  # a proposal whose block the slot no longer holds: past
+                messages.append(Proposal.from_wire(whole, max_block_bytes=max_block_bytes))
         restored = eng.Restored(round=last["round"], step=last["step"])
         raw_lock = self.kv.get(K_LOCK)
         if raw_lock is not None:
-            lock = codec.decode(raw_lock, max_bytes=1 << 30)
+            lock = codec.decode(raw_lock, max_bytes=MAX_RECORD)
             if lock["height"] == height:
+                raw = lock.get("block") or self._slot_block(height, lock["block_id"])
+                if raw is None:
+                    raise ConfigError(
+                        f"the signing record's lock at height {height} names a block that "
+                        "is not stored: the data directory is damaged"
+                    )
                 restored.locked_round = lock["round"]
-                restored.locked_block = Block.decode(lock["block"], max_bytes=max_block_bytes)
+                restored.locked_block = Block.decode(raw, max_bytes=max_block_bytes)
                 messages.extend(Vote.from_wire(wire) for wire in lock.get("pol", []))
         restored.messages = tuple(messages)
         return restored
@@ -115,7 +186,7 @@ class SigningRecord:
     def messages(self, height: int) -> list[Any]:
         """Everything we signed at ``height``, in (round, step) order, decoded."""
         prefix = K_MESSAGE + struct.pack(">Q", height)
-        return [codec.decode(msg, max_bytes=1 << 30) for _key, msg in self.kv.scan(prefix)]
+        return [codec.decode(msg, max_bytes=MAX_RECORD) for _key, msg in self.kv.scan(prefix)]
 
     def prune(self, below_height: int) -> None:
         stale = {

@@ -4,15 +4,18 @@ Tables in the node's LevelDB (one-byte prefix, then the key; heights are 8-byte 
 so that keys sort by height):
 
     b"M" + b"head"            {"height", "id", "time", "digest" bin(256), "genesis" bin32}
-    b"B" + height             the block's bytes (core.block.Block)
+    b"B" + height             the block's bytes (core.block.Block); above the head, the
+                              block this validator proposed or locked on at that height
+                              (``pending_block_key``, written by ``consensus.signing``),
+                              which is never read as committed
     b"C" + height             the certificate that finalised it (core.block.Certificate)
     b"H" + block id           height
     b"T" + tx id              height(8) + index(4): where a transaction was committed
     b"S" + state key          state entry (layouts in core.layout)
 
-``commit`` writes a block, its certificate, its index entries, its state changes and the
-new head in one synced batch: after a crash the head names the last block whose changes
-are all there, and none of a later block's changes are.
+``commit`` writes a block (unless it is in its slot already), its certificate, its index
+entries, its state changes and the new head in one synced batch: after a crash the head
+names the last block whose changes are all there, and none of a later block's changes are.
 
 This module persists and reads; it decides nothing (``core.state`` does).
 """
@@ -49,6 +52,13 @@ MAX_STORED_BLOCK = 1 << 30
 
 def height_key(table: bytes, height: int) -> bytes:
     return table + struct.pack(">Q", height)
+
+
+def pending_block_key(height: int) -> bytes:
+    """Where the block of ``height`` is kept: before its commit, a validator's signing
+    record puts the block it proposes or locks on there, so that committing that same
+    block does not write it a second time (``Chain.commit``'s ``stored``)."""
+    return height_key(T_BLOCK, height)
 
 
 @dataclass(frozen=True)
@@ -155,20 +165,33 @@ class Chain:
             self._validators = (self._head.height, state.validators(self.state))
         return self._validators[1]
 
-    def commit(self, block: Block, certificate: Certificate, execution: state.Execution) -> Head:
-        """Persist a block and everything it changes in one synced batch; return the new head."""
-        batch, head = self._commit_batch(block, certificate, execution)
+    def commit(
+        self,
+        block: Block,
+        certificate: Certificate,
+        execution: state.Execution,
+        *,
+        stored: bool = False,
+    ) -> Head:
+        """Persist a block and everything it changes in one synced batch; return the new head.
+        ``stored``: the block's bytes are at ``pending_block_key`` already."""
+        batch, head = self._commit_batch(block, certificate, execution, stored)
         self.kv.write(batch, sync=True)
         self._advance(head)
         return head
 
     async def commit_from_loop(
-        self, block: Block, certificate: Certificate, execution: state.Execution
+        self,
+        block: Block,
+        certificate: Certificate,
+        execution: state.Execution,
+        *,
+        stored: bool = False,
     ) -> Head:
         """``commit`` from the event loop: the batch is built here, written on a worker
         thread (``KV.write_from_loop``), which moves the head right after the write (as
         ``commit`` does), before the loop can read the new state under the old head."""
-        batch, head = self._commit_batch(block, certificate, execution)
+        batch, head = self._commit_batch(block, certificate, execution, stored)
         await self.kv.write_from_loop(batch, sync=True, then=lambda: self._advance(head))
         return head
 
@@ -176,13 +199,14 @@ class Chain:
         self._head = head
 
     def _commit_batch(
-        self, block: Block, certificate: Certificate, execution: state.Execution
+        self, block: Block, certificate: Certificate, execution: state.Execution, stored: bool
     ) -> tuple[dict[bytes, bytes | None], Head]:
         h = block.header
         assert h.height == self._head.height + 1, "blocks are committed in height order"
         head = Head(h.height, block.id, h.time, execution.digest)
         batch: dict[bytes, bytes | None] = {T_STATE + k: v for k, v in execution.changes.items()}
-        batch[height_key(T_BLOCK, h.height)] = block.raw
+        if not stored:
+            batch[height_key(T_BLOCK, h.height)] = block.raw
         batch[height_key(T_CERT, h.height)] = certificate.encode()
         batch[T_BLOCK_ID + block.id] = struct.pack(">Q", h.height)
         for index, tx_id in enumerate(block.tx_ids):
@@ -193,13 +217,11 @@ class Chain:
     # --- reads ----------------------------------------------------------------------------
 
     def block(self, height: int) -> Block:
-        raw = self.kv.get(height_key(T_BLOCK, height))
-        if raw is None:
-            raise NotFound(f"no block at height {height} (the head is {self._head.height})")
-        return Block.decode(raw, max_bytes=MAX_STORED_BLOCK)
+        return Block.decode(self.block_raw(height), max_bytes=MAX_STORED_BLOCK)
 
     def block_raw(self, height: int) -> bytes:
-        raw = self.kv.get(height_key(T_BLOCK, height))
+        # Above the head the key may hold a block not committed (``pending_block_key``).
+        raw = None if height > self._head.height else self.kv.get(height_key(T_BLOCK, height))
         if raw is None:
             raise NotFound(f"no block at height {height} (the head is {self._head.height})")
         return raw
