@@ -74,11 +74,15 @@ class Rebroadcast:
     received): this round's proposal and votes, ours and others'; the previous round's
     precommits, which let a node still in that round time out and follow us; and the
     prevotes that justify our valid value, which a later proposal of it names as pol_round.
-    Ours are in ``relay`` too, because after a restart the driver no longer holds them."""
+    Ours are in ``relay`` too, because after a restart the driver no longer holds them.
+    ``holders``: the validators whose votes of this round name its proposal's block, so
+    hold it (a validator votes only for a block it has); the proposal, megabytes, need not
+    go to them again."""
 
     height: int
     round: int
     relay: tuple[Proposal | Vote, ...] = ()
+    holders: frozenset[bytes] = frozenset()
 
 
 Action = RequestBlock | SignProposal | SignVote | ScheduleTimeout | Decide | Evidence | Rebroadcast

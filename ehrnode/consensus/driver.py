@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -42,9 +42,11 @@ MAX_EVIDENCE = 1000
 class Network(Protocol):
     """Where the driver's signed messages go (the p2p layer, or nowhere for one node)."""
 
-    def broadcast_proposal(self, proposal: Proposal) -> None: ...
+    def broadcast_proposal(self, proposal: Proposal, exclude: Collection[bytes] = ()) -> None:
+        """To every peer but the validators in ``exclude``."""
 
-    def broadcast_vote(self, vote: Vote) -> None: ...
+    def broadcast_vote(self, vote: Vote, exclude: Collection[bytes] = ()) -> None:
+        """To every peer but the validators in ``exclude``."""
 
     def broadcast_evidence(self, first: Vote, second: Vote) -> None: ...
 
@@ -52,10 +54,10 @@ class Network(Protocol):
 class NullNetwork:
     """A network of one: nothing to send to."""
 
-    def broadcast_proposal(self, proposal: Proposal) -> None:
+    def broadcast_proposal(self, proposal: Proposal, exclude: Collection[bytes] = ()) -> None:
         pass
 
-    def broadcast_vote(self, vote: Vote) -> None:
+    def broadcast_vote(self, vote: Vote, exclude: Collection[bytes] = ()) -> None:
         pass
 
     def broadcast_evidence(self, first: Vote, second: Vote) -> None:
@@ -304,10 +306,16 @@ class Driver:
             self._evidence(action.first, action.second)
             return []
         if isinstance(action, eng.Rebroadcast):
-            # Our own messages of the round, and what a peer may have missed (``relay``).
+            # Our own messages of the round, and what a peer may have missed (``relay``),
+            # not to their signer, and a proposal not to those who voted for its block.
             sent = self._sent.get((action.height, action.round), [])
             for message in {id(m): m for m in (*sent, *action.relay)}.values():
-                self._send(message)
+                if isinstance(message, Proposal):
+                    self.network.broadcast_proposal(
+                        message, {message.proposer, *action.holders} - {self.me}
+                    )
+                else:
+                    self.network.broadcast_vote(message, {message.validator} - {self.me})
             return []
         raise TypeError(action)
 

@@ -247,7 +247,7 @@ class Engine:
         elif kind == "precommit" and round_ == self.round:  # lines 65-67
             self._start_round(self.round + 1)
         elif kind == "rebroadcast" and round_ == self.round:
-            self._out.append(Rebroadcast(height, round_, self._relay()))
+            self._out.append(Rebroadcast(height, round_, self._relay(), self._holders()))
             self._out.append(
                 ScheduleTimeout(
                     "rebroadcast", height, round_, self.timeouts.delay("rebroadcast", round_)
@@ -269,6 +269,19 @@ class Engine:
             pol = self._tallies.get((self.valid_round, PREVOTE), _Tally())
             out.extend(pol.for_value(self.valid_value.id))
         return tuple(out)
+
+    def _holders(self) -> frozenset[bytes]:
+        """Validators whose votes of this round name its proposal's block."""
+        proposal = self._proposals.get(self.round)
+        if proposal is None:
+            return frozenset()
+        block_id = proposal.block.id
+        return frozenset(
+            validator
+            for step in (PREVOTE, PRECOMMIT)
+            for validator, by_value in self._tallies.get((self.round, step), _Tally()).votes.items()
+            if block_id in by_value
+        )
 
     def _flush(self) -> list[Action]:
         out, self._out = self._out, []

@@ -249,9 +249,9 @@ class Simulation:
             relay = {m.sig for m in action.relay}
             for message in node.sent.get((action.height, action.round), []):
                 if message.sig not in relay:
-                    self._broadcast(node, message)
+                    self._broadcast(node, message, action.holders)
             for message in action.relay:
-                self._relay(node, message)
+                self._relay(node, message, action.holders)
             if node.byzantine:
                 self.equivocators[node.index].rebroadcast(action.height, action.round)
         return []
@@ -333,23 +333,30 @@ class Simulation:
 
     # --- the network --------------------------------------------------------------------
 
-    def _broadcast(self, node: SimNode, message: Message) -> None:
+    def _broadcast(
+        self, node: SimNode, message: Message, holders: frozenset[bytes] = frozenset()
+    ) -> None:
+        """To everyone; a proposal resent (as the driver does) not to ``holders``, who
+        voted for its block."""
         self.checks.sent(node.index, node.key, message, honest=not node.byzantine)
         if self.trace is not None:
             self._log(f"n{node.index} sends {describe(message)}")
+        skip = holders if isinstance(message, Proposal) else frozenset()
         for peer in self.nodes:
-            if peer is not node:
+            if peer is not node and peer.key not in skip:
                 self._send(node, peer, message)
 
-    def _relay(self, node: SimNode, message: Message) -> None:
-        """Pass on a message: ours to everyone, another's to everyone but its signer."""
+    def _relay(self, node: SimNode, message: Message, holders: frozenset[bytes]) -> None:
+        """Pass on a message: ours to everyone, another's to everyone but its signer; a
+        proposal not to ``holders``."""
         signer = message.proposer if isinstance(message, Proposal) else message.validator
         if signer == node.key:
             if not node.byzantine:  # the equivocator resends its own split in _do
-                self._broadcast(node, message)
+                self._broadcast(node, message, holders)
             return
+        skip = holders if isinstance(message, Proposal) else frozenset()
         for peer in self.nodes:
-            if peer is not node and peer.key != signer:
+            if peer is not node and peer.key != signer and peer.key not in skip:
                 self._send(node, peer, message)
 
     def _send_one(self, node: SimNode, peer: SimNode, message: Message) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import OrderedDict
+from collections.abc import Collection
 from typing import Any
 
 from ehrnode.admission import Admission
@@ -42,11 +43,11 @@ class ConsensusGossip:
         switch.handlers["vote"] = self._on_vote
         switch.handlers["evidence"] = self._on_evidence
 
-    def broadcast_proposal(self, proposal: Proposal) -> None:
-        self.switch.broadcast("proposal", proposal=proposal.to_wire())
+    def broadcast_proposal(self, proposal: Proposal, exclude: Collection[bytes] = ()) -> None:
+        self.switch.broadcast("proposal", exclude=exclude, proposal=proposal.to_wire())
 
-    def broadcast_vote(self, vote: Vote) -> None:
-        self.switch.broadcast("vote", vote=vote.to_wire())
+    def broadcast_vote(self, vote: Vote, exclude: Collection[bytes] = ()) -> None:
+        self.switch.broadcast("vote", exclude=exclude, vote=vote.to_wire())
 
     def broadcast_evidence(self, first: Vote, second: Vote) -> None:
         self.switch.broadcast("evidence", a=first.to_wire(), b=second.to_wire())

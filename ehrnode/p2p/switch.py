@@ -25,7 +25,7 @@ import random
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 import aiohttp
@@ -200,11 +200,13 @@ class Switch:
 
     # --- sending --------------------------------------------------------------------------
 
-    def broadcast(self, kind: str, **fields: Any) -> None:
-        if not self.peers:
+    def broadcast(self, kind: str, *, exclude: Collection[bytes] = (), **fields: Any) -> None:
+        """One frame to every linked peer but those whose keys are in ``exclude``."""
+        peers = [peer for key, peer in self.peers.items() if key not in exclude]
+        if not peers:
             return
         frame = messages.encode(kind, **fields)
-        for peer in list(self.peers.values()):
+        for peer in peers:
             peer.send(frame)
 
     def send(self, peer: Peer, kind: str, **fields: Any) -> None:
