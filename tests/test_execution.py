@@ -155,3 +155,21 @@ def test_a_transaction_the_builder_drops_leaves_none_of_its_writes() -> None:
     overlay.changes.update(execution.changes)
     assert state.load(overlay, state.P_ACCT + patient.public_key)["nrec"] == 0
     assert state.load(overlay, state.P_ACCT + provider.public_key)["nonce"] == 1
+
+
+def test_a_proposer_stops_taking_transactions_when_its_build_budget_is_spent() -> None:
+    """Under load a 5,000-transaction block took seconds to build, longer than the others
+    wait for a proposal; the builder takes no more once its budget is spent."""
+    validator = crypto.Identity.generate()
+    genesis = make_genesis([validator])
+    chain = Chain(MemoryKV(), genesis)
+    now = genesis.genesis_time + 1000
+    pool = Mempool(chain.state, lambda: next_context(chain, now))
+    executor = Executor(chain, pool, lambda: now)
+    for _ in range(5):
+        patient = crypto.Identity.generate()
+        pool.add_relayed(tx.make(patient, genesis.chain_id, "register", 1, {"role": "patient"}))
+
+    assert len(executor.build(validator.public_key, None, budget_s=0.0).txs) == 1
+    assert len(executor.build(validator.public_key, None, budget_s=60.0).txs) == 5
+    assert len(executor.build(validator.public_key, None).txs) == 5

@@ -37,6 +37,9 @@ from ehrnode.store.db import KV
 
 log = logging.getLogger(__name__)
 MAX_EVIDENCE = 1000
+# A proposer takes transactions into its block for at most this share of the propose
+# timeout: the block must be built, recorded and sent before the others stop waiting.
+BUILD_SHARE_OF_PROPOSE_TIMEOUT = 0.25
 
 
 class Network(Protocol):
@@ -271,7 +274,8 @@ class Driver:
             return []
         if isinstance(action, eng.RequestBlock):
             assert self.me is not None
-            block = self.executor.build(self.me, self._last_certificate)
+            budget = self.engine.timeouts.propose * BUILD_SHARE_OF_PROPOSE_TIMEOUT
+            block = self.executor.build(self.me, self._last_certificate, budget_s=budget)
             return self.engine.on_block(action.height, action.round, block)
         if isinstance(action, eng.SignProposal):
             proposal = await self._sign_proposal(action)

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Collection
 from typing import Any
 
-from ehrnode.admission import Admission
+from ehrnode.admission import YIELD_EVERY, Admission
 from ehrnode.consensus.driver import Driver
 from ehrnode.core import codec, crypto
 from ehrnode.core.block import Proposal, Vote
@@ -111,9 +111,13 @@ class TxGossip:
         if batch:
             self.switch.broadcast("txs", txs=batch)
 
-    def _on_txs(self, peer: Peer, fields: dict[str, Any]) -> None:
+    async def _on_txs(self, peer: Peer, fields: dict[str, Any]) -> None:
+        """Admit a peer's transactions in order, giving the event loop a turn every
+        ``YIELD_EVERY`` (the link's next frame waits for this one)."""
         rejected = 0
-        for raw in fields["txs"]:
+        for n, raw in enumerate(fields["txs"], 1):
+            if n % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
             tx_id = crypto.sha256(raw)
             if self.admission.known(tx_id):
                 continue  # a block brought it first: no second signature check

@@ -13,6 +13,12 @@ reason logged. Outgoing frames go through a bounded per-peer queue, so a slow pe
 stall the node: when its queue is full it is dropped. Dialers reconnect with exponential
 backoff and jitter; websocket heartbeats detect dead links.
 
+Consensus first: the frames that carry bulk (relayed transactions, blobs, synced blocks:
+``BULK``) wait in the queue behind every other frame, and a link's socket buffers are
+capped (``LINK_BUFFER_BYTES``), so that bulk piles up in the sender's queue, where a
+proposal or vote overtakes it, and not in the kernel, where the receiver would have to
+read megabytes of transactions, seconds of signature checks under load, before it.
+
 Peers also fetch blobs from each other over HTTP on the same port (``/p2p/blobs/{hash}``),
 signed with the node key; only connected peers are served.
 """
@@ -24,7 +30,9 @@ import logging
 import random
 import re
 import secrets
+import socket
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
@@ -45,6 +53,8 @@ MAX_PEERS = 64
 _LISTEN = re.compile(r"^[A-Za-z0-9.\-]{1,253}:[0-9]{1,5}$|^\[[0-9A-Fa-f:.]{2,45}\]:[0-9]{1,5}$")
 HEARTBEAT = 5.0
 MAX_QUEUED_BYTES = 256 * 1024 * 1024
+BULK = frozenset({"txs", "blob_data", "blob_have", "blob_want", "blocks"})
+LINK_BUFFER_BYTES = 256 * 1024  # per direction; Linux doubles it for its own bookkeeping
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
 
 Handler = Callable[["Peer", dict[str, Any]], Awaitable[None] | None]
@@ -70,7 +80,9 @@ class Peer:
         self.ws = ws
         self.dialer_key = dialer_key
         self.height = 0
-        self._queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._first: deque[bytes] = deque()
+        self._bulk: deque[bytes] = deque()
+        self._wake = asyncio.Event()
         self._queued_bytes = 0
         self._writer: asyncio.Task[None] | None = None
         self.closed = False
@@ -82,7 +94,8 @@ class Peer:
     def start_writer(self) -> None:
         self._writer = asyncio.create_task(self._write(), name=f"peer-writer-{self.short}")
 
-    def send(self, frame: bytes) -> bool:
+    def send(self, frame: bytes, *, bulk: bool = False) -> bool:
+        """Queue ``frame``; a ``bulk`` one goes out after every frame that is not."""
         if self.closed:
             return False
         if self._queued_bytes + len(frame) > MAX_QUEUED_BYTES:
@@ -90,15 +103,18 @@ class Peer:
             self.close()
             return False
         self._queued_bytes += len(frame)
-        self._queue.put_nowait(frame)
+        (self._bulk if bulk else self._first).append(frame)
+        self._wake.set()
         return True
 
     async def _write(self) -> None:
         try:
-            while True:
-                frame = await self._queue.get()
-                if frame is None:
-                    return
+            while not self.closed:
+                if not self._first and not self._bulk:
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                frame = (self._first or self._bulk).popleft()
                 self._queued_bytes -= len(frame)
                 await self.ws.send_bytes(frame)
         except (ConnectionError, RuntimeError, aiohttp.ClientError):
@@ -107,7 +123,7 @@ class Peer:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self._queue.put_nowait(None)
+            self._wake.set()
             asyncio.get_running_loop().create_task(self.ws.close())
 
 
@@ -207,10 +223,10 @@ class Switch:
             return
         frame = messages.encode(kind, **fields)
         for peer in peers:
-            peer.send(frame)
+            peer.send(frame, bulk=kind in BULK)
 
     def send(self, peer: Peer, kind: str, **fields: Any) -> None:
-        peer.send(messages.encode(kind, **fields))
+        peer.send(messages.encode(kind, **fields), bulk=kind in BULK)
 
     # --- links ----------------------------------------------------------------------------
 
@@ -246,6 +262,7 @@ class Switch:
 
     async def _run_link(self, ws: Any, *, expected: bytes | None, dialer: bool) -> None:
         remote = "?"
+        _cap_buffers(ws)
         try:
             peer = await self._handshake(ws, expected, dialer)
             remote = peer.short
@@ -368,3 +385,16 @@ class Switch:
                 raise
             except EhrError as err:
                 raise PeerError(f"invalid '{kind}': {err}") from err
+
+
+def _cap_buffers(ws: Any) -> None:
+    """Cap a link's kernel buffers (``LINK_BUFFER_BYTES``): left to autotuning, a loopback
+    receive buffer grows to tens of megabytes, and a vote sent after them waits for them."""
+    sock = ws.get_extra_info("socket")
+    if sock is None:
+        return
+    for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, LINK_BUFFER_BYTES)
+        except OSError as err:  # not a TCP socket here; the link works as before
+            log.debug("could not cap a peer link's socket buffer: %s", err)

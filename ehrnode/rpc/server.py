@@ -249,12 +249,7 @@ class Api:
             ) from err
         if not isinstance(items, list) or not all(isinstance(i, bytes) for i in items):
             raise InvalidEncoding("a batch is a msgpack array of byte strings")
-        decoded: list[Tx | EhrError] = []
-        for item in items:
-            try:
-                decoded.append(self.admission.decode(item))
-            except EhrError as err:
-                decoded.append(err)
+        decoded = await self.admission.decode_batch(items)
         short = await self._short_of_replicas([t for t in decoded if isinstance(t, Tx)])
         results: list[dict[str, Any]] = []
         admitted: list[bytes] = []

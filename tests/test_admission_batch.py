@@ -1,0 +1,57 @@
+"""A batch of transactions from a client (or a peer's frame) is checked in order, a
+rejection in its place, and the event loop gets turns while the signatures are checked."""
+
+from __future__ import annotations
+
+import asyncio
+
+from helpers_core import make_genesis
+
+from ehrnode.admission import YIELD_EVERY, Admission
+from ehrnode.consensus.execution import next_context
+from ehrnode.core import crypto, tx
+from ehrnode.core.errors import EhrError
+from ehrnode.mempool import Mempool
+from ehrnode.store.chain import Chain
+from ehrnode.store.db import MemoryKV
+
+
+def _admission() -> tuple[Admission, str]:
+    genesis = make_genesis([crypto.Identity.generate()])
+    chain = Chain(MemoryKV(), genesis)
+    pool = Mempool(chain.state, lambda: next_context(chain, genesis.genesis_time))
+    return Admission(chain, pool, None, lambda: None), genesis.chain_id  # type: ignore[arg-type]
+
+
+async def test_a_batch_is_decoded_in_order_with_each_rejection_in_its_place() -> None:
+    admission, chain_id = _admission()
+    good = [
+        tx.make(crypto.Identity.generate(), chain_id, "register", 1, {"role": "patient"})
+        for _ in range(3)
+    ]
+    forged = bytearray(good[1].raw)
+    forged[good[1].raw.index(good[1].sig)] ^= 1  # a signature byte
+    out = await admission.decode_batch([good[0].raw, bytes(forged), good[2].raw, b"\x00"])
+    assert [t.id for t in (out[0], out[2])] == [good[0].id, good[2].id]  # type: ignore[union-attr]
+    assert isinstance(out[1], EhrError) and isinstance(out[3], EhrError)
+    assert "signature" in out[1].message
+
+
+async def test_the_event_loop_gets_turns_during_a_large_batch() -> None:
+    admission, chain_id = _admission()
+    raws = [
+        tx.make(crypto.Identity.generate(), chain_id, "register", 1, {"role": "patient"}).raw
+        for _ in range(3 * YIELD_EVERY)
+    ]
+    turns: list[int] = []
+
+    async def other() -> None:  # consensus, say: it runs between the batch's slices
+        while True:
+            turns.append(1)
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(other())
+    out = await admission.decode_batch(raws)
+    task.cancel()
+    assert all(not isinstance(t, EhrError) for t in out)
+    assert len(turns) >= 2
