@@ -69,8 +69,9 @@ class Executor:
     ) -> Block:
         """The next block from the mempool's transactions. ``budget_s``: stop taking more
         after that many seconds, so that a loaded proposer's block reaches the others
-        before their propose timeout (5,000 transactions took 2.6 s to build under load,
-        and every round failed until the timeout had grown past it)."""
+        before their propose timeout (under load, 2.6 s passed between a proposer's asking
+        for a 5,000-transaction block and its proposal leaving, and every round failed
+        until the timeout had grown past that)."""
         deadline = None if budget_s is None else time.perf_counter() + budget_s
         head = self.chain.head
         height = head.height + 1
