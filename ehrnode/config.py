@@ -49,7 +49,7 @@ class P2pConfig:
 
 @dataclass(frozen=True)
 class ConsensusConfig:
-    timeout_propose_s: float = 1.0
+    timeout_propose_s: float = 3.0
     timeout_propose_delta_s: float = 0.5
     timeout_vote_s: float = 0.5
     timeout_vote_delta_s: float = 0.5

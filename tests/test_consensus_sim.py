@@ -344,7 +344,11 @@ def test_f_plus_one_messages_of_a_later_round_make_a_node_skip_to_it() -> None:
     actions = driver.votes(PRECOMMIT, 5, None, [second])
     assert driver.engine.round == 5
     assert eng.ScheduleTimeout("rebroadcast", 1, 5, 1.0) in actions
-    assert eng.ScheduleTimeout("propose", 1, 5, 1.0 + 0.5 * 5) in actions
+    defaults = eng.Timeouts()
+    assert (
+        eng.ScheduleTimeout("propose", 1, 5, defaults.propose + 5 * defaults.propose_delta)
+        in actions
+    )
 
 
 def test_two_conflicting_votes_of_one_validator_are_evidence() -> None:

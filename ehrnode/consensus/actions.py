@@ -92,7 +92,7 @@ Action = RequestBlock | SignProposal | SignVote | ScheduleTimeout | Decide | Evi
 class Timeouts:
     """Seconds; each grows linearly with the round so that a slow network eventually fits."""
 
-    propose: float = 1.0
+    propose: float = 3.0
     propose_delta: float = 0.5
     prevote: float = 0.5
     prevote_delta: float = 0.5
