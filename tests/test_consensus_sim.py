@@ -12,14 +12,12 @@ import random
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Collection
-from types import SimpleNamespace
+from collections.abc import Callable
 from typing import TypeVar
 
 import pytest
 
 from ehrnode.consensus import engine as eng, sim
-from ehrnode.consensus.driver import Driver as RealDriver
 from ehrnode.consensus.sim_faults import SCENARIOS, Scenario
 from ehrnode.consensus.sim_node import CHAIN, SigningMemory, SimNode
 from ehrnode.consensus.validators import ValidatorSet
@@ -34,7 +32,6 @@ from ehrnode.core.block import (
     sign_vote,
 )
 from ehrnode.core.crypto import Identity
-from ehrnode.store.db import MemoryKV
 
 A = TypeVar("A", bound=eng.Action)
 DEFAULT_SEEDS = {"lossy": 300, "partition-crash": 300, "equivocate": 250, "faulty7": 150}
@@ -485,41 +482,3 @@ def test_rebroadcast_names_the_validators_that_voted_for_the_proposals_block() -
     driver.votes(PRECOMMIT, 0, v.id, [nil_voter])  # changed its mind: it has it after all
     (rebroadcast,) = _of(driver.timeout("rebroadcast", 0), eng.Rebroadcast)
     assert rebroadcast.holders == {me.public_key, prevoter.public_key, nil_voter.public_key}
-
-
-class _Recorder:
-    """The driver's network: who each message would go to, by exclusion."""
-
-    def __init__(self) -> None:
-        self.sent: list[tuple[Proposal | Vote, frozenset[bytes]]] = []
-
-    def broadcast_proposal(self, proposal: Proposal, exclude: Collection[bytes] = ()) -> None:
-        self.sent.append((proposal, frozenset(exclude)))
-
-    def broadcast_vote(self, vote: Vote, exclude: Collection[bytes] = ()) -> None:
-        self.sent.append((vote, frozenset(exclude)))
-
-    def broadcast_evidence(self, first: Vote, second: Vote) -> None:
-        raise AssertionError("no evidence here")
-
-
-async def test_the_driver_resends_a_proposal_only_to_those_not_known_to_hold_it() -> None:
-    me, proposer = _bystander(0), _proposer(1, 0)
-    prevoter = next(i for i in _others(me) if i != proposer)
-    v = _block(1, proposer)
-    proposal = sign_proposal(proposer, CHAIN, 0, -1, v)
-    vote = sign_vote(prevoter, CHAIN, PREVOTE, 1, 0, v.id)
-    mine = sign_vote(me, CHAIN, PREVOTE, 1, 0, v.id)
-    network = _Recorder()
-    executor = SimpleNamespace(chain=None, mempool=None, is_valid=lambda block: True)
-    driver = RealDriver(me, executor, MemoryKV(), network)  # type: ignore[arg-type]
-    driver._sent[(1, 0)] = [mine]
-    holders = frozenset({me.public_key, prevoter.public_key})
-    await driver._do(eng.Rebroadcast(1, 0, (proposal, vote, mine), holders))
-
-    assert {message.sig: exclude for message, exclude in network.sent} == {
-        proposal.sig: {proposer.public_key, prevoter.public_key},  # nor to its author
-        vote.sig: {prevoter.public_key},
-        mine.sig: frozenset(),
-    }
-    assert len(network.sent) == 3
