@@ -365,18 +365,19 @@ async def test_an_attachment_flows_to_every_replica_and_a_failed_upload_leaves_n
 async def test_a_validator_far_behind_asks_for_the_next_blocks_while_it_applies_a_batch(
     nodes: list[Node], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Block sync in batches (of 2 here): the request for the blocks after a batch goes out
-    before that batch is applied, and the node ends on the network's chain, saying how long
-    the catch-up took."""
-    monkeypatch.setattr(sync, "BATCH", 2)
+    """Block sync in batches (of 1, then 2, up to 4 here): the request for the blocks after
+    a batch goes out before that batch is applied, and the node ends on the network's
+    chain, saying how long the catch-up took."""
+    monkeypatch.setattr(sync, "FIRST_BATCH", 1)
+    monkeypatch.setattr(sync, "BATCH", 4)
     monkeypatch.setattr(sync, "LOG_BLOCKS", 4)
     caplog.set_level(logging.INFO, logger="ehrnode.p2p.sync")
     seen: list[tuple[sync.BlockSync, str, int, int]] = []  # every node's; a live one
     ask, apply = sync.BlockSync._ask, sync.BlockSync._apply  # may sync a block it missed
 
-    def spy_ask(self: sync.BlockSync, first: int) -> Any:
-        seen.append((self, "ask", first, 0))
-        return ask(self, first)
+    def spy_ask(self: sync.BlockSync, first: int, count: int) -> Any:
+        seen.append((self, "ask", first, count))
+        return ask(self, first, count)
 
     async def spy_apply(self: sync.BlockSync, items: list[Any]) -> None:
         seen.append((self, "apply", self.chain.head.height + 1, len(items)))
@@ -385,7 +386,7 @@ async def test_a_validator_far_behind_asks_for_the_next_blocks_while_it_applies_
     victim = nodes[0]
     home = victim.config.home
     await victim.stop()
-    for _ in range(8):
+    for _ in range(12):
         async with Client(nodes[1].rpc_url, crypto.Identity.generate()) as c:
             await c.register("patient")
     final = nodes[1].chain.head.height
@@ -407,7 +408,8 @@ async def test_a_validator_far_behind_asks_for_the_next_blocks_while_it_applies_
     await wait_for(said_how_long, 20, "the catch-up's log line")
     events = [event for who, *event in seen if who is restarted.sync]
     applies = [i for i, event in enumerate(events) if event[0] == "apply"]
-    assert len(applies) >= 3, events
+    assert len(applies) >= 4, events
+    assert [events[i][2] for i in applies[:3]] == [1, 2, 4], events  # each batch twice the last
     for i in applies[:-1]:
         _, first, count = events[i]
-        assert events[i - 1] == ["ask", first + count, 0], events
+        assert events[i - 1][:2] == ["ask", first + count], events
