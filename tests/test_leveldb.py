@@ -1,15 +1,18 @@
 """The LevelDB store: a clean close writes the memtable out, so the next start has no
-log to replay (and nothing to compact while its first requests come in)."""
+log to replay (and nothing to compact while its first requests come in); LevelDB's own
+background work runs below the node's threads."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from ehrnode.bench.bigchain import settle
-from ehrnode.store.db import LevelKV, MemoryKV
+from ehrnode.store.db import BACKGROUND_NICE, LevelKV, MemoryKV
 
 
 def log_bytes(path: Path) -> int:
@@ -92,3 +95,41 @@ def test_settling_a_bulk_load_leaves_one_level_and_nothing_for_reads_to_compact(
         assert all(kv.get(key) == value for key, value in loaded.items())
     finally:
         kv.close()
+
+
+PRIORITY_PROBE = """
+import os, pathlib, sys, threading
+from ehrnode.store.db import LevelKV
+
+kv = LevelKV(pathlib.Path(sys.argv[1]))
+for _ in range(64):  # 64 MB: two memtables' worth, written out by LevelDB's own thread
+    kv.write({os.urandom(16): os.urandom(100_000) for _ in range(10)}, sync=False)
+kv.close()  # waits for the node's worker threads; LevelDB's thread lives on
+python = {t.native_id for t in threading.enumerate()}
+for tid in os.listdir("/proc/self/task"):
+    fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+    print(int(tid) in python, fields[16], int(fields[11]) + int(fields[12]))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux's /proc")
+def test_leveldb_writes_out_and_compacts_below_the_node_s_own_threads(tmp_path: Path) -> None:
+    """LevelDB's background thread (memtable flushes, compactions) runs at a lower
+    priority than the node's threads, which stay at the default: on a busy machine a burst
+    of compactions takes the CPU consensus leaves, not the CPU it needs. (Each line of the
+    probe: a thread Python started or not, its nice value, its CPU ticks.)"""
+    result = subprocess.run(
+        [sys.executable, "-c", PRIORITY_PROBE, str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    threads = [line.split() for line in result.stdout.splitlines()]
+    python = [(int(nice), int(ticks)) for is_python, nice, ticks in threads if is_python == "True"]
+    native = [(int(nice), int(ticks)) for is_python, nice, ticks in threads if is_python != "True"]
+    base = python[0][0]  # the process's own (0 unless the tests run under nice)
+    assert all(nice == base for nice, _ in python), threads
+    lowered = [ticks for nice, ticks in native if nice == min(19, base + BACKGROUND_NICE)]
+    assert len(lowered) == 1, threads  # LevelDB's one background thread
+    assert lowered[0] > 0, threads  # and it wrote the memtables out

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import os
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,6 +27,15 @@ T = TypeVar("T")
 
 
 log = logging.getLogger(__name__)
+
+# LevelDB writes memtables out and compacts its tables on one background thread per
+# process. It runs 5 steps of nice below the node's own threads (about a quarter of a core
+# against one busy thread), so that a burst of compactions takes the CPU the node leaves,
+# not the CPU consensus needs; RocksDB offers the same (``LowerThreadPoolCPUPriority``).
+# Four validators writing the same blocks flush and compact at the same moment, and on two
+# cores that stalled commits for 1-2 s (docs/benchmarks.md, note 40).
+BACKGROUND_NICE = 5
+_background = {"lowered": False}
 
 
 class KV(Protocol):
@@ -69,6 +80,7 @@ class LevelKV:
     def __init__(self, path: Path, *, cache_mb: int = 64) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="leveldb")
+        threads_before = _native_threads()
         try:
             self._db = plyvel.DB(
                 str(path),
@@ -96,6 +108,15 @@ class LevelKV:
             ) from err
         except plyvel.CorruptionError as err:
             raise ConfigError(f"the database in {path} is corrupt: {err}") from err
+        if not _background["lowered"]:
+            # On a worker: the flush waits behind any compaction the open started.
+            self._workers.submit(self._lower_background_priority, threads_before)
+
+    def _lower_background_priority(self, threads_before: set[int]) -> None:
+        """Find LevelDB's background thread, the native thread that appeared since before
+        the open (a flush starts it, if the open did not), and lower its priority."""
+        self.flush()
+        _lower_priority(_native_threads() - threads_before)
 
     def get(self, key: bytes) -> bytes | None:
         value: bytes | None = self._db.get(key)
@@ -187,6 +208,26 @@ class LevelKV:
         """Write the memtable out to a table (LevelDB does that before compacting a range;
         this range holds no key, so that is all it does)."""
         self._db.compact_range(start=b"\x00", stop=b"\x00")
+
+
+def _native_threads() -> set[int]:
+    """This process's threads that Python did not start (Linux; empty elsewhere)."""
+    try:
+        tasks = {int(name) for name in os.listdir("/proc/self/task")}
+    except OSError:
+        return set()
+    return tasks - {t.native_id for t in threading.enumerate() if t.native_id is not None}
+
+
+def _lower_priority(threads: set[int]) -> None:
+    """Lower the new native threads' priority (LevelDB's background thread), once."""
+    for tid in threads:
+        try:
+            nice = os.getpriority(os.PRIO_PROCESS, tid)
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, nice + BACKGROUND_NICE))
+        except OSError:  # gone, or not allowed: LevelDB runs as before
+            continue
+        _background["lowered"] = True
 
 
 def _prefix_end(prefix: bytes) -> bytes | None:
