@@ -109,14 +109,17 @@ class LevelKV:
         except plyvel.CorruptionError as err:
             raise ConfigError(f"the database in {path} is corrupt: {err}") from err
         if not _background["lowered"]:
-            # On a worker: the flush waits behind any compaction the open started.
-            self._workers.submit(self._lower_background_priority, threads_before)
+            self._lower_background_priority(threads_before)
 
     def _lower_background_priority(self, threads_before: set[int]) -> None:
         """Find LevelDB's background thread, the native thread that appeared since before
-        the open (a flush starts it, if the open did not), and lower its priority."""
-        self.flush()
-        _lower_priority(_native_threads() - threads_before)
+        the open, and lower its priority. The open starts it when it leaves work behind;
+        otherwise a flush does (of an empty memtable, with no work to wait behind)."""
+        started = _native_threads() - threads_before
+        if not started:
+            self.flush()
+            started = _native_threads() - threads_before
+        _lower_priority(started)
 
     def get(self, key: bytes) -> bytes | None:
         value: bytes | None = self._db.get(key)
