@@ -80,7 +80,7 @@ class LevelKV:
     def __init__(self, path: Path, *, cache_mb: int = 64) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="leveldb")
-        threads_before = _native_threads()
+        threads_before = set() if _background["lowered"] else _native_threads()
         try:
             self._db = plyvel.DB(
                 str(path),
