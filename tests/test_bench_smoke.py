@@ -42,6 +42,10 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
         for phase, unit in (("throughput", "transaction"), ("import", "resource")):
             head = f"{phase}: validator CPU by thread, us a {unit} a validator: event-loop"
             assert any(n.startswith(head) for n in figures["notes"]), figures["notes"]
+    # A process that starts takes page faults: the client's count is read, not left at 0.
+    client = [n for n in figures["notes"] if n.startswith("import: the ehr import process")]
+    assert len(client) == 1, figures["notes"]
+    assert int(client[0].split(" took ")[1].split()[0].replace(",", "")) > 0, client[0]
 
 
 async def test_stage_timers_account_for_one_signature_check_per_node(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import threading
 import time
@@ -51,27 +52,42 @@ def test_a_process_that_is_gone_reads_as_none(tmp_path: Path) -> None:
 
 
 def test_a_command_name_with_spaces_and_parentheses_is_read_right(tmp_path: Path) -> None:
-    # Fields after the name: state, ppid, ... utime is the 14th field and stime the 15th.
-    rest = " ".join(["S"] + ["0"] * 10 + ["{u}", "{s}"] + ["0"] * 30)
+    # Fields after the name: state, ppid, ... minflt is the 10th field, utime the 14th and
+    # stime the 15th.
+    rest = " ".join(["S"] + ["0"] * 6 + ["{f}"] + ["0"] * 3 + ["{u}", "{s}"] + ["0"] * 30)
     (tmp_path / "7" / "task" / "7").mkdir(parents=True)
-    (tmp_path / "7" / "stat").write_text("7 (ehr node (x)) " + rest.format(u=500, s=300))
+    (tmp_path / "7" / "stat").write_text("7 (ehr node (x)) " + rest.format(f=900, u=500, s=300))
     (tmp_path / "7" / "task" / "7" / "stat").write_text(
-        "7 (ehr node (x)) " + rest.format(u=400, s=100)
+        "7 (ehr node (x)) " + rest.format(f=600, u=400, s=100)
     )
     ticks = os.sysconf("SC_CLK_TCK")
     reading = thread_cpu(7, proc=tmp_path)
-    assert reading == ThreadCpu(400 / ticks, 100 / ticks, 100 / ticks, 200 / ticks)
+    # The faults are the process's (every thread's), from its own line.
+    assert reading == ThreadCpu(400 / ticks, 100 / ticks, 100 / ticks, 200 / ticks, 900)
+
+
+@linux_only
+def test_memory_touched_for_the_first_time_counts_as_page_faults() -> None:
+    before = thread_cpu(os.getpid())
+    assert before is not None
+    size = 16 * 1024 * 1024
+    with mmap.mmap(-1, size) as fresh:  # anonymous: no page is there until touched
+        for offset in range(0, size, mmap.PAGESIZE):
+            fresh[offset] = 1
+        after = thread_cpu(os.getpid())
+    assert after is not None
+    assert (after - before).faults >= size // mmap.PAGESIZE * 0.9
 
 
 def test_the_note_gives_microseconds_a_unit_a_validator() -> None:
     zero = ThreadCpu(0, 0, 0, 0)
     # Two validators, 1,000 transactions: 0.2 s main user on each = 200 us a transaction.
-    after = [ThreadCpu(0.2, 0.05, 0.01, 0.04)] * 2
+    after = [ThreadCpu(0.2, 0.05, 0.01, 0.04, 3000)] * 2
     note = split_note("throughput", [zero, zero], after, 1000, "transaction")
     assert note == (
         "throughput: validator CPU by thread, us a transaction a validator: event-loop "
         "thread 250 (user 200, system 50), helper threads 50 (user 10, system 40); "
-        "system time 30% of it"
+        "system time 30% of it; 3.0 page faults a transaction a validator"
     )
 
 

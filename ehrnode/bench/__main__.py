@@ -143,6 +143,12 @@ async def _network_measures(
             "import", threads_before, net.thread_cpu(), figures["import_resources"], "resource"
         )
         notes.extend([by_thread] if by_thread else [])
+        if figures["import_resources"]:
+            faults = figures["import_client_faults"]
+            notes.append(
+                f"import: the ehr import process and its workers took {faults:,} page faults, "
+                f"{faults / figures['import_resources']:.1f} a resource"
+            )
         if times:
             unit = ("resource", figures["import_resources"])
             notes.extend(

@@ -59,11 +59,11 @@ def import_bundles(net: Network, files: list[Path], keys_dir: Path) -> dict[str,
         str(keys_dir),
         *[str(f) for f in files],
     ]
-    nodes_before, client_before = net.cpu_s(), _children_cpu_s()
+    nodes_before, client_before = net.cpu_s(), _children_usage()
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     elapsed = time.perf_counter() - started
-    nodes_after, client_after = net.cpu_s(), _children_cpu_s()
+    nodes_after, client_after = net.cpu_s(), _children_usage()
     if result.returncode != 0:
         raise RuntimeError(f"ehr import failed: {result.stderr.strip()[-500:]}")
     report = json.loads(result.stdout)
@@ -72,16 +72,18 @@ def import_bundles(net: Network, files: list[Path], keys_dir: Path) -> dict[str,
         "import_resources_per_s": written / elapsed,
         "import_resources": written,
         # the client process and the worker processes it waited for
-        "import_client_cpu_s": client_after - client_before,
+        "import_client_cpu_s": client_after[0] - client_before[0],
+        "import_client_faults": client_after[1] - client_before[1],
     }
     if nodes_before is not None and nodes_after is not None:
         figures["import_validators_cpu_s"] = sum(nodes_after) - sum(nodes_before)
     return figures
 
 
-def _children_cpu_s() -> float:
+def _children_usage() -> tuple[float, int]:
+    """CPU seconds and minor page faults of the child processes waited for so far."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+    return usage.ru_utime + usage.ru_stime, usage.ru_minflt
 
 
 async def block_sync(net: Network, raws: list[bytes], live_rate: float | None) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """Where a validator's CPU goes by thread: its event loop's thread against its helper
 threads (LevelDB's flushes and compactions, the writer threads of blob and block writes),
-user time against the kernel's, from ``/proc/PID/task`` (Linux).
+user time against the kernel's, from ``/proc/PID/task`` (Linux); and the page faults the
+process took, each a page of memory touched for the first time (on this machine's virtual
+machine 12-17 us apiece for memory it had not used before, docs/benchmarks.md note 41).
 
 The benchmark prints the split for the throughput phase and the import. Sampling
 profilers attribute a helper's time badly and the stage timers see only the event loop's
@@ -17,12 +19,14 @@ from pathlib import Path
 @dataclass(frozen=True)
 class ThreadCpu:
     """CPU seconds a process has used so far: its main thread's, and the rest (threads
-    running now and those already ended), each as user and system time."""
+    running now and those already ended), each as user and system time; and its minor
+    page faults (every thread's)."""
 
     main_user: float
     main_system: float
     other_user: float
     other_system: float
+    faults: int = 0
 
     @property
     def total(self) -> float:
@@ -34,6 +38,7 @@ class ThreadCpu:
             self.main_system - earlier.main_system,
             self.other_user - earlier.other_user,
             self.other_system - earlier.other_system,
+            self.faults - earlier.faults,
         )
 
     def __add__(self, other: ThreadCpu) -> ThreadCpu:
@@ -42,6 +47,7 @@ class ThreadCpu:
             self.main_system + other.main_system,
             self.other_user + other.other_user,
             self.other_system + other.other_system,
+            self.faults + other.faults,
         )
 
 
@@ -52,18 +58,20 @@ def _clock_ticks() -> int:
         return 100
 
 
-def _user_system(stat_file: Path) -> tuple[int, int]:
-    # The command name (field 2) is in parentheses and may hold spaces: split after it.
-    fields = stat_file.read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]), int(fields[12])
+def _stat_fields(stat_file: Path) -> list[str]:
+    """The fields after the command name (field 2, in parentheses, may hold spaces): the
+    state is [0], minor faults (field 10) [7], user and system time (14, 15) [11], [12]."""
+    return stat_file.read_text().rsplit(")", 1)[1].split()
 
 
 def thread_cpu(pid: int, proc: Path = Path("/proc")) -> ThreadCpu | None:
     """``pid``'s CPU by thread so far, or None where there is no such ``/proc`` entry."""
     ticks = _clock_ticks()
     try:
-        total_user, total_system = _user_system(proc / str(pid) / "stat")
-        main_user, main_system = _user_system(proc / str(pid) / "task" / str(pid) / "stat")
+        whole = _stat_fields(proc / str(pid) / "stat")
+        main = _stat_fields(proc / str(pid) / "task" / str(pid) / "stat")
+        total_user, total_system, faults = int(whole[11]), int(whole[12]), int(whole[7])
+        main_user, main_system = int(main[11]), int(main[12])
     except (OSError, IndexError, ValueError):
         return None
     # The process's own line counts every thread, ended ones included.
@@ -72,6 +80,7 @@ def thread_cpu(pid: int, proc: Path = Path("/proc")) -> ThreadCpu | None:
         main_system / ticks,
         max(0, total_user - main_user) / ticks,
         max(0, total_system - main_system) / ticks,
+        faults,
     )
 
 
@@ -83,10 +92,11 @@ def split_note(
     unit: str,
 ) -> str | None:
     """One line: the validators' CPU per ``unit`` per validator between two readings,
-    by thread; None when a reading is missing or nothing was counted."""
+    by thread, and their page faults; None when a reading is missing or nothing was
+    counted."""
     if count <= 0 or not before or not after:
         return None
-    total = sum((a - b for a, b in zip(after, before, strict=True)), ThreadCpu(0, 0, 0, 0))
+    total = sum((a - b for a, b in zip(after, before, strict=True)), ThreadCpu(0, 0, 0, 0, 0))
     scale = 1e6 / count / len(after)
     main = (total.main_user + total.main_system) * scale
     other = (total.other_user + total.other_system) * scale
@@ -98,5 +108,6 @@ def split_note(
         f"{main:.0f} (user {total.main_user * scale:.0f}, system "
         f"{total.main_system * scale:.0f}), helper threads {other:.0f} (user "
         f"{total.other_user * scale:.0f}, system {total.other_system * scale:.0f}); "
-        f"system time {(total.main_system + total.other_system) * scale / whole:.0%} of it"
+        f"system time {(total.main_system + total.other_system) * scale / whole:.0%} of it; "
+        f"{total.faults / count / len(after):.1f} page faults a {unit} a validator"
     )
