@@ -80,7 +80,7 @@ class LevelKV:
     def __init__(self, path: Path, *, cache_mb: int = 64) -> None:
         path.mkdir(parents=True, exist_ok=True)
         self._workers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="leveldb")
-        threads_before = set() if _background["lowered"] else _native_threads()
+        threads_before = None if _background["lowered"] else _native_threads()
         try:
             self._db = plyvel.DB(
                 str(path),
@@ -108,17 +108,17 @@ class LevelKV:
             ) from err
         except plyvel.CorruptionError as err:
             raise ConfigError(f"the database in {path} is corrupt: {err}") from err
-        if not _background["lowered"]:
+        if threads_before is not None:
             self._lower_background_priority(threads_before)
 
     def _lower_background_priority(self, threads_before: set[int]) -> None:
         """Find LevelDB's background thread, the native thread that appeared since before
         the open, and lower its priority. The open starts it when it leaves work behind;
         otherwise a flush does (of an empty memtable, with no work to wait behind)."""
-        started = _native_threads() - threads_before
+        started = (_native_threads() or set()) - threads_before
         if not started:
             self.flush()
-            started = _native_threads() - threads_before
+            started = (_native_threads() or set()) - threads_before
         _lower_priority(started)
 
     def get(self, key: bytes) -> bytes | None:
@@ -213,12 +213,13 @@ class LevelKV:
         self._db.compact_range(start=b"\x00", stop=b"\x00")
 
 
-def _native_threads() -> set[int]:
-    """This process's threads that Python did not start (Linux; empty elsewhere)."""
+def _native_threads() -> set[int] | None:
+    """This process's threads that Python did not start; None where there is no
+    ``/proc/self/task`` to list them (not Linux), so nothing is looked for."""
     try:
         tasks = {int(name) for name in os.listdir("/proc/self/task")}
     except OSError:
-        return set()
+        return None
     return tasks - {t.native_id for t in threading.enumerate() if t.native_id is not None}
 
 
