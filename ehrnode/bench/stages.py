@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import functools
 import inspect
+import os
 import shutil
 import sys
 import tempfile
@@ -31,7 +32,7 @@ from typing import Any
 import aiohttp
 import msgpack
 
-from ehrnode import admission, mempool
+from ehrnode import admission, compiled, mempool
 from ehrnode.bench import workload
 from ehrnode.bench.throughput import split_by_node
 from ehrnode.blobs import replication, store as blobstore
@@ -151,6 +152,8 @@ class Timers:
 
 
 async def measure(root: Path, records: int) -> str:
+    if compiled.active():
+        raise RuntimeError("stage timers need the Python sources: set EHR_PURE_PYTHON=1")
     timers = Timers()
     timers.install()
     try:
@@ -234,9 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "records", nargs="?", type=int, default=6000, help="records to send (default 6000)"
     )
-    records = parser.parse_args(sys.argv[1:] if argv is None else argv).records
+    args = sys.argv[1:] if argv is None else argv
+    records = parser.parse_args(args).records
     if records < 1:
         parser.error("records must be at least 1")
+    if compiled.active():
+        # Timers wrap Python functions; a compiled module calls its neighbours directly.
+        print("note: timing the Python sources (EHR_PURE_PYTHON=1), not the compiled build")
+        sys.stdout.flush()
+        command = [sys.executable, "-m", "ehrnode.bench.stages", *args]
+        os.execve(sys.executable, command, {**os.environ, compiled.PURE_ENV: "1"})
     root = Path(tempfile.mkdtemp(prefix="ehr-stages-"))
     try:
         print(asyncio.run(measure(root, records)))

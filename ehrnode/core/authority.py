@@ -32,7 +32,7 @@ from ehrnode.core.errors import InvalidEncoding, InvalidTransaction
 from ehrnode.core.statekv import BlockContext, Overlay, StateReader, load, save
 from ehrnode.core.tx import Tx
 
-K_VALS = b"vals"
+K_VALS: bytes = b"vals"
 K_PENDING = b"vpend"
 P_FROM = b"vfrom"
 P_VOTE = b"vvote"

@@ -101,8 +101,9 @@ def _sorted_pairs(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_BYTES, typed: bool = True) -> Value:
-    """Parse canonical msgpack, rejecting anything non-canonical or over the limits.
+def decode(data: object, *, max_bytes: int = DEFAULT_MAX_BYTES, typed: bool = True) -> Value:
+    """Parse canonical msgpack, rejecting anything non-canonical or over the limits (and
+    anything that is not bytes: typed ``object`` so that compiled code refuses it here).
 
     ``typed=False`` leaves out the walk over the parsed value's types (no float, nesting
     within ``MAX_DEPTH``) for a caller that checks the type of every value itself, as a

@@ -34,12 +34,12 @@ from ehrnode.core.errors import InvalidEncoding, NotAuthorised
 PUBLIC_KEY_BYTES = 32
 SIGNATURE_BYTES = 64
 HASH_BYTES = 32
-DATA_KEY_BYTES = nacl.secret.SecretBox.KEY_SIZE
+DATA_KEY_BYTES: int = nacl.secret.SecretBox.KEY_SIZE
 # A SealedBox adds an ephemeral public key and a MAC to the 32-byte data key.
-WRAPPED_KEY_BYTES = DATA_KEY_BYTES + nacl.bindings.crypto_box_SEALBYTES
+WRAPPED_KEY_BYTES: int = DATA_KEY_BYTES + nacl.bindings.crypto_box_SEALBYTES
 # A batch wrap (KeyWrapper): the same ephemeral key, MAC and data key, plus the nonce.
-BATCH_WRAPPED_KEY_BYTES = WRAPPED_KEY_BYTES + nacl.public.Box.NONCE_SIZE
-WRAPPED_KEY_SIZES = (WRAPPED_KEY_BYTES, BATCH_WRAPPED_KEY_BYTES)
+BATCH_WRAPPED_KEY_BYTES: int = WRAPPED_KEY_BYTES + nacl.public.Box.NONCE_SIZE
+WRAPPED_KEY_SIZES: tuple[int, int] = (WRAPPED_KEY_BYTES, BATCH_WRAPPED_KEY_BYTES)
 
 DOMAIN_TX = b"ehrnode/tx/v1\x00"
 DOMAIN_VOTE = b"ehrnode/vote/v1\x00"

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from ehrnode.core import authority
 
-K_VALS = authority.K_VALS
+K_VALS: bytes = authority.K_VALS
 P_ACCT = b"acct"
 P_REC = b"rec"
 P_PREC = b"prec"

@@ -360,15 +360,16 @@ def _unsigned(
 _SHAPE_ONLY = {"evidence"}
 
 
-def make(identity: crypto.Identity, chain: str, kind: str, nonce: int, body: dict[str, Any]) -> Tx:
-    """Build and sign a transaction (what a client does)."""
+def make(identity: crypto.Identity, chain: str, kind: str, nonce: int, body: Any) -> Tx:
+    """Build and sign a transaction (what a client does). ``body``: a map, checked against
+    ``kind``'s spec (typed ``Any`` so that a wrong type gets that check's error)."""
     raw, tx_id = sign(identity, chain, kind, nonce, body)
     signed = codec.decode_trusted(raw)  # the canonical body: keys sorted, lists
     return Tx(chain, kind, identity.public_key, nonce, signed["body"], signed["sig"], raw, tx_id)
 
 
 def sign(
-    identity: crypto.Identity, chain: str, kind: str, nonce: int, body: dict[str, Any]
+    identity: crypto.Identity, chain: str, kind: str, nonce: int, body: Any
 ) -> tuple[bytes, bytes]:
     """``make``'s bytes and id only, for a client that sends them (the decoded canonical
     body's round trip was a tenth of ``ehr import``'s main thread)."""
