@@ -32,13 +32,14 @@ import ehrnode.core
 
 PACKAGE = Path(__file__).resolve().parent
 PURE_ENV = "EHR_PURE_PYTHON"
-# Relative to the package. Not errors.py: mypyc's exception classes lose the class
-# attributes (an error's HTTP status) that the RPC reads.
+# Relative to the package. Left as Python: errors.py (mypyc's exception classes lose the
+# class attributes, an error's HTTP status, that the RPC reads); block.py (a vote built
+# from the wire would keep True as 1, past its bool check); crypto.py (a compiled class
+# has no __dict__, so Identity's cached_property would derive the key pair at every use).
 MODULES = (
     "core/access.py",
     "core/authority.py",
     "core/codec.py",
-    "core/crypto.py",
     "core/layout.py",
     "core/merkle.py",
     "core/records.py",

@@ -47,6 +47,23 @@ def test_identity_is_determined_by_its_seed() -> None:
     assert ALICE.public_key != BOB.public_key
 
 
+def test_an_identity_derives_its_key_pair_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deriving the key pair is a scalar multiplication, as costly as a signature: a client
+    signing thousands of transactions, or a node its votes, must not pay it at each."""
+    made = []
+    real = crypto.nacl.signing.SigningKey
+
+    def counting(seed: bytes) -> object:
+        made.append(seed)
+        return real(seed)
+
+    monkeypatch.setattr(crypto.nacl.signing, "SigningKey", counting)
+    me = crypto.Identity(bytes(range(32)))
+    for _ in range(3):
+        assert crypto.verify(me.public_key, b"", b"m", me.sign(b"", b"m"))
+    assert len(made) == 1
+
+
 def test_generated_identities_differ() -> None:
     assert crypto.Identity.generate().public_key != crypto.Identity.generate().public_key
 
