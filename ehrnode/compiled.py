@@ -13,8 +13,9 @@ Python until the next build.
 
 ``EHR_PURE_PYTHON=1`` runs the sources as Python even where a build exists. Without a C
 compiler or Python's headers the build fails with a note and everything runs as Python.
-In the bench's network the build took 17% off a validator's CPU a transaction
-(docs/benchmarks.md, note 42).
+The build takes about 4% off a validator's CPU a transaction in the bench's network (nine
+alternating pairs) and 8% with four validators in one process (docs/benchmarks.md, note
+42).
 """
 
 from __future__ import annotations
