@@ -361,8 +361,7 @@ _SHAPE_ONLY = {"evidence"}
 
 
 def make(identity: crypto.Identity, chain: str, kind: str, nonce: int, body: Any) -> Tx:
-    """Build and sign a transaction (what a client does). ``body``: a map, checked against
-    ``kind``'s spec (typed ``Any`` so that a wrong type gets that check's error)."""
+    """Build and sign a transaction (what a client does); any ``body`` gets check_body's checks."""
     raw, tx_id = sign(identity, chain, kind, nonce, body)
     signed = codec.decode_trusted(raw)  # the canonical body: keys sorted, lists
     return Tx(chain, kind, identity.public_key, nonce, signed["body"], signed["sig"], raw, tx_id)
