@@ -41,9 +41,10 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     # The interpreter's binary, since two builds of one Python version differ by a tenth.
     assert Path(figures["machine"]["interpreter"]).is_file()
     assert "verify_per_s_per_core" in result.stdout  # the table went to stdout
-    if Path("/proc/self/task").is_dir():  # Linux: the validators' CPU split by thread
-        for phase, unit in (("throughput", "transaction"), ("import", "resource")):
-            head = f"{phase}: validator CPU by thread, us a {unit} a validator: event-loop"
+    if Path("/proc/self/task").is_dir():  # Linux: the validators' CPU read by thread
+        for phase in ("throughput", "import"):
+            # Split, or (a smoke phase being a few clock ticks) said to be too short.
+            head = f"{phase}: validator CPU by thread"
             assert any(n.startswith(head) for n in figures["notes"]), figures["notes"]
     # A process that starts takes page faults: the client's count is read, not left at 0.
     client = [n for n in figures["notes"] if n.startswith("import: the ehr import process")]

@@ -83,9 +83,9 @@ def test_memory_touched_for_the_first_time_counts_as_page_faults() -> None:
 
 def test_the_note_gives_microseconds_a_unit_a_validator() -> None:
     zero = ThreadCpu(0, 0, 0, 0)
-    # Two validators, 1,000 transactions: 0.2 s main user on each = 200 us a transaction.
-    after = [ThreadCpu(0.2, 0.05, 0.01, 0.04, 3000)] * 2
-    note = split_note("throughput", [zero, zero], after, 1000, "transaction")
+    # Two validators, 10,000 transactions: 2 s main user on each = 200 us a transaction.
+    after = [ThreadCpu(2.0, 0.5, 0.1, 0.4, 30000)] * 2
+    note = split_note("throughput", [zero, zero], after, 10_000, "transaction")
     assert note == (
         "throughput: validator CPU by thread, us a transaction a validator: event-loop "
         "thread 250 (user 200, system 50), helper threads 50 (user 10, system 40); "
@@ -98,3 +98,16 @@ def test_no_note_without_readings_or_work() -> None:
     assert split_note("import", None, [zero], 10, "resource") is None
     assert split_note("import", [zero], [zero], 0, "resource") is None
     assert split_note("import", [zero], [zero], 10, "resource") is None
+
+
+def test_no_note_from_a_few_clock_ticks() -> None:
+    """A smoke run's phase is a few ticks of CPU: its split would be noise (it once gave
+    helper threads a negative time)."""
+    zero = ThreadCpu(0, 0, 0, 0)
+    short = [ThreadCpu(0.3, 0.02, 0.0, 0.01, 50)] * 4
+    assert split_note("throughput", [zero] * 4, short, 300, "transaction") == (
+        "throughput: validator CPU by thread not split: 0.33 s a validator is too few clock ticks"
+    )
+    enough = [ThreadCpu(0.55, 0.02, 0.02, 0.01, 50)] * 4
+    note = split_note("throughput", [zero] * 4, enough, 300, "transaction")
+    assert note is not None and "helper threads 100 (user 67, system 33)" in note

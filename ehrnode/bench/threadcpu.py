@@ -15,6 +15,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+# Below this much CPU a validator, a split by thread is a handful of clock ticks (10 ms
+# each): a smoke run's helper threads came out at -17 us a transaction.
+MIN_SPLIT_S = 0.5
+
 
 @dataclass(frozen=True)
 class ThreadCpu:
@@ -68,8 +72,10 @@ def thread_cpu(pid: int, proc: Path = Path("/proc")) -> ThreadCpu | None:
     """``pid``'s CPU by thread so far, or None where there is no such ``/proc`` entry."""
     ticks = _clock_ticks()
     try:
-        whole = _stat_fields(proc / str(pid) / "stat")
+        # The main thread first: the process's line, read after it, then counts at least
+        # as much as the main thread's, so the helpers' share is never below zero.
         main = _stat_fields(proc / str(pid) / "task" / str(pid) / "stat")
+        whole = _stat_fields(proc / str(pid) / "stat")
         total_user, total_system, faults = int(whole[11]), int(whole[12]), int(whole[7])
         main_user, main_system = int(main[11]), int(main[12])
     except (OSError, IndexError, ValueError):
@@ -93,7 +99,8 @@ def split_note(
 ) -> str | None:
     """One line: the validators' CPU per ``unit`` per validator between two readings,
     by thread, and their page faults; None when a reading is missing or nothing was
-    counted."""
+    counted. Too little CPU for a split to mean anything (the kernel counts in clock
+    ticks, and a smoke run's phase is a few of them) is said instead of split."""
     if count <= 0 or not before or not after:
         return None
     total = sum((a - b for a, b in zip(after, before, strict=True)), ThreadCpu(0, 0, 0, 0, 0))
@@ -103,6 +110,11 @@ def split_note(
     whole = main + other
     if whole <= 0:
         return None
+    if total.total / len(after) < MIN_SPLIT_S:
+        return (
+            f"{phase}: validator CPU by thread not split: {total.total / len(after):.2f} s "
+            "a validator is too few clock ticks"
+        )
     return (
         f"{phase}: validator CPU by thread, us a {unit} a validator: event-loop thread "
         f"{main:.0f} (user {total.main_user * scale:.0f}, system "
