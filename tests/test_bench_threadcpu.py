@@ -100,7 +100,7 @@ def test_no_note_without_readings_or_work() -> None:
     assert split_note("import", [zero], [zero], 10, "resource") is None
 
 
-def test_no_note_from_a_few_clock_ticks() -> None:
+def test_a_few_clock_ticks_are_not_split() -> None:
     """A smoke run's phase is a few ticks of CPU: its split would be noise (it once gave
     helper threads a negative time)."""
     zero = ThreadCpu(0, 0, 0, 0)

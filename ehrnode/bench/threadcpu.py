@@ -73,7 +73,8 @@ def thread_cpu(pid: int, proc: Path = Path("/proc")) -> ThreadCpu | None:
     ticks = _clock_ticks()
     try:
         # The main thread first: the process's line, read after it, then counts at least
-        # as much as the main thread's, so the helpers' share is never below zero.
+        # as much, so no reading gives the helpers less than nothing (the difference of
+        # two can still be a tick off either way: ``MIN_SPLIT_S``).
         main = _stat_fields(proc / str(pid) / "task" / str(pid) / "stat")
         whole = _stat_fields(proc / str(pid) / "stat")
         total_user, total_system, faults = int(whole[11]), int(whole[12]), int(whole[7])
