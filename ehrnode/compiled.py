@@ -103,8 +103,9 @@ def build() -> Path:
     """Compile ``MODULES`` for the sources as they are now, unless done; the build's folder.
 
     Raises ``subprocess.CalledProcessError`` (with mypyc's output) when mypyc fails."""
-    if (build_dir() / "complete").is_file():
-        return build_dir()
+    done = build_dir()
+    if (done / "complete").is_file():
+        return done
     with tempfile.TemporaryDirectory(prefix="ehrnode-mypyc-") as scratch:
         work = Path(scratch)
         shutil.copytree(PACKAGE, work / "ehrnode", ignore=shutil.ignore_patterns("__pycache__"))

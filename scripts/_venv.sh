@@ -61,7 +61,7 @@ if [ ! -f "$stamp" ] || [ "$root/pyproject.toml" -nt "$stamp" ]; then
     fi
     touch "$stamp"
 fi
-# The transaction path compiled with mypyc, for the sources as they are now (about 30 s
+# The transaction path compiled with mypyc, for the sources as they are now (about 25 s
 # after an edit; nothing when up to date; a note and pure Python where it cannot build).
 "$venv/bin/python" -c 'import sys; from ehrnode.compiled import main; sys.exit(main())'
 export PATH="$venv/bin:$PATH"
