@@ -56,6 +56,10 @@ MAX_QUEUED_BYTES = 256 * 1024 * 1024
 BULK = frozenset({"txs", "blob_data", "blob_have", "blob_want", "blocks"})
 LINK_BUFFER_BYTES = 256 * 1024  # per direction; Linux doubles it for its own bookkeeping
 BACKOFF_MIN, BACKOFF_MAX = 0.2, 10.0
+# A link that ends this soon after its handshake was refused or dropped by the other end
+# (we are not a validator there yet, say): it is redialed after a backoff, as a failed
+# dial is, but one capped at RELINK_MAX, so a node voted into the set links within seconds.
+SHORT_LINK_S, RELINK_MAX = 5.0, 2.0
 
 Handler = Callable[["Peer", dict[str, Any]], Awaitable[None] | None]
 
@@ -137,6 +141,7 @@ class Switch:
         self.peers: dict[bytes, Peer] = {}
         self.handlers: dict[str, Handler] = {}
         self.on_connect: list[Callable[[Peer], None]] = []
+        self.on_disconnect: list[Callable[[Peer], None]] = []  # every link that ends
         self.routes: list[web.RouteDef] = []
         self.height: Callable[[], int] = lambda: 0
         self.listen_address = config.listen
@@ -245,8 +250,14 @@ class Switch:
                 await asyncio.sleep(backoff * random.uniform(0.5, 1.0))
                 backoff = min(BACKOFF_MAX, backoff * 2)
                 continue
-            backoff = BACKOFF_MIN
+            linked = time.monotonic()
             await self._run_link(ws, expected=key, dialer=True)
+            if time.monotonic() - linked >= SHORT_LINK_S:
+                backoff = BACKOFF_MIN
+            elif not self._stopping:
+                relink = min(backoff, RELINK_MAX)
+                await asyncio.sleep(relink * random.uniform(0.5, 1.0))
+                backoff = min(RELINK_MAX, relink * 2)
 
     async def _accept(self, request: web.Request) -> web.StreamResponse:
         if self._stopping:
@@ -286,6 +297,8 @@ class Switch:
             if self.peers.get(peer.key) is peer:
                 del self.peers[peer.key]
                 log.info("peer %s disconnected", remote)
+            for callback in self.on_disconnect:
+                callback(peer)
 
     async def _receive(self, ws: Any) -> tuple[str, dict[str, Any]]:
         message = await asyncio.wait_for(ws.receive(), HANDSHAKE_TIMEOUT)

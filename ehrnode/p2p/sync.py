@@ -58,6 +58,7 @@ class BlockSync:
         switch.handlers["get_blocks"] = self._on_get_blocks
         switch.handlers["blocks"] = self._on_blocks
         switch.on_connect.append(self._greet)
+        switch.on_disconnect.append(self._on_disconnect)
         switch.height = lambda: chain.head.height
         driver.listeners.append(self._on_commit)
 
@@ -200,6 +201,12 @@ class BlockSync:
     def _on_blocks(self, peer: Peer, fields: dict[str, Any]) -> None:
         if self._pending is not None and self._pending[0] is peer and not self._pending[1].done():
             self._pending[1].set_result(fields["items"])
+
+    def _on_disconnect(self, peer: Peer) -> None:
+        # A closed link brings no answer: the request is given up now, not after
+        # RESPONSE_TIMEOUT, and the next one goes to a peer still linked.
+        if self._pending is not None and self._pending[0] is peer and not self._pending[1].done():
+            self._pending[1].set_result([])
 
     # --- serving --------------------------------------------------------------------------
 

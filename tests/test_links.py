@@ -1,0 +1,99 @@
+"""Links that end: a dialer the other end refuses (not a validator there yet) redials after
+a backoff, not at once, and links as soon as it is let in; a block request to a peer whose
+link closed is given up at once and asked of a peer still linked."""
+
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+from typing import Any
+
+from ehrnode.config import P2pConfig
+from ehrnode.core import crypto
+from ehrnode.core.genesis import Genesis, ValidatorInfo
+from ehrnode.p2p import sync
+from ehrnode.p2p.switch import RELINK_MAX, Peer, Switch
+from ehrnode.testing import free_port, wait_for
+
+
+async def test_a_refused_dialer_backs_off_and_links_once_let_in() -> None:
+    me, them = crypto.Identity.generate(), crypto.Identity.generate()
+    genesis = Genesis("ehr-links", 1764000000000, (ValidatorInfo(them.public_key, 1, "v0"),))
+    listen = f"127.0.0.1:{free_port()}"
+    target = Switch(them, genesis, P2pConfig(listen=listen))
+    dialer = Switch(
+        me,
+        genesis,
+        P2pConfig(listen=f"127.0.0.1:{free_port()}", peers=(f"{them.public_id}@{listen}",)),
+    )
+    asked: list[float] = []  # when the target checked the dialer's key
+    let_in = False
+
+    def allowed(key: bytes) -> bool:
+        asked.append(time.monotonic())
+        return let_in
+
+    target.allowed = allowed
+    await target.start()
+    await dialer.start()
+    try:
+        await wait_for(lambda: len(asked) >= 4, 15, "four refused links")
+        assert me.public_key not in target.peers
+        # Backoffs of 0.2, 0.4 and 0.8 s, each jittered down to no less than half: a redial
+        # at once would have made these four in milliseconds.
+        assert asked[3] - asked[0] >= 0.69, asked
+        let_in = True
+        await wait_for(lambda: me.public_key in target.peers, RELINK_MAX + 5, "the link")
+        assert them.public_key in dialer.peers
+    finally:
+        await dialer.stop()
+        await target.stop()
+
+
+class _Link:
+    async def send_bytes(self, frame: bytes) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+class _Switch:
+    """What block sync uses of a switch: its peers, handlers, callbacks and sends."""
+
+    def __init__(self, peers: list[Peer]) -> None:
+        self.peers = {peer.key: peer for peer in peers}
+        self.handlers: dict[str, Any] = {}
+        self.on_connect: list[Any] = []
+        self.on_disconnect: list[Any] = []
+        self.asked: list[tuple[Peer, dict[str, Any]]] = []
+
+    def send(self, peer: Peer, kind: str, **fields: Any) -> None:
+        if kind == "get_blocks":
+            self.asked.append((peer, fields))
+
+    def close_link(self, peer: Peer) -> None:  # what Switch._run_link does as a link ends
+        peer.closed = True
+        del self.peers[peer.key]
+        for callback in self.on_disconnect:
+            callback(peer)
+
+
+async def test_a_block_request_to_a_closed_link_is_asked_again_of_another_peer() -> None:
+    peers = [Peer(bytes([n]) * 32, "127.0.0.1:1", _Link(), b"\x00" * 32) for n in (1, 2)]
+    switch = _Switch(peers)
+    head = SimpleNamespace(height=5, id=b"\x00" * 32)
+    chain = SimpleNamespace(head=head)
+    driver = SimpleNamespace(listeners=[])
+    blocks = sync.BlockSync(switch, chain, driver, 1 << 20)  # type: ignore[arg-type]
+    for peer in peers:
+        blocks.switch.handlers["status"](peer, {"height": 9})
+    await wait_for(lambda: len(switch.asked) == 1, 5, "a block request")
+    first, fields = switch.asked[0]
+    assert fields["from"] == 6
+    switch.close_link(first)
+    # Well inside sync.RESPONSE_TIMEOUT, which is what a closed link used to cost.
+    await wait_for(lambda: len(switch.asked) == 2, sync.RESPONSE_TIMEOUT / 3, "a second request")
+    second, fields = switch.asked[1]
+    assert second is not first and fields["from"] == 6
+    await blocks.stop()
