@@ -78,6 +78,15 @@ async def test_kill_one_validator_and_it_catches_up(network: list[ProcessNode]) 
 
     async with Client(first.rpc_url, people["provider"]) as writer:
         before = await writer.put(patient, NOTE)
+    assert before.height is not None
+    written_at = before.height
+
+    # A standing grant wraps the key of every record the patient's node lists: node 4 lists
+    # them, so it must have committed the note's block (each node learns at its own pace).
+    async def fourth_has_it() -> bool:
+        return int((await status(fourth.rpc_url))["height"]) >= written_at
+
+    await wait_for(fourth_has_it, 10, "node 4 to commit the note")
     async with Client(fourth.rpc_url, people["patient"]) as owner:
         await owner.grant(people["doctor"].public_key, standing=True)
     async with Client(fourth.rpc_url, people["doctor"]) as doctor:
