@@ -199,14 +199,16 @@ class BlockSync:
                 raise malformed
 
     def _on_blocks(self, peer: Peer, fields: dict[str, Any]) -> None:
-        if self._pending is not None and self._pending[0] is peer and not self._pending[1].done():
-            self._pending[1].set_result(fields["items"])
+        self._answer(peer, fields["items"])
 
     def _on_disconnect(self, peer: Peer) -> None:
         # A closed link brings no answer: the request is given up now, not after
         # RESPONSE_TIMEOUT, and the next one goes to a peer still linked.
+        self._answer(peer, [])
+
+    def _answer(self, peer: Peer, items: list[Any]) -> None:
         if self._pending is not None and self._pending[0] is peer and not self._pending[1].done():
-            self._pending[1].set_result([])
+            self._pending[1].set_result(items)
 
     # --- serving --------------------------------------------------------------------------
 
