@@ -336,6 +336,10 @@ async def test_an_attachment_flows_to_every_replica_and_a_failed_upload_leaves_n
         )
     blob = nodes[0].chain.load_state(b"rec" + bytes.fromhex(written.id))["blob"]
     await wait_for(lambda: all(n.blobs.has(blob) for n in nodes), 15, "replicas everywhere")
+    # Replicas travel before the commit; node 4 serves the record once it has the block.
+    height = written.height
+    assert height is not None
+    await wait_for(lambda: nodes[3].chain.head.height >= height, 10, "node 4 to commit it")
     async with Client(nodes[3].rpc_url, people["patient"]) as patient:
         back = tmp_path / "back.bin"
         await patient.read(written.id, out=back)
