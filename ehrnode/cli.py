@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -27,7 +26,7 @@ from ehrnode.core.errors import EhrError
 from ehrnode.core.genesis import Genesis
 from ehrnode.keys import load_identity, save_identity
 from ehrnode.node import Node
-from ehrnode.process import STAGE_TIMES_ENV, tune_malloc
+from ehrnode.process import STAGE_TIMES_ENV, tune_gc, tune_malloc
 from ehrnode.store.chain import Chain
 from ehrnode.store.check import check_chain
 from ehrnode.store.db import LevelKV
@@ -89,14 +88,6 @@ def _install_uvloop() -> None:
     uvloop.install()
 
 
-def _tune_gc() -> None:
-    """A node holds many small long-lived objects (pending transactions, caches) and makes
-    few reference cycles: collect the young generation less often, and keep what start-up
-    built out of every collection."""
-    gc.freeze()
-    gc.set_threshold(50_000, 50, 100)
-
-
 def _stage_times() -> None:
     """``scripts/bench --stage-times``: stage timers in this node (``bench.nodetimes``)."""
     folder = os.environ.get(STAGE_TIMES_ENV)
@@ -108,7 +99,7 @@ def _stage_times() -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     _install_uvloop()
-    _tune_gc()
+    tune_gc()
     tune_malloc()
     _stage_times()
     asyncio.run(run_node(Path(args.home)))

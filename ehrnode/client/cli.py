@@ -34,7 +34,7 @@ from ehrnode.core.crypto import Identity
 from ehrnode.core.errors import ConfigError, EhrError
 from ehrnode.core.genesis import Genesis
 from ehrnode.keys import load_identity, save_identity
-from ehrnode.process import tune_malloc
+from ehrnode.process import tune_gc, tune_malloc
 
 DEFAULT_NODE = "http://127.0.0.1:8645"
 Output = tuple[Any, str]  # (the JSON document, the human text)
@@ -415,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     json_mode = "--json" in argv
     tune_malloc()  # attachments and imports stream large buffers (ehrnode.process)
+    tune_gc()  # an import parses and holds tens of megabytes of bundles
     try:
         args = parser().parse_args(argv)
         doc, text = asyncio.run(_run(args))
