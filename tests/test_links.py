@@ -87,7 +87,7 @@ async def test_a_block_request_to_a_closed_link_is_asked_again_of_another_peer()
     driver = SimpleNamespace(listeners=[])
     blocks = sync.BlockSync(switch, chain, driver, 1 << 20)  # type: ignore[arg-type]
     for peer in peers:
-        blocks.switch.handlers["status"](peer, {"height": 9})
+        switch.handlers["status"](peer, {"height": 9})
     await wait_for(lambda: len(switch.asked) == 1, 5, "a block request")
     first, fields = switch.asked[0]
     assert fields["from"] == 6
