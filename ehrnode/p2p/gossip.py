@@ -52,6 +52,22 @@ class ConsensusGossip:
     def broadcast_evidence(self, first: Vote, second: Vote) -> None:
         self.switch.broadcast("evidence", a=first.to_wire(), b=second.to_wire())
 
+    def _wanted(self, wire: dict[str, Any]) -> bool:
+        """Whether to hand a proposal or vote (its wire map) to the driver, which checks its
+        signature: one of the engine's height once; one of the next height every time (the
+        engine keeps a few a validator, and a copy it did not keep needs another chance);
+        none of another height, and it is not remembered either. A node behind, syncing
+        blocks, takes a round's messages when they are relayed again once it has reached
+        their height; remembered from before, they were dropped for ever, and a validator
+        voted in while behind never voted at its first height: the others waited for it."""
+        height = wire.get("height")
+        if self.driver is None or type(height) is not int:
+            return True  # from_wire names what is wrong with it
+        current = self.driver.engine.height
+        if height == current:
+            return self._first_time(crypto.sha256(codec.encode(wire)))
+        return height == current + 1
+
     def _first_time(self, key: bytes) -> bool:
         if key in self._seen:
             return False
@@ -61,7 +77,7 @@ class ConsensusGossip:
         return True
 
     def _on_proposal(self, peer: Peer, fields: dict[str, Any]) -> None:
-        if not self._first_time(crypto.sha256(codec.encode(fields["proposal"]))):
+        if not self._wanted(fields["proposal"]):
             return
         try:
             proposal = Proposal.from_wire(fields["proposal"], max_block_bytes=self.max_block_bytes)
@@ -71,7 +87,7 @@ class ConsensusGossip:
             self.driver.submit_proposal(proposal)
 
     def _on_vote(self, peer: Peer, fields: dict[str, Any]) -> None:
-        if not self._first_time(crypto.sha256(codec.encode(fields["vote"]))):
+        if not self._wanted(fields["vote"]):
             return
         try:
             vote = Vote.from_wire(fields["vote"])
