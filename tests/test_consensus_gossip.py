@@ -8,8 +8,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+import pytest
+
 from ehrnode.core import crypto
 from ehrnode.core.block import PREVOTE, Vote, sign_vote
+from ehrnode.core.errors import PeerError
 from ehrnode.p2p.gossip import ConsensusGossip
 
 
@@ -56,3 +59,12 @@ def test_a_vote_of_the_next_height_reaches_the_driver_each_time_and_an_old_one_n
     relayed(None, vote_at(8))  # the engine keeps a few of these; a dropped copy needs this
     relayed(None, vote_at(6))
     assert [v.height for v in driver.votes] == [8, 8]
+
+
+def test_a_malformed_vote_disconnects_its_peer_whatever_its_height() -> None:
+    gossip, driver = _gossip(height=7)
+    bad = vote_at(100)
+    bad["vote"]["type"] = 9
+    with pytest.raises(PeerError, match="malformed vote"):
+        gossip.switch.handlers["vote"](None, bad)
+    assert driver.votes == []

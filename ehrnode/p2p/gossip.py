@@ -52,7 +52,7 @@ class ConsensusGossip:
     def broadcast_evidence(self, first: Vote, second: Vote) -> None:
         self.switch.broadcast("evidence", a=first.to_wire(), b=second.to_wire())
 
-    def _wanted(self, wire: dict[str, Any]) -> bool:
+    def _wanted(self, height: object, wire: dict[str, Any]) -> bool:
         """Whether to hand a proposal or vote (its wire map) to the driver, which checks its
         signature: one of the engine's height once; one of the next height every time (the
         engine keeps a few a validator, and a copy it did not keep needs another chance);
@@ -60,7 +60,6 @@ class ConsensusGossip:
         blocks, takes a round's messages when they are relayed again once it has reached
         their height; remembered from before, they were dropped for ever, and a validator
         voted in while behind never voted at its first height: the others waited for it."""
-        height = wire.get("height")
         if self.driver is None or type(height) is not int:
             return True  # from_wire names what is wrong with it
         current = self.driver.engine.height
@@ -77,7 +76,8 @@ class ConsensusGossip:
         return True
 
     def _on_proposal(self, peer: Peer, fields: dict[str, Any]) -> None:
-        if not self._wanted(fields["proposal"]):
+        # Its height read before its block is decoded: one not wanted costs nothing more.
+        if not self._wanted(fields["proposal"].get("height"), fields["proposal"]):
             return
         try:
             proposal = Proposal.from_wire(fields["proposal"], max_block_bytes=self.max_block_bytes)
@@ -87,13 +87,11 @@ class ConsensusGossip:
             self.driver.submit_proposal(proposal)
 
     def _on_vote(self, peer: Peer, fields: dict[str, Any]) -> None:
-        if not self._wanted(fields["vote"]):
-            return
         try:
             vote = Vote.from_wire(fields["vote"])
         except InvalidEncoding as err:
             raise PeerError(f"malformed vote: {err}") from err
-        if self.driver is not None:
+        if self.driver is not None and self._wanted(vote.height, fields["vote"]):
             self.driver.submit_vote(vote)
 
     def _on_evidence(self, peer: Peer, fields: dict[str, Any]) -> None:
