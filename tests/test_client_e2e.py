@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from ehrnode.client import Client, RecordErased, fhir
+from ehrnode.client import Client, RecordErased, consent, fhir
 from ehrnode.client.errors import (
     AuditLogBroken,
     InvalidBlock,
@@ -139,6 +139,53 @@ async def test_standing_grant_wraps_new_records_and_revoke_ends_it(cast: Cast) -
     assert await key_holders(cast.doctor, late.id) == {patient.public_id, cast.doctor.public_id}
     with pytest.raises(NotAuthorised):
         await grantee.read(late.id)
+
+
+async def test_a_record_written_while_a_standing_grant_is_made_gets_the_grantees_key(
+    cast: Cast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The doctor writes a record after the patient's SDK listed the records to re-wrap and
+    before its grant commits: the chain refuses that grant (it lists at an older height),
+    the SDK lists again, and the grantee can read the record."""
+    patient, grantee = cast.patient, cast.other
+    before = await cast.doctor.put(patient.public_id, observation("Before the grant"))
+    listings: list[int] = []
+    written: list[str] = []
+    listed = consent.readable_versions
+
+    async def list_then_write(client: Client, types: set[str] | None) -> list[bytes]:
+        ids = await listed(client, types)
+        listings.append(len(ids))
+        if not written:
+            gap = await cast.doctor.put(patient.public_id, observation("In the gap"))
+            written.append(gap.id)
+        return ids
+
+    monkeypatch.setattr(consent, "readable_versions", list_then_write)
+    grant = await patient.grant(grantee.public_id, standing=True)
+    assert grant.status == "committed"
+    assert listings == [1, 2]  # refused once with the first listing, then listed again
+    assert await grantee.read(before.id) == observation("Before the grant")
+    assert await grantee.read(written[0]) == observation("In the gap")
+
+
+async def test_a_standing_grant_gives_up_if_records_keep_changing(
+    cast: Cast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    patient = cast.patient
+    listed = consent.readable_versions
+
+    async def list_then_write(client: Client, types: set[str] | None) -> list[bytes]:
+        ids = await listed(client, types)
+        await cast.doctor.put(patient.public_id, observation("Again"))
+        return ids
+
+    monkeypatch.setattr(consent, "readable_versions", list_then_write)
+    with pytest.raises(InvalidTransaction) as caught:
+        await patient.grant(cast.other.public_id, standing=True)
+    assert caught.value.code == "records_changed"
+    assert await patient.grants() == []
+    assert len(await patient.records()) == consent.STANDING_ATTEMPTS
 
 
 async def test_a_writer_that_skips_a_standing_grantee_is_rejected(cast: Cast) -> None:

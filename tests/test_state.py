@@ -242,7 +242,14 @@ def test_patient_may_write_their_own_record(w: World) -> None:
     patient = w.patient(1)
     t = w.record(patient, patient)
     assert w.load(P_REC + t.id)["author"] == patient.public_key
-    assert w.account(patient) == {"role": "patient", "nonce": 2, "since": w.height, "nrec": 1}
+    account = w.account(patient)
+    assert account == {
+        "role": "patient",
+        "nonce": 2,
+        "since": w.height,
+        "nrec": 1,
+        "last": w.height,  # the height of the patient's latest record write
+    }
 
 
 def test_who_may_not_write(w: World) -> None:

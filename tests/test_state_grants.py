@@ -76,6 +76,54 @@ def test_standing_grant_expires(w: World) -> None:
     w.record(provider, patient)
 
 
+# --- a standing grant names the height its records were listed at ----------------------------
+
+
+def standing_through(w: World, patient: Any, gp: Any, through: int) -> Any:
+    body = {"grantee": gp.public_key, "scope": "standing", "through": through}
+    return w.sign(patient, "grant", body)
+
+
+def test_a_standing_grant_is_refused_if_a_record_was_written_after_its_listing(
+    w: World,
+) -> None:
+    patient, provider, gp = people(w)
+    w.commit()
+    listed_at = w.height - 1  # the head the patient's records were listed at
+    w.record(provider, patient)  # the next block: not in that listing
+    w.commit()
+    late = standing_through(w, patient, gp, listed_at)
+    assert w.rejects(late) == "records_changed"
+    with pytest.raises(InvalidTransaction, match=f"height {listed_at}"):
+        w.apply(late)
+    w.apply(standing_through(w, patient, gp, w.height - 1))  # listed again: in force
+    assert w.load(P_STD + patient.public_key)[0][0] == gp.public_key
+
+
+def test_a_new_version_also_counts_as_a_write_after_the_listing(w: World) -> None:
+    patient, provider, gp = people(w)
+    first = w.record(provider, patient)
+    w.commit()
+    listed_at = w.height - 1
+    assert w.account(patient)["last"] == listed_at
+    w.record(provider, patient, amends=first.id)
+    w.commit()
+    assert w.account(patient)["last"] == listed_at + 1
+    assert w.rejects(standing_through(w, patient, gp, listed_at)) == "records_changed"
+
+
+def test_records_of_other_patients_do_not_refuse_a_standing_grant(w: World) -> None:
+    patient, provider, gp = people(w)
+    other = w.patient(4)
+    w.record(provider, patient)
+    w.commit()
+    listed_at = w.height - 1
+    w.record(provider, other)
+    w.commit()
+    w.apply(standing_through(w, patient, gp, listed_at))
+    assert "last" not in w.account(gp)  # only a patient written to keeps it
+
+
 def test_grant_that_has_already_expired(w: World) -> None:
     patient, _, gp = people(w)
     for expires in (w.time, w.time - 1, 0):

@@ -59,6 +59,10 @@ VALID_BODIES: dict[str, tuple[str, dict[str, Any]]] = {
         "grant",
         {"grantee": OTHER, "scope": "standing", "records": fake_keys([ID])},
     ),
+    "grant standing listed through a height": (
+        "grant",
+        {"grantee": OTHER, "scope": "standing", "records": fake_keys([ID]), "through": 7},
+    ),
     "revoke": ("revoke", {"grant": ID}),
     "erase": ("erase", {"records": [ID, ID2]}),
 }
@@ -215,6 +219,18 @@ MALFORMED_BODIES: dict[str, tuple[str, Any]] = {
     "grant listed with types": (
         "grant",
         {"grantee": OTHER, "scope": "records", "records": fake_keys([ID]), "types": ["A"]},
+    ),
+    "grant listed with a listing height": (
+        "grant",
+        {"grantee": OTHER, "scope": "records", "records": fake_keys([ID]), "through": 7},
+    ),
+    "grant negative listing height": (
+        "grant",
+        {"grantee": OTHER, "scope": "standing", "through": -1},
+    ),
+    "grant listing height not an integer": (
+        "grant",
+        {"grantee": OTHER, "scope": "standing", "through": "7"},
     ),
     "grant types empty": ("grant", {"grantee": OTHER, "scope": "standing", "types": []}),
     "grant types repeated": (

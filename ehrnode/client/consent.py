@@ -15,7 +15,13 @@ from collections.abc import Iterable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from ehrnode.client.errors import InvalidEncoding, LimitExceeded, NotFound, RecordErased
+from ehrnode.client.errors import (
+    InvalidEncoding,
+    InvalidTransaction,
+    LimitExceeded,
+    NotFound,
+    RecordErased,
+)
 from ehrnode.client.values import KeyLike, Submitted, key_bytes, to_ms
 from ehrnode.client.verification import (
     AccessLogChecker,
@@ -34,6 +40,8 @@ if TYPE_CHECKING:
 
 PARALLEL_READS = 16
 LOG_PAGE = 1000
+# A standing grant listed again when records were written while it was made.
+STANDING_ATTEMPTS = 5
 
 
 async def rewrap(client: Client, record_ids: list[bytes], grantee: bytes) -> list[list[bytes]]:
@@ -83,25 +91,41 @@ async def grant(
     expires_ms = to_ms(expires)
     if expires_ms is not None:
         body["expires"] = expires_ms
-    if standing:
-        wanted = None if types is None else sorted(set(types))
-        if wanted is not None:
-            body["types"] = wanted
-        ids = await readable_versions(client, None if wanted is None else set(wanted))
-    else:
+    if not standing:
         if types is not None:
             raise EhrError("types apply only to standing grants", code="usage")
         ids = [key_bytes(r, "record id") for r in records or []]
         if not ids:
             raise EhrError("name at least one record to grant", code="usage")
+        await _wrap_for(client, body, ids, grantee_key)
+        return await client.submit("grant", body, wait=wait)
+    wanted = None if types is None else sorted(set(types))
+    if wanted is not None:
+        body["types"] = wanted
+    for attempt in range(1, STANDING_ATTEMPTS + 1):
+        # The records are listed at or after ``through``; one written later makes the rules
+        # refuse the grant (its key would be missing), and the listing is done again.
+        body["through"] = int((await client.transport.get_json("/v1/status"))["height"])
+        ids = await readable_versions(client, None if wanted is None else set(wanted))
+        body.pop("records", None)
+        await _wrap_for(client, body, ids, grantee_key)
+        try:
+            return await client.submit("grant", body, wait=wait)
+        except InvalidTransaction as err:
+            if err.code != "records_changed" or attempt == STANDING_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def _wrap_for(client: Client, body: dict[str, Any], ids: list[bytes], grantee: bytes) -> None:
+    """Put the keys of ``ids``, wrapped for ``grantee``, in the grant's ``body``."""
     if len(set(ids)) > tx.MAX_RECORDS_PER_GRANT:
         raise LimitExceeded(
             f"a grant can carry keys of at most {tx.MAX_RECORDS_PER_GRANT} records; "
             f"this one needs {len(set(ids))}"
         )
     if ids:
-        body["records"] = await rewrap(client, ids, grantee_key)
-    return await client.submit("grant", body, wait=wait)
+        body["records"] = await rewrap(client, ids, grantee)
 
 
 async def erase(client: Client, record_id: KeyLike, *, wait: bool) -> list[Submitted]:

@@ -12,7 +12,8 @@ state-hash terms.
     key                                    value
     b"vals", b"vfrom"…, b"vvote"…,         validator sets, set-change votes and evidence:
     b"vpend", b"evid"…                     see core.authority
-    b"acct" + key(32)                      {"role", "nonce", "since", "name"?, "by"?, "nrec"}
+    b"acct" + key(32)                      {"role", "nonce", "since", "name"?, "by"?, "nrec",
+                                            "last"? (a patient's latest record write height)}
     b"rec"  + record id(32)                {"patient", "author", "blob", "size", "type",
                                             "height", "root", "ver", "erased", "amends"?,
                                             "erased_at"?, on a root only: "head", "nver",

@@ -41,14 +41,14 @@ def required_readers(
 
 
 def record(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]) -> None:
-    patients = _Patients(scratch, ctx.time)
+    patients = _Patients(scratch, ctx)
     _write_record(scratch, ctx, tx, account, patients, tx.id, tx.body)
     patients.save()
 
 
 def records(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]) -> None:
     """Every record of the transaction, or none (the caller's scratch is dropped)."""
-    patients = _Patients(scratch, ctx.time)
+    patients = _Patients(scratch, ctx)
     for index, body in enumerate(tx.body["items"]):
         try:
             rid = txmod.record_id(tx.id, index)
@@ -61,15 +61,18 @@ def records(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any]
 class _Patients:
     """The patients one transaction writes records for. Each account is read once and saved
     once, after the last record; each (patient, type)'s required readers are looked up once.
-    Neither can change while the transaction applies: it writes records only."""
+    Neither can change while the transaction applies: it writes records only.
 
-    def __init__(self, scratch: Overlay, now: int) -> None:
+    Each account written to keeps the height of its latest record write (``last``, any
+    version): a standing grant that names the height its records were listed at is refused
+    if ``last`` is above it, so no record written in between misses the grantee's key."""
+
+    def __init__(self, scratch: Overlay, ctx: BlockContext) -> None:
         self.scratch = scratch
-        self.now = now
+        self.now = ctx.time
+        self.height = ctx.height
         self.accounts: dict[bytes, dict[str, Any]] = {}
         self.readers: dict[tuple[bytes, str], set[bytes]] = {}
-        # Patients whose record count moved, in the order first met (saved in that order).
-        self.counted: dict[bytes, None] = {}
 
     def account(self, patient: bytes) -> dict[str, Any]:
         account = self.accounts.get(patient)
@@ -79,6 +82,7 @@ class _Patients:
                 raise _reject(
                     "unknown_patient", f"{patient.hex()[:16]}… is not a registered patient"
                 )
+            account["last"] = self.height
             self.accounts[patient] = account
         return account
 
@@ -96,12 +100,11 @@ class _Patients:
         account = self.accounts[patient]
         seq: int = account["nrec"]
         account["nrec"] = seq + 1
-        self.counted[patient] = None
         return seq
 
     def save(self) -> None:
-        for patient in self.counted:
-            save(self.scratch, P_ACCT + patient, self.accounts[patient])
+        for patient, account in self.accounts.items():  # in the order first met
+            save(self.scratch, P_ACCT + patient, account)
 
 
 def _write_record(

@@ -187,6 +187,13 @@ def _grant(scratch: Overlay, ctx: BlockContext, tx: Tx, account: dict[str, Any])
     expires = body.get("expires")
     if expires is not None and expires <= ctx.time:
         raise _reject("already_expired", "the grant's expiry time has already passed")
+    through = body.get("through")
+    if through is not None and account.get("last", 0) > through:
+        raise _reject(
+            "records_changed",
+            f"the patient's records changed at height {account['last']}, after the listing "
+            f"at height {through} this grant wraps keys from; list them again",
+        )
     entry: dict[str, Any] = {
         "patient": tx.signer,
         "grantee": grantee,

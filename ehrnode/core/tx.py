@@ -93,8 +93,7 @@ def _one_of(*choices: str) -> Check:
 
 
 def _pairs(max_items: int, sizes: tuple[int, ...]) -> Check:
-    """[[bin32 key, wrapped key of one of ``sizes`` bytes], ...] sorted by key, keys
-    unique."""
+    """[[bin32 key, wrapped key of ``sizes`` bytes], ...], sorted by key, keys unique."""
     described = " or ".join(str(size) for size in sizes)
 
     def check(name: str, value: Any) -> None:
@@ -254,6 +253,7 @@ BODY_SPECS: dict[str, Spec] = {
         "records": (False, _pairs(MAX_RECORDS_PER_GRANT, (crypto.WRAPPED_KEY_BYTES,))),
         "types": (False, _types),
         "expires": (False, _uint(MAX_NONCE)),
+        "through": (False, _uint(MAX_NONCE)),
     },
     "revoke": {
         "grant": (True, _bin(32)),
@@ -307,8 +307,8 @@ def check_spec(kind: str, body: Any) -> None:
     if kind == "grant" and body["scope"] == "records":
         if "records" not in body:
             raise _fail("records", "is required when scope is 'records'")
-        if "types" in body:
-            raise _fail("types", "applies only to standing grants")
+        for name in sorted({"through", "types"} & body.keys()):
+            raise _fail(name, "applies only to standing grants")
     if kind == "record" and body["patient"] not in {k for k, _ in body["keys"]}:
         raise InvalidTransaction(
             "a record must wrap its data key for the patient", code="missing_patient_key"

@@ -29,9 +29,11 @@ from typing import Any
 from ehrnode.core import codec, crypto
 from ehrnode.core.errors import InvalidEncoding, PeerError
 
-# 2: the state hash leaves the index entries out (state layout 3). Nodes that hash the
-# state differently would split at the first record: the handshake refuses the peer.
-PROTOCOL_VERSION = 2
+# 2: the state hash leaves the index entries out (state layout 3). 3: a patient's account
+# keeps its latest record write, and a standing grant may name its listing's height (state
+# layout 4). Nodes that hash the state differently would split at the first record: the
+# handshake refuses the peer.
+PROTOCOL_VERSION = 3
 MAX_SYNC_BLOCKS = 256
 MAX_HASHES = 4096
 MAX_TXS = 20_000

@@ -42,10 +42,11 @@ T_STATE = b"S"
 K_HEAD = T_META + b"head"
 # The layout of the state entries (``core.layout``) this build writes and reads, kept in the
 # head record. 2: a record's first wrapped keys in one ``wkey`` entry, no ``ver`` entry for
-# a first version. 3: index entries outside the state hash, a root record's "seq". A data
+# a first version. 3: index entries outside the state hash, a root record's "seq". 4: a
+# patient's account keeps the height of its latest record write ("last"). A data
 # directory of another layout holds other state hashes: its chain cannot be continued by
 # this build.
-STATE_LAYOUT = 3
+STATE_LAYOUT = 4
 
 MAX_STORED_BLOCK = 1 << 30
 
