@@ -169,6 +169,48 @@ async def test_a_record_written_while_a_standing_grant_is_made_gets_the_grantees
     assert await grantee.read(written[0]) == observation("In the gap")
 
 
+async def test_a_record_still_pending_while_a_standing_grant_is_made_gets_the_key(
+    cast: Cast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The doctor's record is admitted but not yet in a block when the grant arrives: the
+    node refuses the grant on top of it, and the SDK lists again after the next block."""
+    patient, grantee = cast.patient, cast.other
+    listings: list[int] = []
+    pending: list[str] = []
+    listed = consent.readable_versions
+
+    async def list_then_send(client: Client, types: set[str] | None) -> list[bytes]:
+        ids = await listed(client, types)
+        listings.append(len(ids))
+        if not pending:
+            sent = await cast.doctor.put(patient.public_id, observation("Pending"), wait=False)
+            assert sent.status == "pending"
+            pending.append(sent.id)
+        return ids
+
+    monkeypatch.setattr(consent, "readable_versions", list_then_send)
+    grant = await patient.grant(grantee.public_id, standing=True)
+    assert grant.status == "committed"
+    assert listings == [0, 1]
+    [done] = await cast.doctor.wait_committed(pending)
+    assert done.status == "committed"
+    assert await grantee.read(pending[0]) == observation("Pending")
+
+
+async def test_wait_height_returns_once_the_node_has_committed_that_height(cast: Cast) -> None:
+    transport = cast.patient.transport
+    head = await transport.height()
+    await asyncio.wait_for(transport.wait_height(head, 30), 5)  # there already
+    waiter = asyncio.create_task(transport.wait_height(head + 1, 30))
+    done, _ = await asyncio.wait({waiter}, timeout=0.3)
+    assert not done  # an idle chain makes no blocks
+    await cast.doctor.put(cast.patient.public_id, observation("The next block"))
+    await asyncio.wait_for(waiter, 30)
+    assert await transport.height() == head + 1
+    # A height that does not come: back after the timeout, without an error.
+    await asyncio.wait_for(transport.wait_height(head + 100, 0.2), 5)
+
+
 async def test_a_standing_grant_gives_up_if_records_keep_changing(
     cast: Cast, monkeypatch: pytest.MonkeyPatch
 ) -> None:

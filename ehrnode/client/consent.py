@@ -40,8 +40,10 @@ if TYPE_CHECKING:
 
 PARALLEL_READS = 16
 LOG_PAGE = 1000
-# A standing grant listed again when records were written while it was made.
+# A standing grant listed again when records were written while it was made, each time
+# once the node has committed a block after the last listing (or this long has passed).
 STANDING_ATTEMPTS = 5
+NEXT_BLOCK_WAIT_S = 10.0
 
 
 async def rewrap(client: Client, record_ids: list[bytes], grantee: bytes) -> list[list[bytes]]:
@@ -105,7 +107,7 @@ async def grant(
     for attempt in range(1, STANDING_ATTEMPTS + 1):
         # The records are listed at or after ``through``; one written later makes the rules
         # refuse the grant (its key would be missing), and the listing is done again.
-        body["through"] = int((await client.transport.get_json("/v1/status"))["height"])
+        body["through"] = await client.transport.height()
         ids = await readable_versions(client, None if wanted is None else set(wanted))
         body.pop("records", None)
         await _wrap_for(client, body, ids, grantee_key)
@@ -114,6 +116,8 @@ async def grant(
         except InvalidTransaction as err:
             if err.code != "records_changed" or attempt == STANDING_ATTEMPTS:
                 raise
+            # The write that refused it may still be pending: list once a block is past.
+            await client.transport.wait_height(body["through"] + 1, NEXT_BLOCK_WAIT_S)
     raise AssertionError("unreachable")  # pragma: no cover
 
 

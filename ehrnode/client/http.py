@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any, BinaryIO
@@ -156,6 +157,23 @@ class Transport:
     async def get_json(self, path_qs: str, *, signer: Identity | None = None) -> Any:
         async with self.request("GET", path_qs, signer=signer) as response:
             return await _json(response)
+
+    async def height(self) -> int:
+        return int((await self.get_json("/v1/status"))["height"])
+
+    async def wait_height(self, height: int, timeout: float) -> None:
+        """Return once the node has committed ``height`` (watching its events websocket),
+        or once ``timeout`` passes or the websocket fails: the caller looks again."""
+        assert self._session is not None, "open() first"
+        url = self.base.replace("http", "ws", 1) + "/v1/events"
+        with contextlib.suppress(TimeoutError, aiohttp.ClientError, EhrError):
+            async with asyncio.timeout(timeout), self._session.ws_connect(url) as ws:
+                head = await self.height()  # after subscribing: no block falls in between
+                while head < height:
+                    message = await ws.receive()
+                    if message.type != aiohttp.WSMsgType.TEXT:
+                        return
+                    head = max(head, int(json.loads(message.data)["height"]))
 
     async def get_text(self, path_qs: str) -> str:
         async with self.request("GET", path_qs) as response:
