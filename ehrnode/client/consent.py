@@ -5,7 +5,9 @@ A grant gives the grantee the data keys it needs, never the patient's key: for e
 record the patient fetches its own wrapped key (a signed, logged read), unwraps it here
 and wraps it again for the grantee. A standing grant also wraps the keys of the
 patient's existing records of the granted types (every version, not only the latest);
-records written later carry the grantee's key because writers must add it.
+records written later carry the grantee's key because writers must add it, and one
+written between the listing and the grant makes the chain refuse the grant, which is then
+made again.
 """
 
 from __future__ import annotations
@@ -104,21 +106,28 @@ async def grant(
     wanted = None if types is None else sorted(set(types))
     if wanted is not None:
         body["types"] = wanted
-    for attempt in range(1, STANDING_ATTEMPTS + 1):
-        # The records are listed at or after ``through``; one written later makes the rules
-        # refuse the grant (its key would be missing), and the listing is done again.
-        body["through"] = await client.transport.height()
-        ids = await readable_versions(client, None if wanted is None else set(wanted))
-        body.pop("records", None)
-        await _wrap_for(client, body, ids, grantee_key)
+    for _ in range(STANDING_ATTEMPTS - 1):
         try:
-            return await client.submit("grant", body, wait=wait)
+            return await _standing(client, body, wanted, grantee_key, wait)
         except InvalidTransaction as err:
-            if err.code != "records_changed" or attempt == STANDING_ATTEMPTS:
+            if err.code != "records_changed":
                 raise
-            # The write that refused it may still be pending: list once a block is past.
-            await client.transport.wait_height(body["through"] + 1, NEXT_BLOCK_WAIT_S)
-    raise AssertionError("unreachable")  # pragma: no cover
+        # The write that refused it may still be pending: list once a block is past.
+        await client.transport.wait_height(body["through"] + 1, NEXT_BLOCK_WAIT_S)
+    return await _standing(client, body, wanted, grantee_key, wait)
+
+
+async def _standing(
+    client: Client, body: dict[str, Any], types: list[str] | None, grantee: bytes, wait: bool
+) -> Submitted:
+    """Submit a standing grant with the keys of the patient's records listed now. The
+    listing is at or after ``through``: a record written later makes the rules refuse the
+    grant (``records_changed``), since its key would be missing."""
+    body["through"] = await client.transport.height()
+    ids = await readable_versions(client, None if types is None else set(types))
+    body.pop("records", None)
+    await _wrap_for(client, body, ids, grantee)
+    return await client.submit("grant", body, wait=wait)
 
 
 async def _wrap_for(client: Client, body: dict[str, Any], ids: list[bytes], grantee: bytes) -> None:

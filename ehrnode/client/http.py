@@ -166,7 +166,8 @@ class Transport:
         or once ``timeout`` passes or the websocket fails: the caller looks again."""
         assert self._session is not None, "open() first"
         url = self.base.replace("http", "ws", 1) + "/v1/events"
-        with contextlib.suppress(TimeoutError, aiohttp.ClientError, EhrError):
+        failures = (TimeoutError, aiohttp.ClientError, EhrError, ValueError, KeyError, TypeError)
+        with contextlib.suppress(*failures):
             async with asyncio.timeout(timeout), self._session.ws_connect(url) as ws:
                 head = await self.height()  # after subscribing: no block falls in between
                 while head < height:
