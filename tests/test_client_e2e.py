@@ -141,12 +141,14 @@ async def test_standing_grant_wraps_new_records_and_revoke_ends_it(cast: Cast) -
         await grantee.read(late.id)
 
 
+@pytest.mark.parametrize("committed", [True, False], ids=["committed", "pending"])
 async def test_a_record_written_while_a_standing_grant_is_made_gets_the_grantees_key(
-    cast: Cast, monkeypatch: pytest.MonkeyPatch
+    cast: Cast, monkeypatch: pytest.MonkeyPatch, committed: bool
 ) -> None:
     """The doctor writes a record after the patient's SDK listed the records to re-wrap and
-    before its grant commits: the chain refuses that grant (it lists at an older height),
-    the SDK lists again, and the grantee can read the record."""
+    before the grant arrives (committed, or admitted but not yet in a block): the chain
+    refuses the grant (it lists at an older height), the SDK lists again once a block is
+    past, and the grantee can read the record."""
     patient, grantee = cast.patient, cast.other
     before = await cast.doctor.put(patient.public_id, observation("Before the grant"))
     listings: list[int] = []
@@ -157,7 +159,8 @@ async def test_a_record_written_while_a_standing_grant_is_made_gets_the_grantees
         ids = await listed(client, types)
         listings.append(len(ids))
         if not written:
-            gap = await cast.doctor.put(patient.public_id, observation("In the gap"))
+            gap = await cast.doctor.put(patient.public_id, observation("Gap"), wait=committed)
+            assert gap.status == ("committed" if committed else "pending")
             written.append(gap.id)
         return ids
 
@@ -165,36 +168,10 @@ async def test_a_record_written_while_a_standing_grant_is_made_gets_the_grantees
     grant = await patient.grant(grantee.public_id, standing=True)
     assert grant.status == "committed"
     assert listings == [1, 2]  # refused once with the first listing, then listed again
+    [gap] = await cast.doctor.wait_committed(written)
+    assert gap.status == "committed"
     assert await grantee.read(before.id) == observation("Before the grant")
-    assert await grantee.read(written[0]) == observation("In the gap")
-
-
-async def test_a_record_still_pending_while_a_standing_grant_is_made_gets_the_key(
-    cast: Cast, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The doctor's record is admitted but not yet in a block when the grant arrives: the
-    node refuses the grant on top of it, and the SDK lists again after the next block."""
-    patient, grantee = cast.patient, cast.other
-    listings: list[int] = []
-    pending: list[str] = []
-    listed = consent.readable_versions
-
-    async def list_then_send(client: Client, types: set[str] | None) -> list[bytes]:
-        ids = await listed(client, types)
-        listings.append(len(ids))
-        if not pending:
-            sent = await cast.doctor.put(patient.public_id, observation("Pending"), wait=False)
-            assert sent.status == "pending"
-            pending.append(sent.id)
-        return ids
-
-    monkeypatch.setattr(consent, "readable_versions", list_then_send)
-    grant = await patient.grant(grantee.public_id, standing=True)
-    assert grant.status == "committed"
-    assert listings == [0, 1]
-    [done] = await cast.doctor.wait_committed(pending)
-    assert done.status == "committed"
-    assert await grantee.read(pending[0]) == observation("Pending")
+    assert await grantee.read(written[0]) == observation("Gap")
 
 
 async def test_wait_height_returns_once_the_node_has_committed_that_height(cast: Cast) -> None:
