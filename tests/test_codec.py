@@ -282,3 +282,35 @@ def test_size_limit_is_checked_before_parsing() -> None:
     # Even garbage is refused for its size, without being parsed.
     with pytest.raises(InvalidEncoding, match="exceeds the limit"):
         codec.decode(b"\xc1" * (codec.DEFAULT_MAX_BYTES + 1))
+
+
+# --- parse: an envelope's bytes in any form, within the same limits and types -------------
+
+
+@pytest.mark.parametrize("data", NON_CANONICAL.values(), ids=NON_CANONICAL.keys())
+def test_parse_takes_every_byte_form_of_a_value(data: bytes) -> None:
+    assert codec.parse(data) == msgpack.unpackb(data, raw=False)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [*NOT_ALLOWED.values(), *GARBAGE.values()],
+    ids=[*NOT_ALLOWED.keys(), *GARBAGE.keys()],
+)
+def test_parse_refuses_what_decode_refuses_but_the_form(data: bytes) -> None:
+    with pytest.raises(InvalidEncoding):
+        codec.parse(data)
+
+
+def test_parse_keeps_the_size_depth_and_bytes_limits() -> None:
+    raw = codec.encode(b"x" * 100)
+    assert codec.parse(raw, max_bytes=len(raw)) == b"x" * 100
+    with pytest.raises(InvalidEncoding, match="exceeds the limit"):
+        codec.parse(raw, max_bytes=len(raw) - 1)
+    deep: Any = 1
+    for _ in range(codec.MAX_DEPTH + 1):
+        deep = {"k": deep}
+    with pytest.raises(InvalidEncoding, match="deeper"):
+        codec.parse(msgpack.packb(deep))
+    with pytest.raises(InvalidEncoding, match="bytes"):
+        codec.parse("\x01")

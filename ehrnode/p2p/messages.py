@@ -1,4 +1,6 @@
-"""Peer messages: one canonical msgpack map per binary websocket frame, ``{"t": type, ...}``.
+"""Peer messages: one msgpack map per binary websocket frame, ``{"t": type, ...}``. Sent
+canonical, taken in any byte form (``codec.parse``): a frame is neither signed nor hashed,
+and what is (blocks, transactions, votes) is checked on its own.
 
     type        fields                                  meaning
     hello       chain, genesis bin32, node bin32,       first frame each way
@@ -70,7 +72,7 @@ def encode(kind: str, **fields: Any) -> bytes:
 def decode(frame: bytes, max_bytes: int) -> tuple[str, dict[str, Any]]:
     """Parse one frame; PeerError naming the problem for anything unexpected."""
     try:
-        obj = codec.decode(frame, max_bytes=max_bytes)
+        obj = codec.parse(frame, max_bytes=max_bytes)
     except InvalidEncoding as err:
         raise PeerError(f"malformed frame: {err}") from err
     if not isinstance(obj, dict) or not isinstance(obj.get("t"), str):
