@@ -11,7 +11,8 @@ Rules (also in docs/protocol.md, "Canonical encoding"):
 ``decode`` enforces all of it by re-encoding what it parsed and comparing the bytes, so a
 value has exactly one encoding and a transaction has exactly one id. It also enforces size
 and nesting limits before and after parsing, so an outsider's bytes cannot exhaust memory
-or the stack. Pure: no I/O.
+or the stack. ``parse`` keeps the types and limits but takes any byte form, for an
+envelope whose contents are checked on their own (a peer's frame). Pure: no I/O.
 
 The packing and parsing are ormsgpack's (Rust; it sorts map keys itself, about 9x faster
 than sorting a copy in Python). The reference packer (msgpack-python) stays the arbiter:
@@ -131,7 +132,7 @@ def parse(data: object, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Value:
     """Parse msgpack within ``decode``'s limits and types, in any of its byte forms: for an
     envelope (a peer's frame) that is neither signed nor hashed, whose signed and hashed
     contents are checked on their own. Packing a multi-megabyte frame again, to compare it
-    with the bytes received, took as long as parsing it."""
+    with the bytes received, took up to 50 times as long as parsing it."""
     data = _sized(data, max_bytes)
     try:
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True, ext_hook=_reject_ext)
