@@ -1,17 +1,21 @@
 """Which consensus messages reach the driver: one of the engine's height once however often
 peers relay it, one of the next height every time, one of another height not at all and
 not remembered, so that a node that was behind (a validator voted in while it synced the
-chain) takes the round's messages when they are relayed again."""
+chain) takes the round's messages when they are relayed again. And which peers a proposal
+(a whole block) is sent to again."""
 
 from __future__ import annotations
 
+import random
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from ehrnode.consensus.sim_node import SimNode
+from ehrnode.consensus.validators import ValidatorSet
 from ehrnode.core import crypto
-from ehrnode.core.block import PREVOTE, Vote, sign_vote
+from ehrnode.core.block import PREVOTE, Vote, sign_proposal, sign_vote
 from ehrnode.core.errors import PeerError
 from ehrnode.p2p.gossip import ConsensusGossip
 
@@ -68,3 +72,54 @@ def test_a_malformed_vote_disconnects_its_peer_whatever_its_height() -> None:
     with pytest.raises(PeerError, match="malformed vote"):
         gossip.switch.handlers["vote"](None, bad)
     assert driver.votes == []
+
+
+class _Link:
+    """A peer's link: a new one after a reconnection."""
+
+    def __init__(self, key: bytes, height: int) -> None:
+        self.key = key
+        self.height = height
+
+
+class _Switch:
+    """Linked peers, and what each broadcast would skip."""
+
+    def __init__(self, heights: dict[bytes, int]) -> None:
+        self.handlers: dict[str, Any] = {}
+        self.peers = {key: _Link(key, h) for key, h in heights.items()}
+        self.sent_to: list[set[bytes]] = []
+
+    def broadcast(self, kind: str, *, exclude: Any = (), **fields: Any) -> None:
+        assert kind == "proposal"
+        self.sent_to.append({key for key in self.peers if key not in exclude})
+
+
+def _proposal(round_: int) -> Any:
+    vals = ValidatorSet({VALIDATOR.public_key: 1})
+    block = SimNode(0, VALIDATOR).build(random.Random(round_), 0.0, vals)
+    return sign_proposal(VALIDATOR, "ehr-g", round_, -1, block)
+
+
+def test_a_proposal_goes_over_a_link_once_unless_its_peer_was_too_far_behind_to_take_it() -> None:
+    a, b, behind, author = b"a" * 32, b"b" * 32, b"c" * 32, b"d" * 32
+    switch = _Switch({a: 0, b: 0, behind: 0, author: 0})
+    gossip = ConsensusGossip(switch, 1 << 20)  # type: ignore[arg-type]
+    proposal = _proposal(0)
+    height = proposal.height
+    switch.peers[a].height = switch.peers[b].height = height - 1  # at the proposal's height
+    switch.peers[behind].height = height - 2  # its engine drops it: a block behind
+    gossip.broadcast_proposal(proposal, exclude={author})
+    assert switch.sent_to == [{a, b, behind}]
+
+    switch.peers[b] = _Link(b, height - 1)  # b's link broke: a new one
+    gossip.broadcast_proposal(proposal, exclude={author})  # the rebroadcast timer
+    assert switch.sent_to[1] == {b, behind}
+
+    switch.peers[behind].height = height - 1  # caught up: this copy is taken
+    gossip.broadcast_proposal(proposal, exclude={author})
+    gossip.broadcast_proposal(proposal, exclude={author})
+    assert switch.sent_to[2:] == [{behind}, set()]
+
+    gossip.broadcast_proposal(_proposal(1), exclude={author})  # another round's
+    assert switch.sent_to[4] == {a, b, behind}
