@@ -1,5 +1,6 @@
 """The driver's rebroadcast (``consensus.driver``): a message is not sent back to its
-signer, and a proposal, the whole block, not to the validators that voted for it."""
+signer, and a proposal, the whole block, not to the validators that voted for it, nor
+another validator's before the round's second tick."""
 
 from __future__ import annotations
 
@@ -45,6 +46,13 @@ async def test_the_driver_resends_a_proposal_only_to_those_not_known_to_hold_it(
     driver._sent[(1, 0)] = [mine]
     holders = frozenset({me.public_key, prevoter.public_key})
     await driver._do(eng.Rebroadcast(1, 0, (proposal, vote, mine), holders))
+    # The first tick: its proposer sent the proposal to every peer already.
+    assert {message.sig: exclude for message, exclude in network.sent} == {
+        vote.sig: {prevoter.public_key},
+        mine.sig: frozenset(),
+    }
+    network.sent.clear()
+    await driver._do(eng.Rebroadcast(1, 0, (proposal, vote, mine), holders))
 
     assert {message.sig: exclude for message, exclude in network.sent} == {
         proposal.sig: {proposer.public_key, prevoter.public_key},  # nor to its author
@@ -52,3 +60,15 @@ async def test_the_driver_resends_a_proposal_only_to_those_not_known_to_hold_it(
         mine.sig: frozenset(),
     }
     assert len(network.sent) == 3
+
+
+async def test_the_driver_resends_its_own_proposal_from_the_first_tick() -> None:
+    me, other = Identity(bytes([1]) * 32), Identity(bytes([2]) * 32)
+    vals = ValidatorSet({i.public_key: 1 for i in (me, other)})
+    v = SimNode(0, me).build(random.Random(1), 0.0, vals)
+    proposal = sign_proposal(me, CHAIN, 0, -1, v)  # relayed: held from before a restart
+    network = Recorder()
+    executor = SimpleNamespace(chain=None, mempool=None, is_valid=lambda block: True)
+    driver = Driver(me, executor, MemoryKV(), network)  # type: ignore[arg-type]
+    await driver._do(eng.Rebroadcast(1, 0, (proposal,), frozenset({me.public_key})))
+    assert network.sent == [(proposal, frozenset())]

@@ -40,6 +40,8 @@ MAX_EVIDENCE = 1000
 # A proposer takes transactions into its block for at most this share of the propose
 # timeout: the block must be built, recorded and sent before the others stop waiting.
 BUILD_SHARE_OF_PROPOSE_TIMEOUT = 0.25
+# Another validator's proposal is relayed from this rebroadcast tick of a round on.
+RELAY_PROPOSALS_FROM_TICK = 2
 
 
 class Network(Protocol):
@@ -98,6 +100,7 @@ class Driver:
         self._task: asyncio.Task[None] | None = None
         self._timers: list[asyncio.TimerHandle] = []
         self._sent: dict[tuple[int, int], list[Proposal | Vote]] = {}
+        self._ticks: dict[tuple[int, int], int] = {}  # rebroadcast ticks of each round
         self._last_certificate: Certificate | None = None
         self._stopping = False
         self.committed = asyncio.Event()
@@ -312,9 +315,16 @@ class Driver:
         if isinstance(action, eng.Rebroadcast):
             # Our own messages of the round, and what a peer may have missed (``relay``),
             # not to their signer, and a proposal not to those who voted for its block.
-            sent = self._sent.get((action.height, action.round), [])
+            # Another validator's proposal waits for the round's second tick: its proposer
+            # sent it to every peer, and under load a block takes longer to execute than a
+            # tick, so relaying it on the first only sent the peers another copy.
+            round_key = (action.height, action.round)
+            tick = self._ticks[round_key] = self._ticks.get(round_key, 0) + 1
+            sent = self._sent.get(round_key, [])
             for message in {id(m): m for m in (*sent, *action.relay)}.values():
                 if isinstance(message, Proposal):
+                    if message.proposer != self.me and tick < RELAY_PROPOSALS_FROM_TICK:
+                        continue
                     self.network.broadcast_proposal(
                         message, {message.proposer, *action.holders} - {self.me}
                     )
@@ -399,6 +409,7 @@ class Driver:
                 "dropped pending %s after block %d: %s", tx.id.hex()[:16], block.header.height, err
             )
         self._sent = {k: v for k, v in self._sent.items() if k[0] > block.header.height}
+        self._ticks = {k: n for k, n in self._ticks.items() if k[0] > block.header.height}
         committed = Committed(block, txs, decide.certificate, dropped)
         for listener in self.listeners:
             try:
