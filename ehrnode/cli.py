@@ -122,7 +122,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     genesis = Genesis.from_json(node_config.genesis_path.read_text())
     kv = LevelKV(node_config.data_dir)
     try:
-        report = check_chain(Chain(kv, genesis), last_blocks=args.last)
+        chain = Chain(kv, genesis, node_config.blocks_dir)
+        report = check_chain(chain, last_blocks=args.last)
+        chain.close()
     finally:
         kv.close()
     print(

@@ -95,6 +95,10 @@ class NodeConfig:
     def blobs_dir(self) -> Path:
         return self.home / "blobs"
 
+    @property
+    def blocks_dir(self) -> Path:
+        return self.home / "blocks"
+
 
 _SECTIONS: dict[str, type] = {
     "rpc": RpcConfig,

@@ -59,7 +59,7 @@ class Node:
         c = self.config
         self.kv = kv = LevelKV(c.data_dir)
         try:
-            self.chain = chain = Chain(kv, self.genesis)
+            self.chain = chain = Chain(kv, self.genesis, c.blocks_dir)
             self.blobs = blobs = BlobStore(c.blobs_dir, kv, max_blob_bytes=c.rpc.max_blob_bytes)
             self.mempool = mempool = Mempool(
                 chain.state,
@@ -79,7 +79,7 @@ class Node:
             self.switch = switch = Switch(self.identity, self.genesis, c.p2p)
             switch.allowed = lambda key: key in chain.validators()
             gossip = ConsensusGossip(switch, self.genesis.params.max_block_bytes)
-            self.driver = driver = Driver(self.identity, executor, kv, gossip, timeouts)
+            self.driver = driver = Driver(self.identity, executor, gossip, timeouts)
             gossip.driver = driver
             self.admission = admission = Admission(chain, mempool, blobs, driver.txs_available)
             TxGossip(switch, admission)
@@ -197,9 +197,9 @@ class Node:
         if self.kv is not None:
             self.kv.close()  # waits for blob writes on the database's worker threads
             self.kv = None
-            blobs = getattr(self, "blobs", None)
-            if blobs is not None:
-                blobs.close()
+            for part in (getattr(self, "blobs", None), getattr(self, "chain", None)):
+                if part is not None:
+                    part.close()
 
     async def _stop_part(self, name: str, stopping: Awaitable[None]) -> None:
         try:

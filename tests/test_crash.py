@@ -91,7 +91,7 @@ def make_home(tmp_path: Path) -> Path:
 def open_chain(home: Path) -> tuple[LevelKV, Chain]:
     kv = LevelKV(home / "data")
     genesis = Genesis.from_json((home / cfg.GENESIS_FILE).read_text())
-    return kv, Chain(kv, genesis)
+    return kv, Chain(kv, genesis, home / "blocks")
 
 
 async def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path: Path) -> None:
@@ -125,6 +125,7 @@ async def test_kill_9_during_writes_loses_nothing_acknowledged(tmp_path: Path) -
             kv_blobs = [b for b in all_blobs if kv.get(b"O" + b) is None]
             assert not kv_blobs, f"cycle {cycle}: {len(kv_blobs)} committed records lost their blob"
         finally:
+            chain.close()
             kv.close()
 
     result = subprocess.run(

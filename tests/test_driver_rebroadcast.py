@@ -41,8 +41,9 @@ async def test_the_driver_resends_a_proposal_only_to_those_not_known_to_hold_it(
     vote = sign_vote(prevoter, CHAIN, PREVOTE, 1, 0, v.id)
     mine = sign_vote(me, CHAIN, PREVOTE, 1, 0, v.id)
     network = Recorder()
-    executor = SimpleNamespace(chain=None, mempool=None, is_valid=lambda block: True)
-    driver = Driver(me, executor, MemoryKV(), network)  # type: ignore[arg-type]
+    chain = SimpleNamespace(kv=MemoryKV())
+    executor = SimpleNamespace(chain=chain, mempool=None, is_valid=lambda block: True)
+    driver = Driver(me, executor, network)  # type: ignore[arg-type]
     driver._sent[(1, 0)] = [mine]
     holders = frozenset({me.public_key, prevoter.public_key})
     await driver._do(eng.Rebroadcast(1, 0, (proposal, vote, mine), holders))
@@ -68,7 +69,8 @@ async def test_the_driver_resends_its_own_proposal_from_the_first_tick() -> None
     v = SimNode(0, me).build(random.Random(1), 0.0, vals)
     proposal = sign_proposal(me, CHAIN, 0, -1, v)  # relayed: held from before a restart
     network = Recorder()
-    executor = SimpleNamespace(chain=None, mempool=None, is_valid=lambda block: True)
-    driver = Driver(me, executor, MemoryKV(), network)  # type: ignore[arg-type]
+    chain = SimpleNamespace(kv=MemoryKV())
+    executor = SimpleNamespace(chain=chain, mempool=None, is_valid=lambda block: True)
+    driver = Driver(me, executor, network)  # type: ignore[arg-type]
     await driver._do(eng.Rebroadcast(1, 0, (proposal,), frozenset({me.public_key})))
     assert network.sent == [(proposal, frozenset())]

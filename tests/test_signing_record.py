@@ -38,10 +38,11 @@ class Home:
     def __init__(self, tmp_path: Path) -> None:
         self.path = tmp_path / "data"
         self.kv = LevelKV(self.path)
-        self.chain = Chain(self.kv, GENESIS)
-        self.record = SigningRecord(self.kv)
+        self.chain = Chain(self.kv, GENESIS, tmp_path / "blocks")
+        self.record = SigningRecord(self.chain)
 
     def restart(self) -> None:
+        self.chain.close()
         self.kv.close()
         self.__init__(self.path.parent)  # type: ignore[misc]
 
@@ -71,6 +72,7 @@ class Home:
 def home(tmp_path: Path) -> Iterator[Home]:
     opened = Home(tmp_path)
     yield opened
+    opened.chain.close()
     opened.kv.close()
 
 
@@ -78,7 +80,7 @@ def test_a_lock_survives_a_restart_and_names_its_block_without_a_copy(home: Home
     block = home.block(1)
     msg = home.precommit(block, 2)
     assert block.raw not in (home.kv.get(K_LOCK) or b"")  # it names the block
-    assert home.kv.get(pending_block_key(1)) == block.raw
+    assert home.chain.stored_block(1) == block.raw
     home.restart()
 
     assert home.record.check(1, 2, PRECOMMIT) == msg  # the same vote, sent again
@@ -95,7 +97,7 @@ def test_a_proposal_is_stored_once_and_sent_again_byte_for_byte_after_a_restart(
     proposal = sign_proposal(ME, CHAIN, 0, -1, block)
     home.record.save(proposal)
     assert not [key for key, value in home.kv.scan(b"V") if block.raw in value]
-    assert home.kv.get(pending_block_key(1)) == block.raw  # in the chain's place only
+    assert home.chain.stored_block(1) == block.raw  # in the chain's place only
     home.restart()
 
     assert home.record.check(1, 0, STEP_PROPOSAL) == codec.encode(proposal.to_wire())

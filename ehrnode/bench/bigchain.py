@@ -86,7 +86,7 @@ def build_chain(root: Path, records: int, patients: int) -> tuple[Path, list[str
     people = [crypto.Identity.generate() for _ in range(patients)]
     kv = LevelKV(home / "data")
     try:
-        chain = Chain(kv, genesis)
+        chain = Chain(kv, genesis, home / "blocks")
         time_ms = genesis.genesis_time + 1
         registers = [
             tx.make(
@@ -118,6 +118,7 @@ def build_chain(root: Path, records: int, patients: int) -> tuple[Path, list[str
                 _commit(chain, validator, raws, time_ms)
                 time_ms += 1
         settle(kv)
+        chain.close()
     finally:
         kv.close()
     return home, [p.public_id for p in people]

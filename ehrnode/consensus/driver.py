@@ -33,7 +33,6 @@ from ehrnode.core.block import (
 from ehrnode.core.crypto import Identity
 from ehrnode.core.errors import InvalidBlock, InvalidTransaction
 from ehrnode.core.tx import Tx
-from ehrnode.store.db import KV
 
 log = logging.getLogger(__name__)
 MAX_EVIDENCE = 1000
@@ -82,7 +81,6 @@ class Driver:
         self,
         identity: Identity | None,
         executor: Executor,
-        kv: KV,
         network: Network,
         timeouts: eng.Timeouts | None = None,
     ) -> None:
@@ -93,7 +91,7 @@ class Driver:
         self.network = network
         self.me = None if identity is None else identity.public_key
         self.engine = eng.Engine(self.me, executor.is_valid, timeouts)
-        self.signing = SigningRecord(kv)
+        self.signing = SigningRecord(executor.chain)
         self.listeners: list[Callable[[Committed], None]] = []
         self.evidence: list[tuple[Vote, Vote]] = []
         self._queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()

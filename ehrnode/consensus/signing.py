@@ -15,7 +15,8 @@ Table ``b"V"`` in the node's LevelDB:
               is in the slot is kept with "block_id" in place of "block"
 
 The slot: the first block this validator proposes or locks at a height above its head is
-written where the chain keeps that height's block (``store.chain.pending_block_key``), so
+written where the chain keeps that height's block (``store.chain.pending_block_key``, its
+bytes in the block files, ``Chain.write_with_block``), so
 that a block is written once: the commit of that same block does not write it again
 (``holds``), and a lock or proposal only names it. A second, different block at that
 height (a later round's) is kept whole in its own entries, as are all blocks of earlier
@@ -37,8 +38,7 @@ from ehrnode.consensus import engine as eng
 from ehrnode.core import codec
 from ehrnode.core.block import Block, Proposal, Vote
 from ehrnode.core.errors import ConfigError
-from ehrnode.store.chain import pending_block_key
-from ehrnode.store.db import KV
+from ehrnode.store.chain import Chain
 
 K_SIGN = b"Vsign"
 K_LOCK = b"Vlock"
@@ -50,8 +50,9 @@ MAX_RECORD = 1 << 30
 class SigningRecord:
     """The last thing this validator signed, kept durable in ``kv``."""
 
-    def __init__(self, kv: KV) -> None:
-        self.kv = kv
+    def __init__(self, chain: Chain) -> None:
+        self.chain = chain
+        self.kv = kv = chain.kv
         raw = kv.get(K_SIGN)
         self.last: dict[str, Any] | None = (
             None if raw is None else codec.decode(raw, max_bytes=MAX_RECORD)
@@ -107,7 +108,7 @@ class SigningRecord:
     def _slot_block(self, height: int, block_id: bytes) -> bytes | None:
         if not self.holds(height, block_id):
             return None
-        return self.kv.get(pending_block_key(height))
+        return self.chain.stored_block(height)
 
     def save(
         self, message: Proposal | Vote, lock: Block | None = None, pol: tuple[Vote, ...] = ()
@@ -118,9 +119,9 @@ class SigningRecord:
         batch: dict[bytes, bytes | None] = {}
         block = message.block if isinstance(message, Proposal) else lock
         slot = self.slot if self.slot is not None and self.slot[0] == height else None
+        to_slot = None
         if slot is None and block is not None:  # the slot is free: the block goes there
-            batch[pending_block_key(height)] = block.raw
-            slot = (height, block.id)
+            to_slot, slot = block, (height, block.id)
         in_slot = block is not None and slot == (height, block.id)
         wire = message.to_wire()
         step, block_id = STEP_PROPOSAL, None
@@ -151,7 +152,7 @@ class SigningRecord:
             else:
                 entry["block"] = lock.raw
             batch[K_LOCK] = codec.encode(entry)
-        self.kv.write(batch, sync=True)
+        self.chain.write_with_block(batch, to_slot)
         self.last, self.slot = record, slot
 
     def restored(self, height: int, max_block_bytes: int) -> eng.Restored | None:

@@ -9,6 +9,8 @@ Every table's first key byte, and the module that defines its layout:
     O  blob metadata             blobs.store       P  earlier builds' small blobs
     X  erased-blob tombstones    blobs.store       Q  blobs still missing   blobs.replication
     V  consensus signing record  consensus.driver  G  blob segments' ends    blobs.store
+    F  block segments' ends      store.blockfiles
 
-Blob bytes live outside LevelDB, in files (``blobs.segments``, ``blobs.store``).
+Blob bytes and block bytes live outside LevelDB, in files (``blobs.segments``,
+``blobs.store``, ``store.blockfiles``).
 """

@@ -4,18 +4,20 @@ Tables in the node's LevelDB (one-byte prefix, then the key; heights are 8-byte 
 so that keys sort by height):
 
     b"M" + b"head"            {"height", "id", "time", "digest" bin(256), "genesis" bin32}
-    b"B" + height             the block's bytes (core.block.Block); above the head, the
-                              block this validator proposed or locked on at that height
-                              (``pending_block_key``, written by ``consensus.signing``),
-                              which is never read as committed
+    b"B" + height             the block's place in the block files (``store.blockfiles``),
+                              or, as layout 4 and earlier builds kept it, the block's bytes
+                              (core.block.Block); above the head, the block this validator
+                              proposed or locked on at that height (``pending_block_key``,
+                              written by ``consensus.signing``), never read as committed
     b"C" + height             the certificate that finalised it (core.block.Certificate)
     b"H" + block id           height
     b"T" + tx id              height(8) + index(4): where a transaction was committed
     b"S" + state key          state entry (layouts in core.layout)
 
-``commit`` writes a block (unless it is in its slot already), its certificate, its index
-entries, its state changes and the new head in one synced batch: after a crash the head
-names the last block whose changes are all there, and none of a later block's changes are.
+``commit`` appends a block to the block files (unless it is in its slot already), durably,
+then writes its place, its certificate, its index entries, its state changes and the new
+head in one synced batch: after a crash the head names the last block whose changes are
+all there, and none of a later block's changes are.
 
 This module persists and reads; it decides nothing (``core.state`` does).
 """
@@ -24,13 +26,16 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Collection, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from ehrnode.core import authority, codec, merkle, state
 from ehrnode.core.block import ZERO_HASH, Block, Certificate, InclusionProof
 from ehrnode.core.errors import ConfigError, NotFound
 from ehrnode.core.genesis import Genesis
+from ehrnode.store.blockfiles import BlockFiles, is_place
 from ehrnode.store.db import KV
 
 T_META = b"M"
@@ -45,8 +50,10 @@ K_HEAD = T_META + b"head"
 # a first version. 3: index entries outside the state hash, a root record's "seq". 4: a
 # patient's account keeps the height of its latest record write ("last"). A data
 # directory of another layout holds other state hashes: its chain cannot be continued by
-# this build.
-STATE_LAYOUT = 4
+# this build. 5: the blocks' bytes in block files, their places in b"B" (layout 4's
+# blocks in b"B" are still read, and such a directory is continued as layout 5).
+STATE_LAYOUT = 5
+READ_LAYOUTS = (4, 5)
 
 MAX_STORED_BLOCK = 1 << 30
 
@@ -108,9 +115,12 @@ class StateView:
 
 
 class Chain:
-    def __init__(self, kv: KV, genesis: Genesis) -> None:
+    def __init__(self, kv: KV, genesis: Genesis, blocks_dir: Path | None = None) -> None:
+        """``blocks_dir``: where the block files are (``store.blockfiles``); without one,
+        as for an in-memory store, a block's bytes are kept in its ``b"B"`` entry."""
         self.kv = kv
         self.genesis = genesis
+        self.files = None if blocks_dir is None else BlockFiles(blocks_dir, kv)
         self.state = StateView(kv)
         self._validators: tuple[int, dict[bytes, int]] | None = None
         raw = kv.get(K_HEAD)
@@ -123,7 +133,7 @@ class Chain:
                     "this data directory belongs to another network (genesis hash differs)"
                 )
             layout = head.get("layout", 1)
-            if layout != STATE_LAYOUT:
+            if layout not in READ_LAYOUTS:
                 raise ConfigError(
                     f"this data directory holds state layout {layout}, written by another "
                     f"ehrnode version; this one keeps layout {STATE_LAYOUT}, with other state "
@@ -156,6 +166,11 @@ class Chain:
             }
         )
 
+    def close(self) -> None:
+        """Close the block files (their descriptors; every append is durable already)."""
+        if self.files is not None:
+            self.files.close()
+
     @property
     def head(self) -> Head:
         return self._head
@@ -177,9 +192,27 @@ class Chain:
         """Persist a block and everything it changes in one synced batch; return the new head.
         ``stored``: the block's bytes are at ``pending_block_key`` already."""
         batch, head = self._commit_batch(block, certificate, execution, stored)
-        self.kv.write(batch, sync=True)
+        self.write_with_block(batch, None if stored else block)
         self._advance(head)
         return head
+
+    def write_with_block(self, batch: dict[bytes, bytes | None], block: Block | None) -> None:
+        """Write ``batch`` (synced) with ``block`` in its height's ``b"B"`` entry: its
+        bytes appended to the block files first, or, without them, in the entry."""
+        appending = self._appending(block)
+        if appending is None:
+            self.kv.write(batch, sync=True)
+            return
+        with appending as entries:
+            batch.update(entries)
+            self.kv.write(batch, sync=True)
+
+    def _appending(self, block: Block | None) -> AbstractContextManager[dict[bytes, bytes]] | None:
+        """The block files' append of ``block``, to be entered around the write of its
+        batch (None: nothing to append)."""
+        if block is None or self.files is None:
+            return None
+        return self.files.appending(height_key(T_BLOCK, block.header.height), block.raw)
 
     async def commit_from_loop(
         self,
@@ -193,7 +226,12 @@ class Chain:
         thread (``KV.write_from_loop``), which moves the head right after the write (as
         ``commit`` does), before the loop can read the new state under the old head."""
         batch, head = self._commit_batch(block, certificate, execution, stored)
-        await self.kv.write_from_loop(batch, sync=True, then=lambda: self._advance(head))
+        await self.kv.write_from_loop(
+            batch,
+            sync=True,
+            around=self._appending(None if stored else block),
+            then=lambda: self._advance(head),
+        )
         return head
 
     def _advance(self, head: Head) -> None:
@@ -206,7 +244,7 @@ class Chain:
         assert h.height == self._head.height + 1, "blocks are committed in height order"
         head = Head(h.height, block.id, h.time, execution.digest)
         batch: dict[bytes, bytes | None] = {T_STATE + k: v for k, v in execution.changes.items()}
-        if not stored:
+        if not stored and self.files is None:
             batch[height_key(T_BLOCK, h.height)] = block.raw
         batch[height_key(T_CERT, h.height)] = certificate.encode()
         batch[T_BLOCK_ID + block.id] = struct.pack(">Q", h.height)
@@ -222,10 +260,22 @@ class Chain:
 
     def block_raw(self, height: int) -> bytes:
         # Above the head the key may hold a block not committed (``pending_block_key``).
-        raw = None if height > self._head.height else self.kv.get(height_key(T_BLOCK, height))
+        raw = None if height > self._head.height else self.stored_block(height)
         if raw is None:
             raise NotFound(f"no block at height {height} (the head is {self._head.height})")
         return raw
+
+    def stored_block(self, height: int) -> bytes | None:
+        """The bytes of the block in ``height``'s ``b"B"`` entry, committed or not."""
+        value = self.kv.get(height_key(T_BLOCK, height))
+        if value is None or not is_place(value):
+            return value
+        if self.files is None:
+            raise ConfigError(
+                f"block {height} is kept in the block files, and this chain was opened "
+                "without their directory"
+            )
+        return self.files.read(value)
 
     def certificate(self, height: int) -> Certificate:
         raw = self.kv.get(height_key(T_CERT, height))

@@ -16,6 +16,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -52,10 +53,13 @@ class KV(Protocol):
         changes: Mapping[bytes, bytes | None],
         *,
         sync: bool = True,
+        around: AbstractContextManager[Mapping[bytes, bytes]] | None = None,
         then: Callable[[], None] | None = None,
     ) -> None:
-        """``write`` a large batch from the event loop's thread (see ``LevelKV``'s); ``then``
-        runs right after the write, on the thread that wrote."""
+        """``write`` a large batch from the event loop's thread (see ``LevelKV``'s).
+        ``around``, entered on the thread that writes, gives more entries for the batch
+        and is left with the write's outcome (``store.blockfiles``' append); ``then`` runs
+        right after the write, on that thread."""
         ...
 
     def scan(
@@ -136,18 +140,26 @@ class LevelKV:
         changes: Mapping[bytes, bytes | None],
         *,
         sync: bool = True,
+        around: AbstractContextManager[Mapping[bytes, bytes]] | None = None,
         then: Callable[[], None] | None = None,
     ) -> None:
         """``write``, with the batch built on this (the event loop's) thread and only the
-        write itself on a worker thread. plyvel lets go of the GIL around every put, so a
-        worker thread building a batch of tens of thousands of entries waits for the busy
-        event loop's thread at each one: a 35,000-entry batch (a block of 5,000 records)
-        took 4.3 s instead of 0.09 while the loop's thread computed. ``then`` runs on the
-        worker right after the write, even if the awaiting task is cancelled meanwhile."""
+        write itself (and ``around``) on a worker thread. plyvel lets go of the GIL around
+        every put, so a worker thread building a batch of tens of thousands of entries
+        waits for the busy event loop's thread at each one: a 35,000-entry batch (a block
+        of 5,000 records) took 4.3 s instead of 0.09 while the loop's thread computed.
+        ``then`` runs on the worker right after the write, even if the awaiting task is
+        cancelled meanwhile."""
         batch = self._batch(changes, sync)
 
         def write() -> None:
-            batch.write()
+            if around is None:
+                batch.write()
+            else:
+                with around as more:
+                    for key, value in more.items():
+                        batch.put(key, value)
+                    batch.write()
             if then is not None:
                 then()
 
@@ -263,9 +275,14 @@ class MemoryKV:
         changes: Mapping[bytes, bytes | None],
         *,
         sync: bool = True,
+        around: AbstractContextManager[Mapping[bytes, bytes]] | None = None,
         then: Callable[[], None] | None = None,
     ) -> None:
-        self.write(changes, sync=sync)
+        if around is None:
+            self.write(changes, sync=sync)
+        else:
+            with around as more:
+                self.write({**changes, **more}, sync=sync)
         if then is not None:
             then()
 
