@@ -6,18 +6,20 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from ehrnode.consensus.execution import block_context, make_block
+from ehrnode.consensus.signing import SigningRecord
 from ehrnode.core import codec, crypto, state
-from ehrnode.core.block import PRECOMMIT, Block, Certificate, sign_vote
+from ehrnode.core.block import PRECOMMIT, Block, Certificate, sign_proposal, sign_vote
 from ehrnode.core.errors import Unavailable
 from ehrnode.core.genesis import Genesis, ValidatorInfo
 from ehrnode.store.blockfiles import PLACE
 from ehrnode.store.chain import K_HEAD, STATE_LAYOUT, T_BLOCK, Chain, height_key
 from ehrnode.store.check import check_chain
-from ehrnode.store.db import LevelKV
+from ehrnode.store.db import LevelKV, MemoryKV
 
 ME = crypto.Identity(b"\x09" * 32)
 GENESIS = Genesis("block-files", 1_700_000_000_000, (ValidatorInfo(ME.public_key, 1, "me"),))
@@ -185,6 +187,17 @@ def test_a_directory_with_blocks_in_leveldb_is_read_and_continued(home: Home) ->
     assert [home.chain.block_raw(1), home.chain.block_raw(2)] == [old.raw, new.raw]
     assert home.kv.get(height_key(T_BLOCK, 1)) == old.raw
     assert check_chain(home.chain).ok
+
+
+def test_without_block_files_a_proposed_block_is_kept_in_its_entry() -> None:
+    """An in-memory chain (no block files): the signing record's slot holds the block."""
+    chain = Chain(MemoryKV(), GENESIS)
+    home = SimpleNamespace(chain=chain)
+    block = Home.next_block(home)  # type: ignore[arg-type]
+    SigningRecord(chain).save(sign_proposal(ME, GENESIS.chain_id, 0, -1, block))
+    assert chain.kv.get(height_key(T_BLOCK, 1)) == block.raw
+    assert chain.stored_block(1) == block.raw
+    assert SigningRecord(chain).holds(1, block.id)
 
 
 def _with_layout(raw: bytes | None, layout: int) -> bytes:

@@ -191,7 +191,7 @@ class Chain:
     ) -> Head:
         """Persist a block and everything it changes in one synced batch; return the new head.
         ``stored``: the block's bytes are at ``pending_block_key`` already."""
-        batch, head = self._commit_batch(block, certificate, execution, stored)
+        batch, head = self._commit_batch(block, certificate, execution)
         self.write_with_block(batch, None if stored else block)
         self._advance(head)
         return head
@@ -199,7 +199,7 @@ class Chain:
     def write_with_block(self, batch: dict[bytes, bytes | None], block: Block | None) -> None:
         """Write ``batch`` (synced) with ``block`` in its height's ``b"B"`` entry: its
         bytes appended to the block files first, or, without them, in the entry."""
-        appending = self._appending(block)
+        appending = self._place_block(batch, block)
         if appending is None:
             self.kv.write(batch, sync=True)
             return
@@ -207,12 +207,18 @@ class Chain:
             batch.update(entries)
             self.kv.write(batch, sync=True)
 
-    def _appending(self, block: Block | None) -> AbstractContextManager[dict[bytes, bytes]] | None:
-        """The block files' append of ``block``, to be entered around the write of its
-        batch (None: nothing to append)."""
-        if block is None or self.files is None:
+    def _place_block(
+        self, batch: dict[bytes, bytes | None], block: Block | None
+    ) -> AbstractContextManager[dict[bytes, bytes]] | None:
+        """Without block files, put ``block`` in ``batch``; with them, give the append of
+        its bytes, to be entered around the batch's write (None: nothing to append)."""
+        if block is None:
             return None
-        return self.files.appending(height_key(T_BLOCK, block.header.height), block.raw)
+        key = height_key(T_BLOCK, block.header.height)
+        if self.files is None:
+            batch[key] = block.raw
+            return None
+        return self.files.appending(key, block.raw)
 
     async def commit_from_loop(
         self,
@@ -225,11 +231,11 @@ class Chain:
         """``commit`` from the event loop: the batch is built here, written on a worker
         thread (``KV.write_from_loop``), which moves the head right after the write (as
         ``commit`` does), before the loop can read the new state under the old head."""
-        batch, head = self._commit_batch(block, certificate, execution, stored)
+        batch, head = self._commit_batch(block, certificate, execution)
         await self.kv.write_from_loop(
             batch,
             sync=True,
-            around=self._appending(None if stored else block),
+            around=self._place_block(batch, None if stored else block),
             then=lambda: self._advance(head),
         )
         return head
@@ -238,14 +244,13 @@ class Chain:
         self._head = head
 
     def _commit_batch(
-        self, block: Block, certificate: Certificate, execution: state.Execution, stored: bool
+        self, block: Block, certificate: Certificate, execution: state.Execution
     ) -> tuple[dict[bytes, bytes | None], Head]:
+        """Everything a commit writes but the block's bytes (``_place_block``)."""
         h = block.header
         assert h.height == self._head.height + 1, "blocks are committed in height order"
         head = Head(h.height, block.id, h.time, execution.digest)
         batch: dict[bytes, bytes | None] = {T_STATE + k: v for k, v in execution.changes.items()}
-        if not stored and self.files is None:
-            batch[height_key(T_BLOCK, h.height)] = block.raw
         batch[height_key(T_CERT, h.height)] = certificate.encode()
         batch[T_BLOCK_ID + block.id] = struct.pack(">Q", h.height)
         for index, tx_id in enumerate(block.tx_ids):
