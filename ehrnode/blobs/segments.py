@@ -26,7 +26,8 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -133,6 +134,23 @@ class Segments:
             raise
         return places, ends
 
+    @contextmanager
+    def appending(
+        self, items: list[bytes], end_prefix: bytes
+    ) -> Iterator[tuple[list[tuple[int, int]], dict[bytes, bytes]]]:
+        """``append``, then give the places and the entries that record each segment's
+        new end (``end_prefix`` + BE4 number: BE8 end) for the caller to write, inside the
+        ``with``, with its entries naming the places. If that raises, the appended bytes
+        are cut off again (``abandon``); otherwise they stay (``committed``)."""
+        places, ends = self.append(items)
+        entries = {end_prefix + n.to_bytes(4, "big"): e.to_bytes(8, "big") for n, e in ends.items()}
+        try:
+            yield places, entries
+        except BaseException:
+            self.abandon()  # no entry names those bytes: they go
+            raise
+        self.committed(ends)
+
     def _write_run(self, fd: int, run: list[bytes]) -> None:
         """Write ``run`` so that it ends at ``self._end`` (which already counts it)."""
         at = self._end - sum(len(data) for data in run)
@@ -204,6 +222,14 @@ class Segments:
             for fd in self._readers.values():
                 os.close(fd)
             self._readers.clear()
+
+
+def recorded_ends(entries: Iterable[tuple[bytes, bytes]], end_prefix: bytes) -> dict[int, int]:
+    """Each segment's committed end, from the entries ``appending`` gave (a prefix scan)."""
+    cut = len(end_prefix)
+    return {
+        int.from_bytes(key[cut:], "big"): int.from_bytes(value, "big") for key, value in entries
+    }
 
 
 def fsync_dir(path: Path) -> None:

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ehrnode.blobs.bigfile import BigFile
-from ehrnode.blobs.segments import Segments, fsync_dir
+from ehrnode.blobs.segments import Segments, fsync_dir, recorded_ends
 from ehrnode.core import codec
 from ehrnode.core.errors import Conflict, InvalidEncoding, LimitExceeded, NotFound
 from ehrnode.store.db import KV
@@ -84,11 +84,7 @@ class BlobStore:
         self._tmp.mkdir(parents=True, exist_ok=True)
         for stale in self._tmp.iterdir():  # half-written uploads from before a crash
             stale.unlink(missing_ok=True)
-        ends = {
-            int.from_bytes(key[len(T_SEGMENT_END) :], "big"): int.from_bytes(value, "big")
-            for key, value in kv.scan(T_SEGMENT_END)
-        }
-        self._segments = Segments(root, ends)
+        self._segments = Segments(root, recorded_ends(kv.scan(T_SEGMENT_END), T_SEGMENT_END))
         self._held: OrderedDict[bytes, BlobInfo] = OrderedDict()
         self._tombstones = self._read_tombstones()
 
@@ -186,21 +182,15 @@ class BlobStore:
                 del new[blob_hash]
             if not new:
                 return []
-            places, ends = self._segments.append(list(new.values()))
-            now = int(time.time() * 1000)
-            infos = [
-                BlobInfo(h, len(data), True, now, segment, offset)
-                for (h, data), (segment, offset) in zip(new.items(), places, strict=True)
-            ]
-            batch = {T_META + i.hash: _meta(i) for i in infos}
-            for segment, end in ends.items():
-                batch[T_SEGMENT_END + segment.to_bytes(4, "big")] = end.to_bytes(8, "big")
-            try:
+            with self._segments.appending(list(new.values()), T_SEGMENT_END) as (places, ends):
+                now = int(time.time() * 1000)
+                infos = [
+                    BlobInfo(h, len(data), True, now, segment, offset)
+                    for (h, data), (segment, offset) in zip(new.items(), places, strict=True)
+                ]
+                batch: dict[bytes, bytes | None] = {T_META + i.hash: _meta(i) for i in infos}
+                batch.update(ends)
                 self.kv.write(batch, sync=True)
-            except BaseException:
-                self._segments.abandon()  # no entry names those bytes: they go
-                raise
-            self._segments.committed(ends)
             self._remember(infos)
         return list(new)
 

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ehrnode.blobs.segments import Segments
+from ehrnode.blobs.segments import Segments, recorded_ends
 from ehrnode.core.errors import Unavailable
 from ehrnode.store.db import KV
 
@@ -38,11 +38,7 @@ class BlockFiles:
     serialised here (a commit's runs on a worker thread, a proposal's on another)."""
 
     def __init__(self, root: Path, kv: KV) -> None:
-        ends = {
-            int.from_bytes(key[len(T_FILE_END) :], "big"): int.from_bytes(value, "big")
-            for key, value in kv.scan(T_FILE_END)
-        }
-        self._segments = Segments(root, ends)
+        self._segments = Segments(root, recorded_ends(kv.scan(T_FILE_END), T_FILE_END))
         self._appending = threading.Lock()
 
     @contextmanager
@@ -50,18 +46,9 @@ class BlockFiles:
         """Append ``raw`` durably and give the entries to write with it: its place at
         ``key`` and its segment's new end. The caller writes them (synced) inside the
         ``with``; if that raises, the appended bytes are cut off again."""
-        with self._appending:
-            places, ends = self._segments.append([raw])
+        with self._appending, self._segments.appending([raw], T_FILE_END) as (places, ends):
             [(segment, offset)] = places
-            entries = {key: PLACE.pack(segment, offset, len(raw))}
-            for number, end in ends.items():
-                entries[T_FILE_END + number.to_bytes(4, "big")] = end.to_bytes(8, "big")
-            try:
-                yield entries
-            except BaseException:
-                self._segments.abandon()
-                raise
-            self._segments.committed(ends)
+            yield {key: PLACE.pack(segment, offset, len(raw)), **ends}
 
     def read(self, place: bytes) -> bytes:
         segment, offset, size = PLACE.unpack(place)
