@@ -60,6 +60,7 @@ class ConsensusConfig:
 class MempoolConfig:
     max_txs: int = 100_000
     max_bytes: int = 256 * 1024 * 1024
+    high_water: int = 8_000  # clients' transactions wait while more are pending; 0: never
 
 
 @dataclass(frozen=True)

@@ -117,6 +117,7 @@ class Node:
                 replication=replication,
                 status_extra=self._status,
                 metrics=self._render_metrics,
+                high_water=c.mempool.high_water,
             )
             recovered = replication.recover(chain)
             if recovered:

@@ -1,12 +1,16 @@
-"""Limits on what an outsider controls: request rate per client address, and signed-request
-nonces seen recently (so a captured request cannot be replayed). Both bounded in memory."""
+"""Limits on what an outsider controls: request rate per client address, signed-request
+nonces seen recently (so a captured request cannot be replayed), both bounded in memory;
+and the backlog clients may build in the mempool (``Backlog``)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 
-from ehrnode.core.errors import LimitExceeded
+from ehrnode.core.errors import LimitExceeded, Unavailable
 
 MAX_TRACKED = 10_000
 
@@ -55,3 +59,61 @@ class ReplayCache:
             )
         self._seen[nonce] = now
         return True
+
+
+class Backlog:
+    """Backpressure on clients' transactions. While more than ``high_water`` transactions
+    are pending, or on their way in, a client's submission waits for a block to take some
+    out (up to a timeout, then 503 ``mempool_busy``); 0 never holds one.
+
+    Clients can send faster than blocks commit. Without this the difference piles up in
+    the mempool of every node (tens of thousands of decoded transactions), and the memory
+    and the work of that backlog slow the node that is meant to drain it. Transactions
+    relayed by peers are not held here: each was admitted by a node that held its own
+    clients back, and refusing it would only move its signature check to the block.
+    """
+
+    def __init__(self, pending: Callable[[], int], high_water: int) -> None:
+        self.pending = pending
+        self.high_water = high_water
+        self.admitting = 0  # transactions of requests let in and not yet admitted
+        self.waiting = 0  # requests held
+        self._moved = asyncio.Event()
+
+    def on_commit(self, _committed: object) -> None:
+        """A block was committed: held requests look again (in the order they came)."""
+        self._moved.set()
+        self._moved = asyncio.Event()
+
+    def full(self) -> bool:
+        return self.high_water > 0 and self.pending() + self.admitting > self.high_water
+
+    @contextlib.asynccontextmanager
+    async def room(self, count: int, timeout: float) -> AsyncIterator[None]:
+        """Wait until the backlog is below the mark, then count ``count`` transactions as
+        on their way in until the block exits (the caller admits them inside it)."""
+        if self.full():
+            await self._wait(timeout)
+        self.admitting += count
+        try:
+            yield
+        finally:
+            self.admitting -= count
+
+    async def _wait(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        self.waiting += 1
+        try:
+            while self.full():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise Unavailable(
+                        f"this node holds more than {self.high_water} pending transactions "
+                        "and no block took them in time; retry later",
+                        code="mempool_busy",
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._moved.wait(), remaining)
+        finally:
+            self.waiting -= 1

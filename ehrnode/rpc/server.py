@@ -35,7 +35,7 @@ from ehrnode.rpc import params, views
 from ehrnode.rpc.authority import AuthorityApi
 from ehrnode.rpc.content import ContentApi
 from ehrnode.rpc.events import BlockEvents
-from ehrnode.rpc.limits import RateLimiter
+from ehrnode.rpc.limits import Backlog, RateLimiter
 from ehrnode.rpc.params import error_response, now_ms
 from ehrnode.store.access import AccessLog
 from ehrnode.store.chain import Chain
@@ -62,6 +62,7 @@ class Api:
         replication: Replication | None = None,
         status_extra: Callable[[], dict[str, Any]] | None = None,
         metrics: Callable[[], bytes] | None = None,
+        high_water: int = 0,
     ) -> None:
         self.config = config
         self.identity = identity
@@ -87,6 +88,7 @@ class Api:
             replication=replication,
         )
         self.events = BlockEvents()
+        self.backlog = Backlog(lambda: len(admission.mempool), high_water)
 
     # --- application --------------------------------------------------------------------
 
@@ -115,7 +117,7 @@ class Api:
         r.add_get("/metrics", self.get_metrics)
         self.content.add_routes(app)
         AuthorityApi(self.chain).add_routes(app)
-        self.driver.listeners.append(self.events.publish)
+        self.driver.listeners += [self.events.publish, self.backlog.on_commit]
         app.on_shutdown.append(self.events.close)
         return app
 
@@ -158,15 +160,16 @@ class Api:
     async def post_tx(self, req: web.Request) -> web.Response:
         mode = self._mode(req)
         raw = await params.raw_body(req)
-        tx = self.admission.decode(raw)
-        if mode != "async":
-            short = await self._short_of_replicas([tx])
-            if short:
-                raise self._replication_pending(min(short.values()))
-        if mode == "async":
-            asyncio.get_running_loop().call_soon(self._admit_quietly, tx)
-            return web.json_response({"id": tx.id.hex(), "status": "received"}, status=202)
-        self.admission.admit(tx)
+        async with self.backlog.room(1, self.config.commit_timeout_s):
+            tx = self.admission.decode(raw)
+            if mode != "async":
+                short = await self._short_of_replicas([tx])
+                if short:
+                    raise self._replication_pending(min(short.values()))
+            if mode == "async":
+                asyncio.get_running_loop().call_soon(self._admit_quietly, tx)
+                return web.json_response({"id": tx.id.hex(), "status": "received"}, status=202)
+            self.admission.admit(tx)
         if mode == "sync":
             return web.json_response({"id": tx.id.hex(), "status": "pending"}, status=202)
         location = await self.admission.wait_committed(tx.id, self.config.commit_timeout_s)
@@ -249,19 +252,20 @@ class Api:
             ) from err
         if not isinstance(items, list) or not all(isinstance(i, bytes) for i in items):
             raise InvalidEncoding("a batch is a msgpack array of byte strings")
-        decoded = await self.admission.decode_batch(items)
-        short = await self._short_of_replicas([t for t in decoded if isinstance(t, Tx)])
         results: list[dict[str, Any]] = []
         admitted: list[bytes] = []
-        for item in decoded:
-            outcome = self._admit_one(item, short)
-            if isinstance(outcome, EhrError):
-                results.append(
-                    {"status": "rejected", "code": outcome.code, "message": outcome.message}
-                )
-                continue
-            admitted.append(outcome.id)
-            results.append({"id": outcome.id.hex(), "status": "pending"})
+        async with self.backlog.room(len(items), self.config.commit_timeout_s):
+            decoded = await self.admission.decode_batch(items)
+            short = await self._short_of_replicas([t for t in decoded if isinstance(t, Tx)])
+            for item in decoded:
+                outcome = self._admit_one(item, short)
+                if isinstance(outcome, EhrError):
+                    results.append(
+                        {"status": "rejected", "code": outcome.code, "message": outcome.message}
+                    )
+                    continue
+                admitted.append(outcome.id)
+                results.append({"id": outcome.id.hex(), "status": "pending"})
         if mode == "commit" and admitted:
             deadline = self.config.commit_timeout_s
             locations = await asyncio.gather(
@@ -445,6 +449,7 @@ class Api:
             "time": head.time,
             "state_hash": head.state_hash.hex(),
             "mempool": len(self.admission.mempool),
+            "clients_waiting": self.backlog.waiting,
             "validators": [
                 {"key": k.hex(), "power": p} for k, p in state.validators(self.chain.state).items()
             ],
