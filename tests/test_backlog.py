@@ -22,6 +22,12 @@ from ehrnode.testing import cluster_homes, wait_for
 MSGPACK = {"Content-Type": "application/msgpack"}
 
 
+async def settle() -> None:
+    """Let every task that is ready run (event-loop turns, not time)."""
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
 class Pool:
     """Stands in for the mempool's count."""
 
@@ -55,8 +61,7 @@ async def test_above_the_mark_a_request_waits_for_a_block_that_takes_the_backlog
     task = asyncio.create_task(client())
     await wait_for(lambda: backlog.waiting == 1, what="the request to be held")
     backlog.on_commit(None)  # a block, but the backlog is still above the mark
-    await asyncio.sleep(0)
-    await asyncio.sleep(0)
+    await settle()
     assert not entered.is_set() and backlog.waiting == 1
     pool.pending = 4
     backlog.on_commit(None)
@@ -80,7 +85,7 @@ async def test_held_requests_go_in_one_at_a_time_in_the_order_they_came() -> Non
     pool.pending = 5
     backlog.on_commit(None)
     await wait_for(lambda: order == [0], what="the first request to go in")
-    await asyncio.sleep(0.05)
+    await settle()
     # 5 pending + 8 on their way in is above the mark: the others wait for another block.
     assert order == [0] and backlog.waiting == 2
     release.set()
