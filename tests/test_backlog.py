@@ -69,7 +69,7 @@ async def test_above_the_mark_a_request_waits_for_a_block_that_takes_the_backlog
     assert entered.is_set() and backlog.waiting == 0 and backlog.admitting == 0
 
 
-async def test_held_requests_go_in_one_at_a_time_in_the_order_they_came() -> None:
+async def test_held_requests_go_in_in_the_order_they_came_while_there_is_room() -> None:
     pool = Pool(20)
     backlog = Backlog(lambda: len(pool), high_water=10)
     order: list[int] = []
