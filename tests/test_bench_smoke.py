@@ -42,10 +42,13 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     assert Path(figures["machine"]["interpreter"]).is_file()
     assert "verify_per_s_per_core" in result.stdout  # the table went to stdout
     if Path("/proc/self/task").is_dir():  # Linux: the validators' CPU read by thread
-        for phase in ("throughput", "import"):
+        for phase in ("throughput", "latency", "import"):
             # Split, or (a smoke phase being a few clock ticks) said to be too short.
             head = f"{phase}: validator CPU by thread"
             assert any(n.startswith(head) for n in figures["notes"]), figures["notes"]
+    # The latency phase's load is half the sustained rate: the note says what it was.
+    [sent] = [n for n in figures["notes"] if n.startswith("latency: ") and " sent at " in n]
+    assert sent.endswith(f"sent at {figures['tx_per_s'] / 2:,.0f} tx/s"), sent
     # A process that starts takes page faults: the client's count is read, not left at 0.
     client = [n for n in figures["notes"] if n.startswith("import: the ehr import process")]
     assert len(client) == 1, figures["notes"]

@@ -207,16 +207,21 @@ async def _network_measures(
             if result["tx_per_s"] and figures["ceiling_tx_per_s"]:
                 figures["ratio_to_ceiling"] = result["tx_per_s"] / figures["ceiling_tx_per_s"]
         if "latency" in names and figures["tx_per_s"]:
+            rate = figures["tx_per_s"] / 2
+            before = net.thread_cpu()
             with tempfile.TemporaryDirectory() as sent_dir:
                 figures.update(
                     await throughput.latency(
-                        net.urls,
-                        second,
-                        figures["tx_per_s"] / 2,
-                        sent_dir,
-                        warmup_s=sizes.warmup_s,
+                        net.urls, second, rate, sent_dir, warmup_s=sizes.warmup_s
                     )
                 )
+            # The latency phase's load follows the sustained rate, and its blocks and
+            # batches are small: what a transaction costs there explains its figures.
+            notes.append(f"latency: {len(second):,} transactions sent at {rate:,.0f} tx/s")
+            by_thread = threadcpu.split_note(
+                "latency", before, net.thread_cpu(), len(second), "transaction"
+            )
+            notes.extend([by_thread] if by_thread else [])
         if "sync" in names:
             if "latency" not in names:
                 # The sync phase's nonces follow the latency phase's: commit those first.
