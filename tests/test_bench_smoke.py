@@ -98,8 +98,8 @@ def test_the_stages_tool_names_a_bad_argument_without_a_traceback(
 
 def test_stage_times_inside_the_validators_cover_every_transaction(tmp_path: Path) -> None:
     """``scripts/bench --stage-times``: the validators time their own stages (thread CPU)
-    and the bench reports the throughput phase's: each of the 4 decoded each of the smoke
-    run's 300 transactions once."""
+    and the bench reports the throughput phase's and the latency phase's: each of the 4
+    decoded each of the smoke run's 300 and then 100 transactions once."""
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [
@@ -107,6 +107,7 @@ def test_stage_times_inside_the_validators_cover_every_transaction(tmp_path: Pat
             "--smoke",
             "--only",
             "throughput",
+            "latency",
             "--stage-times",
             "--out",
             str(out),
@@ -120,6 +121,8 @@ def test_stage_times_inside_the_validators_cover_every_transaction(tmp_path: Pat
     notes = json.loads(out.read_text())["notes"]
     [head] = [n for n in notes if n.startswith("stage times:")]
     assert head.startswith("stage times: 1200 transaction decodes over 4 validators"), head
+    [latency] = [n for n in notes if n.startswith("latency stage times:")]
+    assert latency.startswith("latency stage times: 400 transaction decodes over 4"), latency
     labels = {n.rsplit(" (", 1)[0].split()[-1] for n in notes if n.endswith(")")}
     assert {"ehrnode.core.crypto.verify", "ehrnode.core.state.execute_block"} <= labels
 

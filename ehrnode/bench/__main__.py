@@ -209,6 +209,8 @@ async def _network_measures(
         if "latency" in names and figures["tx_per_s"]:
             rate = figures["tx_per_s"] / 2
             before = net.thread_cpu()
+            times = _stage_times_folder()
+            times_before = nodetimes.snapshot(times) if times else {}
             with tempfile.TemporaryDirectory() as sent_dir:
                 figures.update(
                     await throughput.latency(
@@ -218,6 +220,9 @@ async def _network_measures(
             # The latency phase's load follows the sustained rate, and its blocks and
             # batches are small: what a transaction costs there explains its figures.
             notes.append(f"latency: {len(second):,} transactions sent at {rate:,.0f} tx/s")
+            if times:
+                stages = nodetimes.report(times_before, nodetimes.snapshot(times))
+                notes.extend("latency " + line for line in stages)
             by_thread = threadcpu.split_note(
                 "latency", before, net.thread_cpu(), len(second), "transaction"
             )
