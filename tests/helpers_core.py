@@ -111,6 +111,7 @@ class World:
         self.height = height
         self.time = time
         self.extra_validators: dict[bytes, int] = {}
+        self.txs: dict[bytes, tx.Tx] = {}  # applied, by id: where records' keys are
 
     @property
     def ctx(self) -> state.BlockContext:
@@ -142,7 +143,15 @@ class World:
 
     def apply(self, t: tx.Tx) -> tx.Tx:
         state.apply_tx(self.overlay, self.ctx, t)
+        self.txs[t.id] = t
         return t
+
+    def tx_body(self, tx_id: bytes) -> dict[str, Any]:
+        """An applied transaction's body (as a chain gives a committed one's)."""
+        return self.txs[tx_id].body
+
+    def wrapped_key(self, record_id: bytes, who: bytes) -> bytes | None:
+        return state.wrapped_key(self.overlay, record_id, who, self.tx_body)
 
     def do(self, who: crypto.Identity, kind: str, body: dict[str, Any]) -> tx.Tx:
         return self.apply(self.sign(who, kind, body))

@@ -1,21 +1,24 @@
 """Blocks' bytes in append-only files beside LevelDB (``store.blockfiles``): written once,
-named by their place, never left half-written by a failed or interrupted commit, and a
-data directory of the earlier layout (blocks in LevelDB) is read and continued."""
+named by their place, never left half-written by a failed or interrupted commit; and each
+committed transaction's bytes read alone from their place within their block's."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from ehrnode.consensus.execution import block_context, make_block
 from ehrnode.consensus.signing import SigningRecord
-from ehrnode.core import codec, crypto, state
+from ehrnode.core import codec, crypto, state, tx
 from ehrnode.core.block import PRECOMMIT, Block, Certificate, sign_proposal, sign_vote
-from ehrnode.core.errors import Unavailable
+from ehrnode.core.errors import NotFound, Unavailable
 from ehrnode.core.genesis import Genesis, ValidatorInfo
+from ehrnode.core.tx import Tx
 from ehrnode.store.blockfiles import PLACE
 from ehrnode.store.chain import K_HEAD, STATE_LAYOUT, T_BLOCK, Chain, height_key
 from ehrnode.store.check import check_chain
@@ -39,11 +42,12 @@ class Home:
         self.chain.close()
         self.kv.close()
 
-    def next_block(self) -> Block:
+    def next_block(self, txs: Sequence[Tx] = ()) -> Block:
+        """The next block, holding ``txs`` (executed as if they changed nothing)."""
         head = self.chain.head
         ctx = block_context(self.chain, head.height + 1, GENESIS.genesis_time + head.height + 1)
         last = None if head.height == 0 else self.chain.certificate(head.height)
-        return make_block(self.chain, ctx, ME.public_key, [], self.chain.validators(), last)
+        return make_block(self.chain, ctx, ME.public_key, list(txs), self.chain.validators(), last)
 
     def commit(self, block: Block) -> None:
         self.chain.commit(block, *self._decided(block))
@@ -171,22 +175,48 @@ def test_a_missing_block_file_is_a_clear_error(home: Home) -> None:
         home.chain.block_raw(1)
 
 
-def test_a_directory_with_blocks_in_leveldb_is_read_and_continued(home: Home) -> None:
-    """Layout 4 kept each block's bytes in its ``B`` entry."""
-    home.reopen(files=False)
-    old = home.next_block()
-    home.commit(old)
-    home.kv.write({K_HEAD: _with_layout(home.kv.get(K_HEAD), 4)}, sync=True)
+def _txs_of_each_bin_form() -> list[Tx]:
+    """Transactions whose bytes take each of msgpack's bin forms within a block's array."""
 
-    home.reopen()
-    assert home.chain.block_raw(1) == old.raw
-    new = home.next_block()
-    home.commit(new)
-    assert codec.decode(home.kv.get(K_HEAD))["layout"] == STATE_LAYOUT
-    home.reopen()
-    assert [home.chain.block_raw(1), home.chain.block_raw(2)] == [old.raw, new.raw]
-    assert home.kv.get(height_key(T_BLOCK, 1)) == old.raw
-    assert check_chain(home.chain).ok
+    def item() -> dict[str, Any]:
+        keys = sorted([os.urandom(32), os.urandom(80)] for _ in range(4))
+        patient = keys[0][0]  # wrapped for
+        blob = os.urandom(32)
+        return {"patient": patient, "blob": blob, "size": 1, "type": "Note", "keys": keys}
+
+    chain = GENESIS.chain_id
+    txs = [
+        tx.make(ME, chain, "register", 1, {"role": "patient"}),
+        tx.make(ME, chain, "register", 2, {"role": "patient", "name": "n" * 200}),
+        tx.make(ME, chain, "records", 3, {"items": [item() for _ in range(200)]}),
+    ]
+    assert len(txs[0].raw) < 0x100 <= len(txs[1].raw) < 0x10000 <= len(txs[2].raw)
+    return txs
+
+
+@pytest.mark.parametrize("files", [True, False], ids=["block files", "in its entry"])
+def test_a_committed_transaction_is_read_alone_from_its_place_in_its_block(
+    tmp_path: Path, files: bool
+) -> None:
+    """The transaction index places each transaction's bytes within its block's, so one is
+    read without the rest of the block (a record's wrapped keys are read so)."""
+    home = Home(tmp_path, files=files)
+    try:
+        txs = _txs_of_each_bin_form()
+        home.commit(home.next_block([txs[1]]))
+        home.commit(home.next_block([txs[0], txs[2]]))
+        home.reopen(files=files)
+        places = [(2, 0), (1, 0), (2, 1)]
+        for t, (height, index) in zip(txs, places, strict=True):
+            raw, location = home.chain.tx_raw(t.id)
+            assert raw == t.raw
+            assert (location.height, location.index) == (height, index)
+            assert home.chain.tx_location(t.id) == location
+            assert home.chain.tx_body(t.id) == t.body
+        with pytest.raises(NotFound):
+            home.chain.tx_raw(b"\x00" * 32)
+    finally:
+        home.close()
 
 
 def test_without_block_files_a_proposed_block_is_kept_in_its_entry() -> None:
@@ -198,10 +228,3 @@ def test_without_block_files_a_proposed_block_is_kept_in_its_entry() -> None:
     assert chain.kv.get(height_key(T_BLOCK, 1)) == block.raw
     assert chain.stored_block(1) == block.raw
     assert SigningRecord(chain).holds(1, block.id)
-
-
-def _with_layout(raw: bytes | None, layout: int) -> bytes:
-    assert raw is not None
-    head = codec.decode(raw)
-    head["layout"] = layout
-    return codec.encode(head)

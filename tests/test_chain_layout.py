@@ -25,7 +25,7 @@ def test_a_new_directory_keeps_this_layout_and_reopens(tmp_path: Path) -> None:
         kv.close()
 
 
-@pytest.mark.parametrize("layout", [None, 1, 2, 3, STATE_LAYOUT + 1])
+@pytest.mark.parametrize("layout", [None, 1, 2, 3, 4, 5, STATE_LAYOUT + 1])
 def test_another_layout_is_refused_and_left_as_it_was(tmp_path: Path, layout: int | None) -> None:
     genesis = make_genesis([identity(1)])
     kv = LevelKV(tmp_path / "data")

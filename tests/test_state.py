@@ -213,17 +213,18 @@ def test_record_by_provider_for_patient(w: World) -> None:
         "nver": 1,
         "seq": 0,
     }
-    assert w.load(state.P_WKEY + t.id) == body["keys"]
+    # Its only entry named by its id: the wrapped keys stay in the transaction.
+    assert [k for k in w.overlay.changes if t.id in k] == [P_REC + t.id]
     assert w.overlay.get(state.seq_key(P_PREC, patient.public_key, 0)) == t.id
     # The first version is the root itself: no version entry until an amendment.
     assert w.overlay.get(state.seq_key(P_VER, t.id, 0)) is None
     assert w.account(patient)["nrec"] == 1
     # A wrapped key per reader, and each opens for that reader only.
     for reader in (patient, provider):
-        wrapped = state.wrapped_key(w.overlay, t.id, reader.public_key)
+        wrapped = w.wrapped_key(t.id, reader.public_key)
         assert wrapped is not None
         assert reader.unwrap_key(wrapped) == data_key
-    assert state.wrapped_key(w.overlay, t.id, identity(3).public_key) is None
+    assert w.wrapped_key(t.id, identity(3).public_key) is None
 
 
 def test_patient_records_are_listed_in_order(w: World) -> None:
@@ -291,7 +292,7 @@ def test_record_may_not_wrap_for_strangers(w: World) -> None:
 def test_record_need_not_wrap_for_its_author(w: World) -> None:
     patient, provider, _ = people(w)
     t = w.record(provider, patient, with_author=False)
-    assert state.wrapped_key(w.overlay, t.id, provider.public_key) is None
+    assert w.wrapped_key(t.id, provider.public_key) is None
 
 
 # --- reading -------------------------------------------------------------------------------
@@ -354,7 +355,7 @@ def test_failed_tx_undoes_its_own_earlier_writes(w: World) -> None:
     ids = sorted([good.id, erased.id])
     grant = {"grantee": gp.public_key, "scope": "records", "records": fake_keys(ids)}
     assert w.rejects(w.sign(patient, "grant", grant)) == "record_erased"
-    assert state.wrapped_key(w.overlay, good.id, gp.public_key) is None
+    assert w.wrapped_key(good.id, gp.public_key) is None
     assert not w.may_read(good, gp)
     unknown = crypto.sha256(b"missing")
     erase = {"records": [good.id, unknown]}

@@ -41,7 +41,7 @@ def test_standing_grant_binds_new_records(w: World) -> None:
         w.apply(missing)
     assert w.rejects(missing) == "missing_grantee_key"
     t = w.record(provider, patient, readers=[gp.public_key])
-    assert state.wrapped_key(w.overlay, t.id, gp.public_key) is not None
+    assert w.wrapped_key(t.id, gp.public_key) is not None
 
 
 def test_standing_grant_by_type_binds_only_that_type(w: World) -> None:
@@ -196,9 +196,7 @@ def test_listed_grant(w: World) -> None:
     grant = w.do(patient, "grant", body)
     assert w.load(P_GRANT + grant.id)["records"] == [r1.id]
     assert gp.unwrap_key(w.overlay.get(P_KEY + r1.id + gp.public_key)) == data_key
-    assert state.wrapped_key(w.overlay, r1.id, gp.public_key) == w.overlay.get(
-        P_KEY + r1.id + gp.public_key
-    )
+    assert w.wrapped_key(r1.id, gp.public_key) == w.overlay.get(P_KEY + r1.id + gp.public_key)
     assert w.load(P_LGR + r1.id + gp.public_key) == [grant.id]
     assert w.may_read(r1, gp)
     assert not w.may_read(r2, gp)
@@ -214,17 +212,15 @@ def test_a_listed_grant_replaces_the_writers_wrap_for_that_reader(w: World) -> N
     patient, provider, gp = people(w)
     w.standing(patient, gp)
     record = w.record(provider, patient, readers=[gp.public_key])
-    written = dict(w.load(state.P_WKEY + record.id))
-    assert state.wrapped_key(w.overlay, record.id, gp.public_key) == written[gp.public_key]
+    written = dict(record.body["keys"])
+    assert w.wrapped_key(record.id, gp.public_key) == written[gp.public_key]
     data_key = crypto.new_data_key()
     wrap = crypto.wrap_key(data_key, gp.public_key)
     body = {"grantee": gp.public_key, "scope": "records", "records": [[record.id, wrap]]}
     w.do(patient, "grant", body)
-    assert gp.unwrap_key(state.wrapped_key(w.overlay, record.id, gp.public_key)) == data_key
+    assert gp.unwrap_key(w.wrapped_key(record.id, gp.public_key)) == data_key
     # Everyone else still gets the writer's wrap.
-    assert (
-        state.wrapped_key(w.overlay, record.id, patient.public_key) == written[patient.public_key]
-    )
+    assert w.wrapped_key(record.id, patient.public_key) == written[patient.public_key]
 
 
 def test_listed_grant_of_someone_elses_or_unknown_record(w: World) -> None:

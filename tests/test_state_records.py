@@ -41,7 +41,7 @@ def test_each_record_gets_its_own_id_in_order(w: World) -> None:
         assert (entry["tx"], entry["item"]) == (t.id, index)
         assert w.overlay.get(state.seq_key(P_PREC, patient.public_key, index + 1)) == rid
         assert w.overlay.get(state.seq_key(P_VER, rid, 0)) is None  # the root is version 1
-        assert patient.unwrap_key(state.wrapped_key(w.overlay, rid, patient.public_key)) == key
+        assert patient.unwrap_key(w.wrapped_key(rid, patient.public_key)) == key
         assert w.overlay.get(state.P_BLOB + item["blob"]) == rid
     assert w.account(patient)["nrec"] == 4
     assert w.account(provider)["nonce"] == t.nonce  # one transaction, one nonce

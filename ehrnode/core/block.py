@@ -286,6 +286,21 @@ class Block:
         block.check_form()
         return block
 
+    def tx_spans(self) -> list[tuple[int, int]]:
+        """Where each transaction's bytes lie in ``raw``: (offset, size). A block's
+        canonical map ends with its "txs" array (its keys sort header, last_commit, txs),
+        each element a msgpack bin, so the places follow from the sizes, counted back
+        from the end."""
+        spans: list[tuple[int, int]] = []
+        end = len(self.raw)
+        for tx in reversed(self.txs):
+            size = len(tx)
+            start = end - size
+            spans.append((start, size))
+            end = start - (2 if size < 0x100 else 3 if size < 0x10000 else 5)
+        spans.reverse()
+        return spans
+
     def check_form(self) -> None:
         h = self.header
         if h.ntx != len(self.txs):

@@ -22,10 +22,9 @@ state-hash terms.
   * b"prec" + patient(32) + seq(8, BE)     raw root record id: the patient's records, in order
   * b"ver"  + root id(32) + seq(8, BE)     raw id of version seq + 1 of a record, from seq 1
                                             (the root is version 1 and has no entry)
-    b"wkey" + record id(32)                [[reader, wrapped data key]...]: as its writer
-                                            wrapped it (the record body's "keys")
     b"key"  + record id(32) + reader(32)   raw: the data key a grant wrapped for that reader
-                                            (wins over the writer's, see ``wrapped_key``)
+                                            (wins over the writer's, which is in the
+                                            record's transaction: see ``wrapped_key``)
     b"grant"+ grant id(32)                 {"patient", "grantee", "scope", "height",
                                             "types"?, "expires"?, "records"?, "revoked"?}
   * b"pgr"  + patient(32) + grant id(32)   raw b"": the patient's grants
@@ -46,7 +45,6 @@ P_REC = b"rec"
 P_PREC = b"prec"
 P_VER = b"ver"
 P_KEY = b"key"
-P_WKEY = b"wkey"
 P_GRANT = b"grant"
 P_PGR = b"pgr"
 P_STD = b"std"

@@ -10,7 +10,7 @@ from typing import Any
 
 from ehrnode.core import tx as txmod
 from ehrnode.core.errors import InvalidTransaction
-from ehrnode.core.layout import P_ACCT, P_BLOB, P_PREC, P_REC, P_STD, P_VER, P_WKEY
+from ehrnode.core.layout import P_ACCT, P_BLOB, P_PREC, P_REC, P_STD, P_VER
 from ehrnode.core.statekv import BlockContext, Overlay, StateReader, load, save, save_new, seq_key
 from ehrnode.core.tx import Tx
 
@@ -184,7 +184,7 @@ def _write_record(
         save(scratch, P_REC + previous["root"], root)
         scratch.put_new(seq_key(P_VER, previous["root"], version - 1), rid)
     save_new(scratch, P_REC + rid, entry)
-    # The data key as wrapped for each first reader, all in one entry (a state entry costs
-    # a state-hash term and a LevelDB key); a grant adds a ``P_KEY`` entry per grantee. Not
-    # in the record's entry, which every record list reads.
-    save_new(scratch, P_WKEY + rid, body["keys"])
+    # The data key as wrapped for each first reader stays in the transaction, on chain in
+    # its block: a copy in the state would cost every record a state-hash term and a
+    # quarter of the bytes LevelDB writes and rewrites for it, and no rule reads it
+    # (``state.wrapped_key`` finds it there); a grant adds a ``P_KEY`` entry per grantee.

@@ -13,7 +13,7 @@ Pure: no I/O, no clock (time comes from the block header in ``BlockContext``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,6 @@ from ehrnode.core.layout import (
     P_REC as P_REC,
     P_STD as P_STD,
     P_VER as P_VER,
-    P_WKEY as P_WKEY,
     in_state_hash as in_state_hash,
 )
 from ehrnode.core.records import (
@@ -298,15 +297,29 @@ _APPLY = {
 # --- reading rules (used by the node to serve ciphertext; not consensus) ---------------------
 
 
-def wrapped_key(reader: StateReader, record_id: bytes, who: bytes) -> bytes | None:
+def wrapped_key(
+    reader: StateReader,
+    record_id: bytes,
+    who: bytes,
+    tx_body: Callable[[bytes], dict[str, Any]],
+) -> bytes | None:
     """The record's data key as wrapped for ``who``: by the patient's latest grant
-    (``P_KEY``), which wins, else by the record's writer (``P_WKEY``); None if neither
-    wrapped it for them. (Nothing on chain proves a wrap opens: a patient whose writer
-    wrapped a bad key for someone fixes it with a listed grant.)"""
+    (``P_KEY``), which wins, else by the record's writer, in the ``keys`` of the record's
+    body in its committed transaction (``tx_body``: a committed transaction's body by
+    id); None if neither wrapped it for them. (Nothing on chain proves a wrap opens: a
+    patient whose writer wrapped a bad key for someone fixes it with a listed grant.)"""
     granted = reader.get(P_KEY + record_id + who)
     if granted is not None:
         return granted
-    for holder, wrapped in load(reader, P_WKEY + record_id) or ():
+    record = load(reader, P_REC + record_id)
+    if record is None:
+        return None
+    # A ``record`` transaction's record has the transaction's id; one of a ``records``
+    # transaction names the transaction and its item.
+    body = tx_body(record.get("tx", record_id))
+    if "item" in record:
+        body = body["items"][record["item"]]
+    for holder, wrapped in body["keys"]:
         if holder == who:
             return wrapped  # type: ignore[no-any-return]
     return None

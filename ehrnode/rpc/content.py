@@ -81,7 +81,7 @@ class ContentApi:
         """Only the reader's wrapped data key (what a patient re-wraps for a grantee):
         no ciphertext, so nothing is read and nothing is logged."""
         signed, record_id, _record, _now = self._readable(req)
-        wrapped = state.wrapped_key(self.chain.state, record_id, signed.key)
+        wrapped = state.wrapped_key(self.chain.state, record_id, signed.key, self.chain.tx_body)
         if wrapped is None:
             raise NotFound("no data key is wrapped for this key on that record", code="no_key")
         return web.json_response({"record": record_id.hex(), "wrapped_key": wrapped.hex()})
@@ -92,7 +92,7 @@ class ContentApi:
         info = self.blobs.info(record["blob"])
         if info is None:
             raise NotFound("this node does not hold the record's ciphertext", code="blob_missing")
-        wrapped = state.wrapped_key(self.chain.state, record_id, signed.key)
+        wrapped = state.wrapped_key(self.chain.state, record_id, signed.key, self.chain.tx_body)
         await self.access.kv.run(
             self.access.append, record["patient"], signed.key, record_id, signed.sig, now
         )

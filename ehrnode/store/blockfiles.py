@@ -60,6 +60,22 @@ class BlockFiles:
                 f"{size} bytes): {err}; the data directory is damaged"
             ) from err
 
+    def read_part(self, place: bytes, start: int, size: int) -> bytes:
+        """``size`` bytes from ``start`` within the block at ``place`` (one transaction's)."""
+        segment, offset, block_size = PLACE.unpack(place)
+        if start < 0 or size < 0 or start + size > block_size:
+            raise Unavailable(
+                f"bytes {start}-{start + size} are outside the block at {offset} of block "
+                f"segment {segment} ({block_size} bytes); the data directory is damaged"
+            )
+        try:
+            return self._segments.read(segment, offset + start, size)
+        except OSError as err:
+            raise Unavailable(
+                f"a block's bytes are missing from block segment {segment} (at {offset}, "
+                f"{block_size} bytes): {err}; the data directory is damaged"
+            ) from err
+
     def close(self) -> None:
         self._segments.close()
 

@@ -5,13 +5,15 @@ so that keys sort by height):
 
     b"M" + b"head"            {"height", "id", "time", "digest" bin(256), "genesis" bin32}
     b"B" + height             the block's place in the block files (``store.blockfiles``),
-                              or, as layout 4 and earlier builds kept it, the block's bytes
-                              (core.block.Block); above the head, the block this validator
+                              or, in a chain kept without them (in memory), the block's
+                              bytes (core.block.Block); above the head, the block this validator
                               proposed or locked on at that height (``pending_block_key``,
                               written by ``consensus.signing``), never read as committed
     b"C" + height             the certificate that finalised it (core.block.Certificate)
     b"H" + block id           height
-    b"T" + tx id              height(8) + index(4): where a transaction was committed
+    b"T" + tx id              height(8) + index(4) + offset(4) + size(4): where a
+                              transaction was committed, and where its bytes lie in
+                              that block's bytes
     b"S" + state key          state entry (layouts in core.layout)
 
 ``commit`` appends a block to the block files (unless it is in its slot already), durably,
@@ -33,7 +35,7 @@ from typing import Any
 
 from ehrnode.core import authority, codec, merkle, state
 from ehrnode.core.block import ZERO_HASH, Block, Certificate, InclusionProof
-from ehrnode.core.errors import ConfigError, NotFound
+from ehrnode.core.errors import ConfigError, NotFound, Unavailable
 from ehrnode.core.genesis import Genesis
 from ehrnode.store.blockfiles import BlockFiles, is_place
 from ehrnode.store.db import KV
@@ -51,9 +53,12 @@ K_HEAD = T_META + b"head"
 # patient's account keeps the height of its latest record write ("last"). A data
 # directory of another layout holds other state hashes: its chain cannot be continued by
 # this build. 5: the blocks' bytes in block files, their places in b"B" (layout 4's
-# blocks in b"B" are still read, and such a directory is continued as layout 5).
-STATE_LAYOUT = 5
-READ_LAYOUTS = (4, 5)
+# blocks in b"B" are still read, and such a directory is continued as layout 5). 6: no
+# ``wkey`` entry; a record's first wrapped keys are read from its transaction, which
+# b"T" now places within its block.
+STATE_LAYOUT = 6
+READ_LAYOUTS = (6,)
+TX_PLACE = struct.Struct(">QIII")
 
 MAX_STORED_BLOCK = 1 << 30
 
@@ -253,8 +258,11 @@ class Chain:
         batch: dict[bytes, bytes | None] = {T_STATE + k: v for k, v in execution.changes.items()}
         batch[height_key(T_CERT, h.height)] = certificate.encode()
         batch[T_BLOCK_ID + block.id] = struct.pack(">Q", h.height)
-        for index, tx_id in enumerate(block.tx_ids):
-            batch[T_TX + tx_id] = struct.pack(">QI", h.height, index)
+        pack = TX_PLACE.pack
+        for index, (tx_id, (offset, size)) in enumerate(
+            zip(block.tx_ids, block.tx_spans(), strict=True)
+        ):
+            batch[T_TX + tx_id] = pack(h.height, index, offset, size)
         batch[K_HEAD] = self._encode_head(head)
         return batch, head
 
@@ -276,11 +284,15 @@ class Chain:
         if value is None or not is_place(value):
             return value
         if self.files is None:
-            raise ConfigError(
-                f"block {height} is kept in the block files, and this chain was opened "
-                "without their directory"
-            )
+            raise self._no_block_files(height)
         return self.files.read(value)
+
+    @staticmethod
+    def _no_block_files(height: int) -> ConfigError:
+        return ConfigError(
+            f"block {height} is kept in the block files, and this chain was opened without "
+            "their directory"
+        )
 
     def certificate(self, height: int) -> Certificate:
         raw = self.kv.get(height_key(T_CERT, height))
@@ -292,14 +304,34 @@ class Chain:
         raw = self.kv.get(T_TX + tx_id)
         if raw is None:
             return None
-        height, index = struct.unpack(">QI", raw)
+        height, index, _offset, _size = TX_PLACE.unpack(raw)
         return TxLocation(height, index)
 
     def tx_raw(self, tx_id: bytes) -> tuple[bytes, TxLocation]:
-        location = self.tx_location(tx_id)
-        if location is None:
+        """A committed transaction's bytes, read from their place in its block (not the
+        whole block), and where it was committed."""
+        raw = self.kv.get(T_TX + tx_id)
+        if raw is None:
             raise NotFound("no committed transaction with that id")
-        return self.block(location.height).txs[location.index], location
+        height, index, offset, size = TX_PLACE.unpack(raw)
+        value = self.kv.get(height_key(T_BLOCK, height))
+        if value is None:
+            raise Unavailable(
+                f"block {height} is missing, though the transaction index names it; the "
+                "data directory is damaged"
+            )
+        if is_place(value):
+            if self.files is None:
+                raise self._no_block_files(height)
+            data = self.files.read_part(value, offset, size)
+        else:
+            data = value[offset : offset + size]
+        return data, TxLocation(height, index)
+
+    def tx_body(self, tx_id: bytes) -> dict[str, Any]:
+        """A committed transaction's body, as stored (checked when it was committed)."""
+        body: dict[str, Any] = codec.decode_trusted(self.tx_raw(tx_id)[0])["body"]
+        return body
 
     def inclusion_proof(self, tx_id: bytes) -> InclusionProof:
         location = self.tx_location(tx_id)
