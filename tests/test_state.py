@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from helpers_core import CHAIN, MemState, World, fake_keys, identity, raw_tx
 
-from ehrnode.core import codec, crypto, state, tx
+from ehrnode.core import codec, crypto, records, state, tx
 from ehrnode.core.errors import InvalidTransaction
 from ehrnode.core.state import P_PREC, P_REC, P_VER
 
@@ -207,12 +207,12 @@ def test_record_by_provider_for_patient(w: World) -> None:
         "type": "Condition",
         "height": w.height,
         "erased": False,
-        "root": t.id,
         "ver": 1,
-        "head": t.id,
         "nver": 1,
         "seq": 0,
     }
+    # A first version is its own root and, until amended, its own head: neither is written.
+    assert (records.root_of(t.id, entry), records.head_of(t.id, entry)) == (t.id, t.id)
     # Its only entry named by its id: the wrapped keys stay in the transaction.
     assert [k for k in w.overlay.changes if t.id in k] == [P_REC + t.id]
     assert w.overlay.get(state.seq_key(P_PREC, patient.public_key, 0)) == t.id

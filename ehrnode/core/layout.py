@@ -15,10 +15,13 @@ state-hash terms.
     b"acct" + key(32)                      {"role", "nonce", "since", "name"?, "by"?, "nrec",
                                             "last"? (a patient's latest record write height)}
     b"rec"  + record id(32)                {"patient", "author", "blob", "size", "type",
-                                            "height", "root", "ver", "erased", "amends"?,
-                                            "erased_at"?, on a root only: "head", "nver",
+                                            "height", "root"?, "ver", "erased", "amends"?,
+                                            "erased_at"?, on a root only: "head"?, "nver",
                                             "seq" (its place in the patient's list);
                                             from a ``records`` transaction: "tx", "item"}
+                                            no "root" on a first version, no "head" until
+                                            an amendment: each would be the entry's own id
+                                            (``records.root_of``, ``records.head_of``)
   * b"prec" + patient(32) + seq(8, BE)     raw root record id: the patient's records, in order
   * b"ver"  + root id(32) + seq(8, BE)     raw id of version seq + 1 of a record, from seq 1
                                             (the root is version 1 and has no entry)

@@ -19,6 +19,19 @@ def _reject(code: str, message: str) -> InvalidTransaction:
     return InvalidTransaction(message, code=code)
 
 
+def root_of(record_id: bytes, record: dict[str, Any]) -> bytes:
+    """The id of a record's first version (a first version's entry has no "root")."""
+    root: bytes = record.get("root", record_id)
+    return root
+
+
+def head_of(root_id: bytes, root: dict[str, Any]) -> bytes:
+    """The id of a record's latest version, from its first version's entry (no "head"
+    until the first amendment)."""
+    head: bytes = root.get("head", root_id)
+    return head
+
+
 def standing_grants(reader: StateReader, patient: bytes) -> list[list[Any]]:
     return list(load(reader, P_STD + patient) or [])
 
@@ -159,30 +172,34 @@ def _write_record(
         entry.update(tx=tx.id, item=index)
     amends = body.get("amends")
     if amends is None:
+        # A first version is its own root and, until amended, its own head: neither is
+        # written while it is the record's own id (``root_of``, ``head_of``).
         seq = patients.next_seq(patient)
-        entry.update(root=rid, ver=1, head=rid, nver=1, seq=seq)
+        entry.update(ver=1, nver=1, seq=seq)
         scratch.put_new(seq_key(P_PREC, patient, seq), rid)
     else:
         previous = load(scratch, P_REC + amends)
         if previous is None or previous["patient"] != patient:
             raise _reject("unknown_record", "the amended record does not exist for this patient")
-        root = load(scratch, P_REC + previous["root"])
-        if root["head"] != amends:
+        root_id = root_of(amends, previous)
+        root = load(scratch, P_REC + root_id)
+        head = head_of(root_id, root)
+        if head != amends:
             raise _reject(
                 "not_head_version",
-                f"only the latest version {root['head'].hex()[:16]}… can be amended",
+                f"only the latest version {head.hex()[:16]}… can be amended",
             )
         if previous["erased"]:
             raise _reject("record_erased", "an erased record cannot be amended")
         if previous["type"] != body["type"]:
             raise _reject("type_mismatch", f"a new version must keep the type {previous['type']}")
         version = root["nver"] + 1
-        entry.update(root=previous["root"], ver=version, amends=amends)
+        entry.update(root=root_id, ver=version, amends=amends)
         root.update(head=rid, nver=version)
-        if previous["root"] == rid:  # pragma: no cover - ids are unique
+        if root_id == rid:  # pragma: no cover - ids are unique
             raise _reject("unknown_record", "a record cannot amend itself")
-        save(scratch, P_REC + previous["root"], root)
-        scratch.put_new(seq_key(P_VER, previous["root"], version - 1), rid)
+        save(scratch, P_REC + root_id, root)
+        scratch.put_new(seq_key(P_VER, root_id, version - 1), rid)
     save_new(scratch, P_REC + rid, entry)
     # The data key as wrapped for each first reader stays in the transaction, on chain in
     # its block: a copy in the state would cost every record a state-hash term and a

@@ -391,7 +391,7 @@ def implied_index(key: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
         if record["ver"] == 1:
             place = seq_key(P_PREC, record["patient"], record["seq"])
         else:
-            place = seq_key(P_VER, record["root"], record["ver"] - 1)
+            place = seq_key(P_VER, records.root_of(rid, record), record["ver"] - 1)
         return [(P_BLOB + record["blob"], rid), (place, rid)]
     if key.startswith(P_GRANT):
         patient = codec.decode_trusted(value)["patient"]

@@ -22,7 +22,7 @@ from ehrnode.blobs.replication import Replication
 from ehrnode.blobs.store import BlobStore
 from ehrnode.config import RpcConfig
 from ehrnode.consensus.driver import Driver
-from ehrnode.core import codec, crypto, state, tx as txmod
+from ehrnode.core import codec, crypto, records, state, tx as txmod
 from ehrnode.core.errors import (
     EhrError,
     InvalidEncoding,
@@ -415,10 +415,10 @@ class Api:
         limit = params.int_query(req, "limit", 100, 1, views.MAX_PAGE)
         after = params.int_query(req, "after", -1, -1, 1 << 62)
         resource_type = req.query.get("type")
-        records, cursor = views.patient_records(
+        page, cursor = views.patient_records(
             self.chain, key, after=after, limit=limit, resource_type=resource_type
         )
-        return web.json_response({"patient": key.hex(), "records": records, "next": cursor})
+        return web.json_response({"patient": key.hex(), "records": page, "next": cursor})
 
     async def get_patient_grants(self, req: web.Request) -> web.Response:
         key = params.key(req)
@@ -432,8 +432,9 @@ class Api:
         )
 
     async def get_record_versions(self, req: web.Request) -> web.Response:
-        record = views.committed_record(self.chain, params.tx_id(req))
-        return web.json_response({"versions": views.record_versions(self.chain, record["root"])})
+        record_id = params.tx_id(req)
+        root_id = records.root_of(record_id, views.committed_record(self.chain, record_id))
+        return web.json_response({"versions": views.record_versions(self.chain, root_id)})
 
     # --- node ---------------------------------------------------------------------------
 

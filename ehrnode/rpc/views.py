@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from ehrnode.core import state
+from ehrnode.core import records, state
 from ehrnode.core.block import Block, Certificate, Header, InclusionProof
 from ehrnode.core.errors import NotFound
 from ehrnode.core.tx import Tx
@@ -83,7 +83,7 @@ def account_view(key: bytes, account: dict[str, Any] | None) -> dict[str, Any]:
 def record_view(record_id: bytes, record: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": record_id.hex(),
-        "root": record["root"].hex(),
+        "root": records.root_of(record_id, record).hex(),
         "version": record["ver"],
         "patient": record["patient"].hex(),
         "author": record["author"].hex(),
@@ -121,7 +121,7 @@ def patient_records(
         if len(out) >= limit:
             return out, out[-1]["seq"]  # a record follows the page: there is a next one
         root = chain.load_state(state.P_REC + root_id)
-        head_id = root["head"]
+        head_id = records.head_of(root_id, root)
         head = root if head_id == root_id else chain.load_state(state.P_REC + head_id)
         if resource_type is None or head["type"] == resource_type:
             view = record_view(head_id, head)

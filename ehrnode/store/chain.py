@@ -55,7 +55,8 @@ K_HEAD = T_META + b"head"
 # this build. 5: the blocks' bytes in block files, their places in b"B" (layout 4's
 # blocks in b"B" are still read, and such a directory is continued as layout 5). 6: no
 # ``wkey`` entry; a record's first wrapped keys are read from its transaction, which
-# b"T" now places within its block.
+# b"T" now places within its block; a first version's ``rec`` entry leaves out "root"
+# and "head" while each is its own id.
 STATE_LAYOUT = 6
 READ_LAYOUTS = (6,)
 TX_PLACE = struct.Struct(">QIII")
