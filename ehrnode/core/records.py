@@ -202,6 +202,6 @@ def _write_record(
         scratch.put_new(seq_key(P_VER, root_id, version - 1), rid)
     save_new(scratch, P_REC + rid, entry)
     # The data key as wrapped for each first reader stays in the transaction, on chain in
-    # its block: a copy in the state would cost every record a state-hash term and a
-    # quarter of the bytes LevelDB writes and rewrites for it, and no rule reads it
+    # its block: a copy in the state would cost every record a state-hash term and about
+    # a third of the bytes LevelDB writes and rewrites for it, and no rule reads it
     # (``state.wrapped_key`` finds it there); a grant adds a ``P_KEY`` entry per grantee.
