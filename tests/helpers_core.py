@@ -151,7 +151,10 @@ class World:
         return self.txs[tx_id].body
 
     def wrapped_key(self, record_id: bytes, who: bytes) -> bytes | None:
-        return state.wrapped_key(self.overlay, record_id, who, self.tx_body)
+        record = self.load(state.P_REC + record_id)
+        if record is None:
+            return None
+        return state.wrapped_key(self.overlay, record_id, record, who, self.tx_body)
 
     def do(self, who: crypto.Identity, kind: str, body: dict[str, Any]) -> tx.Tx:
         return self.apply(self.sign(who, kind, body))

@@ -300,20 +300,19 @@ _APPLY = {
 def wrapped_key(
     reader: StateReader,
     record_id: bytes,
+    record: dict[str, Any],
     who: bytes,
     tx_body: Callable[[bytes], dict[str, Any]],
 ) -> bytes | None:
     """The record's data key as wrapped for ``who``: by the patient's latest grant
     (``P_KEY``), which wins, else by the record's writer, in the ``keys`` of the record's
-    body in its committed transaction (``tx_body``: a committed transaction's body by
-    id); None if neither wrapped it for them. (Nothing on chain proves a wrap opens: a
-    patient whose writer wrapped a bad key for someone fixes it with a listed grant.)"""
+    body in its committed transaction (``record``: its ``P_REC`` entry; ``tx_body``: a
+    committed transaction's body by id); None if neither wrapped it for them. (Nothing on
+    chain proves a wrap opens: a patient whose writer wrapped a bad key for someone fixes
+    it with a listed grant.)"""
     granted = reader.get(P_KEY + record_id + who)
     if granted is not None:
         return granted
-    record = load(reader, P_REC + record_id)
-    if record is None:
-        return None
     # A ``record`` transaction's record has the transaction's id; one of a ``records``
     # transaction names the transaction and its item.
     body = tx_body(record.get("tx", record_id))

@@ -77,11 +77,15 @@ class ContentApi:
             )
         return signed, record_id, record, now
 
+    def _wrapped_key(self, record_id: bytes, record: dict[str, Any], who: bytes) -> bytes | None:
+        chain = self.chain
+        return state.wrapped_key(chain.state, record_id, record, who, chain.tx_body)
+
     async def get_record_key(self, req: web.Request) -> web.Response:
         """Only the reader's wrapped data key (what a patient re-wraps for a grantee):
         no ciphertext, so nothing is read and nothing is logged."""
-        signed, record_id, _record, _now = self._readable(req)
-        wrapped = state.wrapped_key(self.chain.state, record_id, signed.key, self.chain.tx_body)
+        signed, record_id, record, _now = self._readable(req)
+        wrapped = self._wrapped_key(record_id, record, signed.key)
         if wrapped is None:
             raise NotFound("no data key is wrapped for this key on that record", code="no_key")
         return web.json_response({"record": record_id.hex(), "wrapped_key": wrapped.hex()})
@@ -92,7 +96,7 @@ class ContentApi:
         info = self.blobs.info(record["blob"])
         if info is None:
             raise NotFound("this node does not hold the record's ciphertext", code="blob_missing")
-        wrapped = state.wrapped_key(self.chain.state, record_id, signed.key, self.chain.tx_body)
+        wrapped = self._wrapped_key(record_id, record, signed.key)
         await self.access.kv.run(
             self.access.append, record["patient"], signed.key, record_id, signed.sig, now
         )

@@ -51,14 +51,7 @@ class BlockFiles:
             yield {key: PLACE.pack(segment, offset, len(raw)), **ends}
 
     def read(self, place: bytes) -> bytes:
-        segment, offset, size = PLACE.unpack(place)
-        try:
-            return self._segments.read(segment, offset, size)
-        except OSError as err:
-            raise Unavailable(
-                f"a block's bytes are missing from block segment {segment} (at {offset}, "
-                f"{size} bytes): {err}; the data directory is damaged"
-            ) from err
+        return self.read_part(place, 0, PLACE.unpack(place)[2])
 
     def read_part(self, place: bytes, start: int, size: int) -> bytes:
         """``size`` bytes from ``start`` within the block at ``place`` (one transaction's)."""
