@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ehrnode.bench.threadcpu import ThreadCpu, split_note, thread_cpu
+from ehrnode.bench.threadcpu import ThreadCpu, busiest_note, split_note, thread_cpu
 
 linux_only = pytest.mark.skipif(
     not Path(f"/proc/{os.getpid()}/task").is_dir(), reason="needs Linux's /proc/PID/task"
@@ -111,3 +111,16 @@ def test_a_few_clock_ticks_are_not_split() -> None:
     enough = [ThreadCpu(0.55, 0.02, 0.02, 0.01, 50)] * 4
     note = split_note("throughput", [zero] * 4, enough, 300, "transaction")
     assert note is not None and "helper threads 100 (user 67, system 33)" in note
+
+
+def test_the_busiest_note_gives_each_event_loop_as_a_share_of_the_wall_time() -> None:
+    """Whether one node's event loop is what a phase waits on: its main thread's CPU over
+    the phase's seconds, each node's helper threads counted in its total only."""
+    before = [ThreadCpu(1.0, 0.0, 5.0, 0.0), ThreadCpu(0, 0, 0, 0)]
+    after = [ThreadCpu(8.0, 1.0, 6.0, 1.0), ThreadCpu(2.0, 0.5, 0.5, 0.0)]
+    assert busiest_note("import", before, after, 10.0) == (
+        "import: event-loop thread busy over 10.0 s: node 0 80% (10.0 s all threads), "
+        "node 1 25% (3.0 s all threads)"
+    )
+    assert busiest_note("import", None, after, 10.0) is None
+    assert busiest_note("import", before, after, 0.0) is None

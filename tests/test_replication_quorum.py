@@ -6,6 +6,9 @@ import asyncio
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
+
+from ehrnode.blobs import replication as replication_module, store as store_module
 from ehrnode.blobs.replication import Replication
 from ehrnode.blobs.store import BlobStore
 from ehrnode.core import crypto
@@ -132,3 +135,41 @@ async def test_a_missing_blob_erased_since_is_no_longer_asked_for(tmp_path: Path
     assert asked == [[wanted_hash]]
     assert r.missing == {wanted_hash}
     assert [k for k, _ in r.kv.scan(b"Q")] == [b"Q" + wanted_hash]  # kept across restarts
+
+
+async def test_news_of_a_blob_fetches_only_what_is_wanted_and_lacking(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replicating node fetches an announced blob it lacks, once; not one it holds (in
+    the recent-blob memory or only on disk), nor one on its way in, nor an erased one. A
+    node that does not replicate fetches only blobs of committed records it lacks."""
+    monkeypatch.setattr(store_module, "HELD_IN_MEMORY", 1)
+    r = replication(tmp_path, quorum=2)
+    [erased] = r.blobs.put_many([b"erased"])
+    assert r.blobs.delete(erased)
+    # Only the newest stays in memory: the other is found in the database.
+    [on_disk, recent] = r.blobs.put_many([b"stored a while ago", b"stored just now"])
+    incoming, lacking, missing = (crypto.sha256(d) for d in (b"in", b"lacking", b"missing"))
+    r._incoming.add(incoming)
+    r.missing.add(missing)
+    fetches: list[tuple[bytes, bytes]] = []
+    r._schedule_fetch = lambda peer, blob: fetches.append((peer.key, blob))  # type: ignore[method-assign]
+    everything = (on_disk, recent, erased, incoming, lacking, missing)
+    announce(r, P1, *everything)
+    assert fetches == [(P1, missing)]  # not replicating: only the committed record's blob
+    r.replicate = True
+    announce(r, P2, *everything)
+    assert fetches == [(P1, missing), (P2, lacking), (P2, missing)]
+    assert all(r.holders[blob] == {P1, P2} for blob in everything)
+
+
+async def test_the_table_of_holders_stays_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replication_module, "MAX_TRACKED", 3)
+    r = replication(tmp_path, quorum=2)
+    blobs = [crypto.sha256(bytes([n])) for n in range(5)]
+    announce(r, P1, *blobs)
+    assert list(r.holders) == blobs[2:]  # the oldest news is forgotten first
+    announce(r, P2, blobs[0])
+    assert list(r.holders) == [*blobs[3:], blobs[0]] and r.holders[blobs[0]] == {P2}

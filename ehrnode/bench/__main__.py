@@ -140,10 +140,14 @@ async def _network_measures(
         threads_before = net.thread_cpu()
         with tempfile.TemporaryDirectory() as keys:
             figures.update(measures.import_bundles(net, files, Path(keys)))
+        threads_after = net.thread_cpu()
         by_thread = threadcpu.split_note(
-            "import", threads_before, net.thread_cpu(), figures["import_resources"], "resource"
+            "import", threads_before, threads_after, figures["import_resources"], "resource"
         )
-        notes.extend([by_thread] if by_thread else [])
+        busiest = threadcpu.busiest_note(
+            "import", threads_before, threads_after, figures["import_elapsed_s"]
+        )
+        notes.extend(n for n in (by_thread, busiest) if n)
         if figures["import_resources"]:
             faults = figures["import_client_faults"]
             notes.append(

@@ -71,6 +71,7 @@ def import_bundles(net: Network, files: list[Path], keys_dir: Path) -> dict[str,
     figures: dict[str, Any] = {
         "import_resources_per_s": written / elapsed,
         "import_resources": written,
+        "import_elapsed_s": elapsed,
         # the client process and the worker processes it waited for
         "import_client_cpu_s": client_after[0] - client_before[0],
         "import_client_faults": client_after[1] - client_before[1],

@@ -124,3 +124,23 @@ def split_note(
         f"system time {(total.main_system + total.other_system) * scale / whole:.0%} of it; "
         f"{total.faults / count / len(after):.1f} page faults a {unit} a validator"
     )
+
+
+def busiest_note(
+    phase: str, before: list[ThreadCpu] | None, after: list[ThreadCpu] | None, seconds: float
+) -> str | None:
+    """One line: each validator's event-loop thread as a share of the phase's wall time.
+    A share near 100% is a node whose loop the phase waits on (a single-threaded stage of
+    the pipeline), whatever the machine's other core is doing."""
+    if seconds <= 0 or not before or not after:
+        return None
+    shares = [
+        (a.main_user + a.main_system - b.main_user - b.main_system) / seconds
+        for a, b in zip(after, before, strict=True)
+    ]
+    totals = [(a - b).total for a, b in zip(after, before, strict=True)]
+    listed = ", ".join(
+        f"node {i} {share:.0%} ({total:.1f} s all threads)"
+        for i, (share, total) in enumerate(zip(shares, totals, strict=True))
+    )
+    return f"{phase}: event-loop thread busy over {seconds:.1f} s: {listed}"
