@@ -141,17 +141,17 @@ class Admission:
     def _check_blobs(self, tx: Tx) -> None:
         """Each ciphertext a record names is held here, with the size it declares."""
         for body in txmod.record_bodies(tx.kind, tx.body):
-            info = self.blobs.info(body["blob"])
-            if info is None:
+            size = self.blobs.size_of(body["blob"])
+            if size is None:
                 raise Conflict(
                     f"the ciphertext blob {body['blob'].hex()[:16]}… of a record is not "
                     "stored on this node; upload it first",
                     code="blob_missing",
                 )
-            if info.size != body["size"]:
+            if size != body["size"]:
                 raise InvalidTransaction(
                     f"a record declares {body['size']} bytes but its blob "
-                    f"{body['blob'].hex()[:16]}… holds {info.size}",
+                    f"{body['blob'].hex()[:16]}… holds {size}",
                     code="blob_size_mismatch",
                 )
 

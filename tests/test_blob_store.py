@@ -17,7 +17,7 @@ import pytest
 from ehrnode.blobs import segments, store
 from ehrnode.blobs.segments import Segments
 from ehrnode.blobs.store import BlobStore
-from ehrnode.core import codec
+from ehrnode.core import codec, crypto
 from ehrnode.core.errors import Conflict, NotFound
 from ehrnode.store.db import MemoryKV
 
@@ -86,6 +86,25 @@ def test_every_stored_blob_is_known_beyond_the_most_recent_ones(
             assert store_.read_small(blob_hash) == blob
     blobs.delete(hashes[4])  # one of the remembered ones
     assert not blobs.has(hashes[4]) and blobs.info(hashes[4]) is None
+
+
+def test_sizes_are_known_beyond_the_ones_in_memory_and_forgotten_on_deletion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Admission asks a blob's size for every record: from memory for the blobs stored
+    most recently, from the database for older ones; an erased blob has none."""
+    monkeypatch.setattr(store, "HELD_IN_MEMORY", 1)
+    kv, blobs = store_with_limit(tmp_path, monkeypatch, "SIZES_IN_MEMORY")
+    data = small_blobs(5)
+    hashes = blobs.put_many(data[:3]) + blobs.put_many(data[3:])
+    for store_ in (blobs, BlobStore(tmp_path / "blobs", kv)):
+        assert [store_.size_of(h) for h in hashes] == [len(b) for b in data]
+        assert all(store_.has(h) for h in hashes)
+    for gone in (hashes[0], hashes[4]):  # one only in the database, one in memory too
+        blobs.delete(gone)
+        assert blobs.size_of(gone) is None and not blobs.has(gone)
+    assert blobs.size_of(crypto.sha256(b"never stored")) is None
+    assert [blobs.size_of(h) for h in hashes[1:4]] == [len(b) for b in data[1:4]]
 
 
 def segment_bytes(root: Path) -> bytes:

@@ -144,6 +144,7 @@ async def test_news_of_a_blob_fetches_only_what_is_wanted_and_lacking(
     the recent-blob memory or only on disk), nor one on its way in, nor an erased one. A
     node that does not replicate fetches only blobs of committed records it lacks."""
     monkeypatch.setattr(store_module, "HELD_IN_MEMORY", 1)
+    monkeypatch.setattr(store_module, "SIZES_IN_MEMORY", 1)
     r = replication(tmp_path, quorum=2)
     [erased] = r.blobs.put_many([b"erased"])
     assert r.blobs.delete(erased)

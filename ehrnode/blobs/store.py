@@ -26,10 +26,14 @@ too) or removes a large blob's file, then removes the entries.
 
 "Do we hold it?" and "was it erased?" are asked several times for every blob a node
 stores (on upload, push, announcement, admission, quorum wait and commit), so the answers
-are kept in memory where that is exact: the metadata of the blobs stored most recently
-(added when their entry is written, dropped when the blob is deleted, both under the
-store's lock) and the set of tombstones (all of them, read at start, while there are at
-most ``MAX_TOMBSTONES_IN_MEMORY``; beyond that LevelDB answers).
+are kept in memory where that is exact: the metadata of the blobs stored most recently,
+and the sizes of a longer run of them (each added when the blob's entry is written, dropped
+when the blob is deleted, both under the store's lock), and the set of tombstones (all of
+them, read at start, while there are at most ``MAX_TOMBSTONES_IN_MEMORY``; beyond that
+LevelDB answers). The sizes answer "held?" and admission's size check: a record commits
+long after its ciphertext was stored when clients upload ahead or commits fall behind
+(the benchmark uploads 70,000 blobs before its first transaction), and a LevelDB look-up
+for each of those cost a validator about a tenth of its CPU (docs/benchmarks.md, note 50).
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import os
 import secrets
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +63,8 @@ T_TOMBSTONE = b"X"
 T_SEGMENT_END = b"G"
 INLINE_MAX = 64 * 1024
 DEFAULT_MAX_BLOB_BYTES = 8 * 1024**3
-HELD_IN_MEMORY = 32_768  # metadata of the most recently stored blobs (about 5 MB)
+HELD_IN_MEMORY = 32_768  # metadata of the most recently stored blobs (about 11 MB)
+SIZES_IN_MEMORY = 131_072  # sizes of the most recently stored blobs (about 19 MB)
 MAX_TOMBSTONES_IN_MEMORY = 100_000
 
 
@@ -86,6 +91,9 @@ class BlobStore:
             stale.unlink(missing_ok=True)
         self._segments = Segments(root, recorded_ends(kv.scan(T_SEGMENT_END), T_SEGMENT_END))
         self._held: OrderedDict[bytes, BlobInfo] = OrderedDict()
+        # A dict and the order its keys came in: two thirds of an OrderedDict's memory.
+        self._sizes: dict[bytes, int] = {}
+        self._sizes_order: deque[bytes] = deque()
         self._tombstones = self._read_tombstones()
 
     def _read_tombstones(self) -> set[bytes] | None:
@@ -98,11 +106,16 @@ class BlobStore:
 
     def _remember(self, infos: Iterable[BlobInfo]) -> None:
         """Metadata just written (the caller holds the lock)."""
-        held = self._held
+        held, sizes, order = self._held, self._sizes, self._sizes_order
         for info in infos:
             held[info.hash] = info
+            if info.hash not in sizes:
+                order.append(info.hash)
+            sizes[info.hash] = info.size
         while len(held) > HELD_IN_MEMORY:
             held.popitem(last=False)  # O(1); a dict's first key is found by skipping holes
+        while len(order) > SIZES_IN_MEMORY:
+            sizes.pop(order.popleft(), None)  # None: deleted since
 
     def path(self, blob_hash: bytes) -> Path:
         """Where a large blob's file lives (small blobs live in segments)."""
@@ -130,7 +143,15 @@ class BlobStore:
         )
 
     def has(self, blob_hash: bytes) -> bool:
-        return blob_hash in self._held or self.kv.get(T_META + blob_hash) is not None
+        return blob_hash in self._sizes or self.kv.get(T_META + blob_hash) is not None
+
+    def size_of(self, blob_hash: bytes) -> int | None:
+        """The size of a blob held here; None when it is not."""
+        size = self._sizes.get(blob_hash)
+        if size is not None:
+            return size
+        info = self.info(blob_hash)
+        return None if info is None else info.size
 
     def erased(self, blob_hash: bytes) -> bool:
         tombstones = self._tombstones
@@ -311,6 +332,7 @@ class BlobStore:
                 self._segments.shred(info.segment, info.offset, info.size)
             self.kv.write(batch, sync=True)
             self._held.pop(blob_hash, None)
+            self._sizes.pop(blob_hash, None)
             if tombstone and self._tombstones is not None:
                 self._tombstones.add(blob_hash)
                 if len(self._tombstones) > MAX_TOMBSTONES_IN_MEMORY:
