@@ -33,7 +33,7 @@ them, read at start, while there are at most ``MAX_TOMBSTONES_IN_MEMORY``; beyon
 LevelDB answers). The sizes answer "held?" and admission's size check: a record commits
 long after its ciphertext was stored when clients upload ahead or commits fall behind
 (the benchmark uploads 70,000 blobs before its first transaction), and a LevelDB look-up
-for each of those cost a validator about a tenth of its CPU (docs/benchmarks.md, note 50).
+for each of those cost a validator about 5% of its CPU (docs/benchmarks.md, note 50).
 """
 
 from __future__ import annotations
