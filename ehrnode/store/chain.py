@@ -281,19 +281,22 @@ class Chain:
 
     def stored_block(self, height: int) -> bytes | None:
         """The bytes of the block in ``height``'s ``b"B"`` entry, committed or not."""
-        value = self.kv.get(height_key(T_BLOCK, height))
-        if value is None or not is_place(value):
-            return value
-        if self.files is None:
-            raise self._no_block_files(height)
-        return self.files.read(value)
+        return self._stored_bytes(height)
 
-    @staticmethod
-    def _no_block_files(height: int) -> ConfigError:
-        return ConfigError(
-            f"block {height} is kept in the block files, and this chain was opened without "
-            "their directory"
-        )
+    def _stored_bytes(self, height: int, part: tuple[int, int] | None = None) -> bytes | None:
+        """The bytes of the block in ``height``'s ``b"B"`` entry, or only ``part`` of them
+        (offset, size); None when there is no entry."""
+        value = self.kv.get(height_key(T_BLOCK, height))
+        if value is None:
+            return None
+        if not is_place(value):  # a chain kept without block files holds the bytes
+            return value if part is None else value[part[0] : part[0] + part[1]]
+        if self.files is None:
+            raise ConfigError(
+                f"block {height} is kept in the block files, and this chain was opened "
+                "without their directory"
+            )
+        return self.files.read(value) if part is None else self.files.read_part(value, *part)
 
     def certificate(self, height: int) -> Certificate:
         raw = self.kv.get(height_key(T_CERT, height))
@@ -315,18 +318,12 @@ class Chain:
         if raw is None:
             raise NotFound("no committed transaction with that id")
         height, index, offset, size = TX_PLACE.unpack(raw)
-        value = self.kv.get(height_key(T_BLOCK, height))
-        if value is None:
+        data = self._stored_bytes(height, (offset, size))
+        if data is None:
             raise Unavailable(
                 f"block {height} is missing, though the transaction index names it; the "
                 "data directory is damaged"
             )
-        if is_place(value):
-            if self.files is None:
-                raise self._no_block_files(height)
-            data = self.files.read_part(value, offset, size)
-        else:
-            data = value[offset : offset + size]
         return data, TxLocation(height, index)
 
     def tx_body(self, tx_id: bytes) -> dict[str, Any]:
