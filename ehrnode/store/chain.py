@@ -27,7 +27,7 @@ This module persists and reads; it decides nothing (``core.state`` does).
 from __future__ import annotations
 
 import struct
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Generator, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +37,9 @@ from ehrnode.core import authority, codec, merkle, state
 from ehrnode.core.block import ZERO_HASH, Block, Certificate, InclusionProof
 from ehrnode.core.errors import ConfigError, NotFound, Unavailable
 from ehrnode.core.genesis import Genesis
+from ehrnode.core.layout import P_BLOB
 from ehrnode.store.blockfiles import BlockFiles, is_place
+from ehrnode.store.claims import ClaimFilter
 from ehrnode.store.db import KV
 
 T_META = b"M"
@@ -94,13 +96,32 @@ class TxLocation:
 
 
 class StateView:
-    """Committed state entries, as the state machine reads them."""
+    """Committed state entries, as the state machine reads them. A blob claim that the
+    claim filter rules out is answered without LevelDB once the filter is filled
+    (``store.claims``)."""
 
     def __init__(self, kv: KV) -> None:
         self._kv = kv
+        self.claims = ClaimFilter()
 
     def get(self, key: bytes) -> bytes | None:
+        if self.claims.ready and key.startswith(P_BLOB) and not self.claims.may_hold(key):
+            return None
         return self._kv.get(T_STATE + key)
+
+    def fill_claims(self, chunk: int = 2048) -> Generator[int, None, None]:
+        """Add every committed claim to the filter, yielding the count after each
+        ``chunk``; the filter answers once the scan is done. Claims committed meanwhile
+        reach it from ``Chain`` (before their batch is written), so none is missed
+        whichever side of the scan's snapshot they land on."""
+        claims, cut, count = self.claims, len(T_STATE), 0
+        for key, _ in self._kv.scan(T_STATE + P_BLOB):
+            claims.add(key[cut:])
+            count += 1
+            if count % chunk == 0:
+                yield count
+        claims.ready = True
+        yield count
 
     def scan(
         self,
@@ -256,7 +277,12 @@ class Chain:
         h = block.header
         assert h.height == self._head.height + 1, "blocks are committed in height order"
         head = Head(h.height, block.id, h.time, execution.digest)
-        batch: dict[bytes, bytes | None] = {T_STATE + k: v for k, v in execution.changes.items()}
+        batch: dict[bytes, bytes | None] = {}
+        claims = self.state.claims
+        for key, value in execution.changes.items():
+            batch[T_STATE + key] = value
+            if value is not None and key.startswith(P_BLOB):
+                claims.add(key)  # before the write: a read may never miss a written claim
         batch[height_key(T_CERT, h.height)] = certificate.encode()
         batch[T_BLOCK_ID + block.id] = struct.pack(">Q", h.height)
         pack = TX_PLACE.pack
