@@ -143,7 +143,9 @@ class Node:
     async def _fill_claims(self) -> None:
         """Fill the blob-claim filter from the database once the node serves, a chunk at a
         time between other work (``store.claims``): about 2 s of the event loop's time a
-        million claims, in slices of about 4 ms."""
+        million claims, in slices of half a millisecond, so that the requests that come
+        in meanwhile wait little (2,048 claims a slice put a record list's p99 at 10 ms
+        instead of 2.4 in the bench's first queries after a start)."""
         started = time.perf_counter()
         filling = self.chain.state.fill_claims()
         try:

@@ -109,7 +109,7 @@ class StateView:
             return None
         return self._kv.get(T_STATE + key)
 
-    def fill_claims(self, chunk: int = 2048) -> Generator[int, None, None]:
+    def fill_claims(self, chunk: int = 256) -> Generator[int, None, None]:
         """Add every committed claim to the filter, yielding the count after each
         ``chunk``; the filter answers once the scan is done. Claims committed meanwhile
         reach it from ``Chain`` (before their batch is written), so none is missed
