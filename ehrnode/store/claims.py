@@ -13,9 +13,9 @@ claim cost without the filter.
 
 Three bits a key in a fixed 4 MiB, all three in one 64-byte block so that a lookup
 touches one cache line: about one false positive in 1,500 lookups with a million claims,
-one in 70 with three million; past that the filter answers less
-often but is never wrong. The probes come from Python's ``hash`` of the key, keyed afresh in every
-process, so no one can choose blobs that fill the same bits on every node.
+one in 70 with three million; past that the filter answers less often, never wrongly.
+The bits come from Python's ``hash`` of the key, keyed afresh in every process, so no one
+can choose blobs that fill the same bits on every node.
 """
 
 from __future__ import annotations
