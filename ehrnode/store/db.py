@@ -92,14 +92,14 @@ class LevelKV:
                 lru_cache_size=cache_mb * 1024 * 1024,
                 # A larger memtable absorbs the per-block rewrites of the same accounts and
                 # flushes (then compacts) less often: 64 MiB took 13-15% less validator CPU
-                # per record under load than 16. Each flush sets off a burst of compactions
-                # (a level-0 table several times level 1's 10 MiB pushed on into level 2);
-                # on all validators at once they stalled commits for 2-3 s (latency p99
-                # 1.3-2.5 s, docs/benchmarks.md note 31) until LevelDB's thread ran below
-                # the event loops (``_lower_priority``). Since then 64 MiB against 32: p99
-                # 0.14-0.28 s against 0.13-0.19, 2% less CPU a transaction (note 51). A crash
-                # replays up to this much log at start (memory is taken as it fills).
-                write_buffer_size=64 * 1024 * 1024,
+                # per record under load than 16. But each flush sets off a burst of
+                # compactions (a level-0 table several times level 1's 10 MiB pushed on
+                # into level 2) that, on all validators at once, stalled commits for 2-3 s:
+                # at 64 MiB the commit latency's p99 went to 1.3-2.5 s whenever a flush fell
+                # in its window, at 32 MiB it stayed under 1 s, for about 4% more CPU a
+                # transaction (docs/benchmarks.md, note 31). A crash replays up to this much
+                # log at start (memory is taken as the memtable fills, not up front).
+                write_buffer_size=32 * 1024 * 1024,
                 # What a node stores is ciphertext, hashes, keys and signatures: Snappy
                 # cannot shrink them, and compressing every table LevelDB writes and
                 # rewrites cost a validator a fifth of its CPU under load.
@@ -208,7 +208,7 @@ class LevelKV:
         """Finish the worker threads' writes, write the memtable out, close.
 
         Without the flush the next start replays up to a write buffer's worth of log
-        (64 MiB) and LevelDB compacts what it replayed while the first requests come in: a
+        (32 MiB) and LevelDB compacts what it replayed while the first requests come in: a
         node started on a million-record chain took 1.2-2.0 s instead of about 0.6 and
         served its first record lists 2-4 times slower. A crash still leaves the log to
         replay, as before."""
