@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import pickle
 
+import nacl.bindings
+import nacl.exceptions
 import pytest
 from helpers_core import identity
 from hypothesis import given, settings, strategies as st
@@ -139,6 +141,51 @@ def test_signature_fails_for_another_key_message_or_signature() -> None:
 )
 def test_verify_returns_false_for_malformed_keys_and_signatures(key: bytes, sig: bytes) -> None:
     assert crypto.verify(key, crypto.DOMAIN_TX, b"m", sig) is False
+
+
+# The group order: S + L is the same scalar in a form libsodium must refuse.
+ORDER = 2**252 + 27742317777372353535851937790883648493
+SMALL_ORDER_KEYS = [
+    bytes([1]) + bytes(31),  # the identity point
+    bytes([0xEC]) + b"\xff" * 30 + bytes([0x7F]),  # -1: order 2
+    bytes(32),  # order 4
+]
+
+
+def public_binding_verify(key: bytes, message: bytes, sig: bytes) -> bool:
+    try:
+        nacl.bindings.crypto_sign_open(sig + message, key)
+    except (nacl.exceptions.BadSignatureError, nacl.exceptions.ValueError, ValueError):
+        return False
+    return True
+
+
+def _non_canonical(sig: bytes) -> bytes:
+    s = int.from_bytes(sig[32:], "little") + ORDER
+    return sig[:32] + s.to_bytes(32, "little")
+
+
+@SETTINGS
+@given(st.binary(max_size=300), st.integers(0, 63), st.integers(0, 7))
+def test_verify_answers_as_pynacls_public_binding(message: bytes, at: int, bit: int) -> None:
+    """``verify`` calls libsodium's check without PyNaCl's wrapper: the same answers, for
+    good signatures and for every kind of bad one libsodium refuses."""
+    sig = ALICE.sign(b"", message)
+    flipped = bytearray(sig)
+    flipped[at] ^= 1 << bit
+    cases = [
+        (ALICE.public_key, message, sig),
+        (ALICE.public_key, message + b"x", sig),
+        (BOB.public_key, message, sig),
+        (ALICE.public_key, message, bytes(flipped)),
+        (ALICE.public_key, message, _non_canonical(sig)),
+        *((key, message, sig) for key in SMALL_ORDER_KEYS),
+        *((ALICE.public_key, message, key + sig[32:]) for key in SMALL_ORDER_KEYS),
+    ]
+    answers = [crypto.verify(key, b"", msg, s) for key, msg, s in cases]
+    assert answers == [public_binding_verify(key, msg, s) for key, msg, s in cases]
+    assert answers[0] is True
+    assert not any(answers[1:])
 
 
 # --- key wrapping --------------------------------------------------------------------------
