@@ -2,6 +2,6 @@
 
 import sys
 
-from ehrnode.cli import main
+from ehrnode.launch import main
 
 sys.exit(main())

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
+import sys
+from collections.abc import Mapping, Sequence
 
 # From glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
@@ -44,6 +47,74 @@ def tune_gc() -> None:
     bundle's parse made, and each older collection walked every bundle still held."""
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
+
+
+# Huge pages for malloc's memory (``reexec_with_huge_pages``): "0" turns them off.
+HUGE_PAGES_ENV = "EHR_HUGE_PAGES"
+# Set in the environment of the exec, so that it is tried once even where glibc drops
+# GLIBC_TUNABLES (a secure-execution process).
+HUGE_PAGES_TRIED_ENV = "EHR_HUGE_PAGES_TRIED"
+HUGETLB_TUNABLE = "glibc.malloc.hugetlb"
+THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def huge_pages_environment(
+    environ: Mapping[str, str], libc: str | None, thp_mode: str | None
+) -> dict[str, str] | None:
+    """The environment in which to run the node again so that glibc's malloc takes its
+    memory in transparent huge pages, or None when that is off, already so, or not
+    possible: ``libc`` as ``confstr("CS_GNU_LIBC_VERSION")`` gives it ("glibc 2.36"),
+    ``thp_mode`` the kernel's ``transparent_hugepage/enabled`` ("always [madvise] never").
+
+    glibc 2.35 and later read ``glibc.malloc.hugetlb=1`` from ``GLIBC_TUNABLES`` at exec
+    only: malloc then grows its heaps in 2 MiB steps and advises the kernel to back them
+    with huge pages. LevelDB's memtable, the blocks, batches and buffers a validator
+    allocates by the megabyte then take a page fault (and a page to zero) each 2 MiB
+    instead of each 4 KiB, and fewer TLB misses (docs/benchmarks.md, note 52)."""
+    if environ.get(HUGE_PAGES_ENV, "1") == "0" or HUGE_PAGES_TRIED_ENV in environ:
+        return None
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if HUGETLB_TUNABLE in tunables:
+        return None  # set already: by the operator, or by the exec that made this process
+    name, _, version = (libc or "").partition(" ")
+    try:
+        major, minor = (int(part) for part in version.split(".")[:2])
+    except ValueError:
+        return None
+    if name != "glibc" or (major, minor) < (2, 35):
+        return None
+    if thp_mode is None or "[never]" in thp_mode:
+        return None
+    env = dict(environ)
+    setting = f"{HUGETLB_TUNABLE}=1"
+    env["GLIBC_TUNABLES"] = f"{tunables}:{setting}" if tunables else setting
+    env[HUGE_PAGES_TRIED_ENV] = "1"
+    return env
+
+
+def reexec_with_huge_pages(argv: Sequence[str] | None = None) -> None:
+    """Run this process again (same pid, same arguments) with glibc's huge-page tunable,
+    where ``huge_pages_environment`` says so; return only when it does not. Called by
+    ``ehrnode run`` before it imports the node, so the second start costs about 50 ms."""
+    try:
+        libc = os.confstr("CS_GNU_LIBC_VERSION")
+    except (ValueError, OSError, AttributeError):
+        return
+    try:
+        with open(THP_MODE_FILE) as handle:
+            thp_mode: str | None = handle.read()
+    except OSError:
+        thp_mode = None
+    env = huge_pages_environment(os.environ, libc, thp_mode)
+    if env is None:
+        return
+    args = list(sys.orig_argv if argv is None else argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, args, env)
+    except OSError:
+        return  # run on without: huge pages are a saving, not a need
 
 
 # Names a folder: ``ehrnode run`` times its stages there (``ehrnode.bench.nodetimes``).

@@ -4,14 +4,25 @@ collector runs far less often while a process builds and holds many small object
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from ehrnode import config as cfg
 from ehrnode.client import cli as ehr_cli
-from ehrnode.process import tune_malloc
+from ehrnode.process import (
+    HUGE_PAGES_ENV,
+    HUGE_PAGES_TRIED_ENV,
+    THP_MODE_FILE,
+    huge_pages_environment,
+    reexec_with_huge_pages,
+    tune_malloc,
+)
+from ehrnode.testing import free_port, start_process_node
 
 # Buffers like a replicated attachment's: 64 KiB chunks copied out of a 4 MiB block, joined
 # and dropped, round after round; prints the minor page faults the later rounds took.
@@ -86,3 +97,108 @@ def test_the_ehr_command_tunes_the_collector_before_it_runs(
     with pytest.raises(SystemExit):
         ehr_cli.main(["--help"])
     assert called == ["gc"]
+
+
+# Huge pages: glibc reads its tunable at exec, so ``ehrnode run`` runs itself again with it.
+THP_MODE = Path(THP_MODE_FILE).read_text() if Path(THP_MODE_FILE).exists() else None
+LIBC = os.confstr("CS_GNU_LIBC_VERSION") if hasattr(os, "confstr") else None
+CAN_HUGE = huge_pages_environment({}, LIBC, THP_MODE) is not None
+NEEDS_HUGE = pytest.mark.skipif(
+    not CAN_HUGE, reason=f"needs glibc 2.35+ and transparent huge pages (libc {LIBC})"
+)
+MADVISE = "always [madvise] never\n"
+
+
+def test_huge_pages_are_asked_for_on_glibc_2_35_and_later_with_transparent_huge_pages() -> None:
+    env = huge_pages_environment({"PATH": "/bin"}, "glibc 2.36", MADVISE)
+    assert env == {
+        "PATH": "/bin",
+        "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+        HUGE_PAGES_TRIED_ENV: "1",
+    }
+    kept = huge_pages_environment(
+        {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}, "glibc 2.35", MADVISE
+    )
+    assert kept is not None
+    assert kept["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    assert huge_pages_environment({}, "glibc 2.36", "[always] madvise never") is not None
+
+
+@pytest.mark.parametrize(
+    ("environ", "libc", "thp"),
+    [
+        ({HUGE_PAGES_ENV: "0"}, "glibc 2.36", MADVISE),  # the operator turned them off
+        ({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, "glibc 2.36", MADVISE),  # set already
+        ({HUGE_PAGES_TRIED_ENV: "1"}, "glibc 2.36", MADVISE),  # glibc dropped it: once only
+        ({}, "glibc 2.34", MADVISE),  # glibc before the tunable
+        ({}, None, MADVISE),  # another libc
+        ({}, "glibc", MADVISE),  # no version to read
+        ({}, "glibc 2.36", "always madvise [never]\n"),  # the kernel's are off
+        ({}, "glibc 2.36", None),  # no transparent huge pages in this kernel
+    ],
+)
+def test_huge_pages_are_left_alone_where_off_set_or_unsupported(
+    environ: dict[str, str], libc: str | None, thp: str | None
+) -> None:
+    assert huge_pages_environment(environ, libc, thp) is None
+
+
+# Runs itself again as ``ehrnode run`` does, then takes 64 MiB from malloc and prints its
+# pid, its GLIBC_TUNABLES and the kilobytes of its memory held in huge pages.
+REEXEC = """
+import ctypes, os, sys
+from ehrnode.process import reexec_with_huge_pages
+print(os.getpid(), file=sys.stderr, flush=True)
+reexec_with_huge_pages()
+held = [ctypes.create_string_buffer(16 << 10) for _ in range(4096)]
+huge = [l for l in open("/proc/self/smaps_rollup") if l.startswith("AnonHugePages:")]
+print(os.getpid(), os.environ.get("GLIBC_TUNABLES"), int(huge[0].split()[1]))
+"""
+
+
+def run_reexec(extra_env: dict[str, str]) -> tuple[list[str], list[str]]:
+    ours = ("GLIBC_TUNABLES", HUGE_PAGES_ENV, HUGE_PAGES_TRIED_ENV)
+    env = {k: v for k, v in os.environ.items() if k not in ours}
+    done = subprocess.run(
+        [sys.executable, "-c", REEXEC],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env | extra_env,
+    )
+    return done.stdout.split(), done.stderr.split()
+
+
+@NEEDS_HUGE
+def test_the_process_runs_again_with_malloc_in_huge_pages() -> None:
+    out, before = run_reexec({})
+    pid, tunables, huge_kb = out
+    assert before == [pid, pid]  # the same process, started twice
+    assert tunables == "glibc.malloc.hugetlb=1"
+    assert int(huge_kb) > 0
+
+
+@NEEDS_HUGE
+def test_the_operator_can_turn_huge_pages_off() -> None:
+    out, before = run_reexec({HUGE_PAGES_ENV: "0"})
+    assert before == [out[0]]  # started once
+    assert out[1] == "None"
+
+
+@NEEDS_HUGE
+def test_a_node_runs_with_malloc_in_huge_pages(tmp_path: Path) -> None:
+    home = tmp_path / "node"
+    cfg.init_home(home, rpc=f"127.0.0.1:{free_port()}", p2p=f"127.0.0.1:{free_port()}")
+    node = start_process_node(home)
+    try:
+        environ = Path(f"/proc/{node.process.pid}/environ").read_bytes().split(b"\0")
+        assert b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in environ
+    finally:
+        node.terminate()
+
+
+def test_huge_pages_leave_the_calling_process_alone_when_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(HUGE_PAGES_ENV, "0")
+    reexec_with_huge_pages(["never-run"])  # returns: an exec would end this test process
