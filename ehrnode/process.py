@@ -8,6 +8,9 @@ top of the heap is given back and faulted in again, page by zeroed page, all the
 perf put the page faults and the zeroing at an eighth of the machine's CPU while a
 1 GiB attachment was replicated. Fixed thresholds keep that memory in the process: at
 most 64 MiB of free heap, and blocks under 32 MiB (glibc's largest setting) from the heap.
+
+``ehrnode run`` also asks glibc for transparent huge pages (``reexec_with_huge_pages``),
+which glibc reads only at exec: the node runs itself again, as the same process.
 """
 
 from __future__ import annotations
@@ -69,8 +72,8 @@ def huge_pages_environment(
     glibc 2.35 and later read ``glibc.malloc.hugetlb=1`` from ``GLIBC_TUNABLES`` at exec
     only: malloc then grows its heaps in 2 MiB steps and advises the kernel to back them
     with huge pages. LevelDB's memtable, the blocks, batches and buffers a validator
-    allocates by the megabyte then take a page fault (and a page to zero) each 2 MiB
-    instead of each 4 KiB, and fewer TLB misses (docs/benchmarks.md, note 52)."""
+    allocates by the megabyte then take one page fault each 2 MiB instead of each 4 KiB,
+    and fewer TLB misses (docs/benchmarks.md, note 52)."""
     if environ.get(HUGE_PAGES_ENV, "1") == "0" or HUGE_PAGES_TRIED_ENV in environ:
         return None
     tunables = environ.get("GLIBC_TUNABLES", "")

@@ -186,7 +186,11 @@ def test_the_operator_can_turn_huge_pages_off() -> None:
 
 
 @NEEDS_HUGE
-def test_a_node_runs_with_malloc_in_huge_pages(tmp_path: Path) -> None:
+def test_a_node_runs_with_malloc_in_huge_pages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("GLIBC_TUNABLES", HUGE_PAGES_ENV, HUGE_PAGES_TRIED_ENV):
+        monkeypatch.delenv(name, raising=False)  # the node inherits this environment
     home = tmp_path / "node"
     cfg.init_home(home, rpc=f"127.0.0.1:{free_port()}", p2p=f"127.0.0.1:{free_port()}")
     node = start_process_node(home)
