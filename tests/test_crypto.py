@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import pickle
 
+import ed25519_zebra
 import nacl.bindings
 import nacl.exceptions
 import pytest
@@ -167,9 +169,12 @@ def _non_canonical(sig: bytes) -> bytes:
 
 @SETTINGS
 @given(st.binary(max_size=300), st.integers(0, 63), st.integers(0, 7))
-def test_verify_answers_as_pynacls_public_binding(message: bytes, at: int, bit: int) -> None:
-    """``verify`` calls libsodium's check without PyNaCl's wrapper: the same answers, for
-    good signatures and for every kind of bad one libsodium refuses."""
+def test_verify_answers_as_libsodium_on_every_signature_a_signer_or_a_forger_makes(
+    message: bytes, at: int, bit: int
+) -> None:
+    """``verify`` (ZIP 215, by ed25519-zebra) accepts what libsodium accepts, so a chain
+    written before still verifies, and refuses what a forger without the key can make: another
+    key or message, any flipped bit, S + L, a key or an R of small order."""
     sig = ALICE.sign(b"", message)
     flipped = bytearray(sig)
     flipped[at] ^= 1 << bit
@@ -186,6 +191,66 @@ def test_verify_answers_as_pynacls_public_binding(message: bytes, at: int, bit: 
     assert answers == [public_binding_verify(key, msg, s) for key, msg, s in cases]
     assert answers[0] is True
     assert not any(answers[1:])
+
+
+def test_verify_takes_any_bytes_like_arguments() -> None:
+    sig = ALICE.sign(crypto.DOMAIN_TX, b"m")
+    assert crypto.verify(bytearray(ALICE.public_key), crypto.DOMAIN_TX, memoryview(b"m"), sig)
+    assert crypto.verify(ALICE.public_key, crypto.DOMAIN_TX, bytearray(b"m"), bytearray(sig))
+
+
+# Signatures made by hand, from libsodium's scalar and point operations, to reach the edge
+# cases no honest signer produces (RFC 8032: S = r + H(R || A || M) a mod L).
+ORDER_2_POINT = SMALL_ORDER_KEYS[1]
+
+
+def _scalar(data: bytes) -> bytes:
+    return nacl.bindings.crypto_core_ed25519_scalar_reduce(hashlib.sha512(data).digest())
+
+
+def _point(scalar: bytes) -> bytes:
+    return nacl.bindings.crypto_scalarmult_ed25519_base_noclamp(scalar)
+
+
+def _sign_by_hand(a: bytes, key: bytes, message: bytes, r: bytes, nonce_point: bytes) -> bytes:
+    h = _scalar(nonce_point + key + message)
+    s = nacl.bindings.crypto_core_ed25519_scalar_add(
+        r, nacl.bindings.crypto_core_ed25519_scalar_mul(h, a)
+    )
+    return nonce_point + s
+
+
+def test_a_key_of_small_order_signs_nothing() -> None:
+    """Under ZIP 215 alone anyone could sign for a key of small order (R the identity, S
+    zero, any message): the key check refuses such keys before any signature is looked at."""
+    forged = bytes([1]) + bytes(31) + bytes(32)
+    for key in SMALL_ORDER_KEYS:
+        for message in (b"grant everything", b"erase everything"):
+            assert ed25519_zebra.ed_verify(forged, message, key) is True  # the forgery's case
+            assert crypto.verify(key, b"", message, forged) is False
+
+
+def test_a_key_with_a_small_order_part_is_refused() -> None:
+    a, r = _scalar(b"a"), _scalar(b"r")
+    key, nonce_point = _point(a), _point(r)
+    assert crypto.verify(key, b"", b"m", _sign_by_hand(a, key, b"m", r, nonce_point))
+    mixed = nacl.bindings.crypto_core_ed25519_add(key, ORDER_2_POINT)
+    sig = _sign_by_hand(a, mixed, b"m", r, nonce_point)
+    assert ed25519_zebra.ed_verify(sig, b"m", mixed) is True
+    assert crypto.verify(mixed, b"", b"m", sig) is False
+
+
+def test_the_rule_is_zip_215_where_it_and_libsodium_differ() -> None:
+    """Every node must answer alike, so the rule is pinned: an R with a small-order part is
+    valid (ZIP 215's cofactored check), where libsodium would refuse it. Only the key's
+    holder can make one."""
+    a, r = _scalar(b"a"), _scalar(b"r")
+    key = _point(a)
+    nonce_point = nacl.bindings.crypto_core_ed25519_add(_point(r), ORDER_2_POINT)
+    sig = _sign_by_hand(a, key, b"m", r, nonce_point)
+    assert not public_binding_verify(key, b"m", sig)
+    assert crypto.verify(key, b"", b"m", sig) is True
+    assert crypto.verify(key, b"", b"n", sig) is False
 
 
 # --- key wrapping --------------------------------------------------------------------------
