@@ -4,7 +4,9 @@ after it is always read from the database."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -129,3 +131,41 @@ def test_the_filter_holds_every_key_added_and_rules_out_almost_all_others() -> N
 
 async def test_a_node_fills_its_filter_after_it_starts_serving(node: Node) -> None:
     await wait_for(lambda: node.chain.state.claims.ready, timeout=10.0)
+
+
+async def test_block_sync_has_the_filter_filled_first_in_long_slices(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A catch-up waits for the filter (its records' claim checks then come from memory),
+    and from then on the filling takes long slices between the event loop's turns, not
+    one half-millisecond slice a turn, which during a catch-up lasted the whole of it."""
+    await wait_for(lambda: node.chain.state.claims.ready, timeout=10.0)  # the start's own
+    slices = 0
+
+    def slow_fill(chunk: int = 256) -> Iterator[int]:
+        nonlocal slices
+        for _ in range(400):
+            time.sleep(0.0002)  # a slice's work
+            slices += 1
+            yield slices
+
+    monkeypatch.setattr(node.chain.state, "fill_claims", slow_fill)
+    turns = 0
+
+    async def count_turns() -> None:
+        nonlocal turns
+        while True:
+            await asyncio.sleep(0)
+            turns += 1
+
+    counting = asyncio.create_task(count_turns())
+    try:
+        node._filling = asyncio.create_task(node._fill_claims())
+        await wait_for(lambda: slices >= 50, 5.0, "the filling under way")
+        assert turns >= slices - 5  # a slice a turn so far
+        turns_then, slices_then = turns, slices
+        await node._claims_filled()
+        assert node._filling.done() and slices == 400
+        assert turns - turns_then < (400 - slices_then) / 10
+    finally:
+        counting.cancel()

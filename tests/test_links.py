@@ -4,6 +4,7 @@ link closed is given up at once and asked of a peer still linked."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -96,4 +97,42 @@ async def test_a_block_request_to_a_closed_link_is_asked_again_of_another_peer()
     await wait_for(lambda: len(switch.asked) == 2, sync.RESPONSE_TIMEOUT / 3, "a second request")
     second, fields = switch.asked[1]
     assert second is not first and fields["from"] == 6
+    await blocks.stop()
+
+
+async def test_block_sync_applies_an_answer_only_once_its_preparation_is_done() -> None:
+    """The node has its claim filter filled there (``Node._claims_filled``): the request
+    is out first, so the answer travels meanwhile."""
+    peer = Peer(b"\x01" * 32, "127.0.0.1:1", _Link(), b"\x00" * 32)
+    switch = _Switch([peer])
+    chain = SimpleNamespace(head=SimpleNamespace(height=5, id=b"\x00" * 32))
+    ready = asyncio.Event()
+    prepared: list[int] = []
+
+    async def prepare() -> None:
+        prepared.append(len(switch.asked))
+        await ready.wait()
+
+    blocks = sync.BlockSync(
+        switch,  # type: ignore[arg-type]
+        chain,  # type: ignore[arg-type]
+        SimpleNamespace(listeners=[]),  # type: ignore[arg-type]
+        1 << 20,
+        prepare=prepare,
+    )
+    applied: list[list[Any]] = []
+
+    async def apply(items: list[Any]) -> None:
+        applied.append(items)
+        chain.head.height += len(items)
+
+    blocks._apply = apply  # type: ignore[method-assign]
+    switch.handlers["status"](peer, {"height": 6})
+    await wait_for(lambda: prepared == [1], 5, "the preparation, after the request")
+    switch.handlers["blocks"](peer, {"items": [["block 6", "cert 6"]]})
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert applied == []
+    ready.set()
+    await wait_for(lambda: applied == [[["block 6", "cert 6"]]], 5, "the answer applied")
     await blocks.stop()

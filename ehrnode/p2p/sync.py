@@ -18,6 +18,7 @@ import contextlib
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,9 +46,17 @@ class _Request:
 
 class BlockSync:
     def __init__(
-        self, switch: Switch, chain: Chain, driver: Driver, max_message_bytes: int
+        self,
+        switch: Switch,
+        chain: Chain,
+        driver: Driver,
+        max_message_bytes: int,
+        *,
+        prepare: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.switch = switch
+        # Awaited before each answer is applied (the node finishes its claim filter there).
+        self._prepare = prepare
         self.chain = chain
         self.driver = driver
         self.max_response_bytes = max(1024 * 1024, max_message_bytes - 1024 * 1024)
@@ -109,6 +118,8 @@ class BlockSync:
                 asked = None
                 if request is None:
                     return
+                if self._prepare is not None:
+                    await self._prepare()  # while the request travels
                 try:
                     items = await asyncio.wait_for(request.future, RESPONSE_TIMEOUT)
                 except TimeoutError:
