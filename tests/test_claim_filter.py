@@ -144,7 +144,7 @@ async def test_block_sync_has_the_filter_filled_first_in_long_slices(
 
     def slow_fill(chunk: int = 256) -> Iterator[int]:
         nonlocal slices
-        for _ in range(400):
+        for _ in range(1000):
             time.sleep(0.0002)  # a slice's work
             slices += 1
             yield slices
@@ -165,7 +165,7 @@ async def test_block_sync_has_the_filter_filled_first_in_long_slices(
         assert turns >= slices - 5  # a slice a turn so far
         turns_then, slices_then = turns, slices
         await node._claims_filled()
-        assert node._filling.done() and slices == 400
-        assert turns - turns_then < (400 - slices_then) / 10
+        assert node._filling.done() and slices == 1000
+        assert turns - turns_then < (1000 - slices_then) / 10
     finally:
         counting.cancel()
