@@ -9,6 +9,8 @@ must be the next height, its certificate must be for that very block and carry m
 2/3 of the current validators' power, and then it must apply to our state
 (``Driver.apply_certified``). A peer that sends a block or a certificate that does not
 verify is disconnected; a peer that does not answer in time is skipped for another.
+Before it applies an answer it awaits ``prepare`` (the node has its claim filter filled
+there, ``Node._claims_filled``), once the next request is out.
 """
 
 from __future__ import annotations
