@@ -59,6 +59,7 @@ MODULES = (
     "mempool.py",
 )
 FOLDER = "ehrnode-compiled"
+SHARED = "shared"  # in a build, the folder of mypyc's shared library
 KEEP_BUILDS = 3
 
 
@@ -93,7 +94,7 @@ def activate() -> bool:
         return False
     if not (where / "complete").is_file():
         return False
-    sys.path.append(str(where))  # mypyc's shared library, a top-level module
+    sys.path.append(str(where / SHARED))  # mypyc's shared library, a top-level module
     ehrnode.__path__.insert(0, str(where / "ehrnode"))
     ehrnode.core.__path__.insert(0, str(where / "ehrnode" / "core"))
     return True
@@ -126,8 +127,12 @@ def build() -> Path:
             target = staging / "ehrnode" / Path(name).parent / built.name
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(built, target)
+        # mypyc's shared library is a top-level module, so its folder goes on sys.path: a
+        # folder of its own, for that folder to hold no "ehrnode" that a spawned process
+        # (whose sys.path is copied from its parent's) could import as a namespace package.
         for shared in work.glob("*__mypyc.*.so"):
-            shutil.copy2(shared, staging / shared.name)
+            (staging / SHARED).mkdir(exist_ok=True)
+            shutil.copy2(shared, staging / SHARED / shared.name)
         (staging / "complete").write_text("")
         try:
             staging.rename(where)

@@ -78,6 +78,46 @@ def test_an_edited_source_runs_as_python_never_from_a_stale_build(tmp_path: Path
     assert _loaded(tmp_path) == str(copy / "core" / "tx.py")
 
 
+SPAWNED = """
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+
+import ehrnode.core.tx
+
+
+def where():
+    import ehrnode.core.errors, ehrnode.core.tx
+    return ehrnode.core.tx.__file__
+
+
+if __name__ == "__main__":
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        print(pool.submit(where).result())
+"""
+
+
+@needs_build
+def test_a_spawned_process_loads_the_package_from_anywhere(tmp_path: Path) -> None:
+    """A child started by ``spawn`` copies its parent's sys.path, which holds the build's
+    shared library: from a folder other than the sources' (where ``ehrnode`` is not found
+    first in the current directory), it still imports the package, compiled."""
+    script = tmp_path / "spawner.py"
+    script.write_text(SPAWNED)
+    environ = {k: v for k, v in os.environ.items() if k not in (compiled.PURE_ENV, "PYTHONPATH")}
+    out = subprocess.run(
+        [sys.executable, str(script)],
+        env=environ,
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().startswith(str(compiled.build_dir()))
+
+
 def test_pure_python_on_request() -> None:
     assert _loaded(**{compiled.PURE_ENV: "1"}) == str(compiled.PACKAGE / "core" / "tx.py")
 
