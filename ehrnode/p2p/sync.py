@@ -97,6 +97,11 @@ class BlockSync:
     def syncing(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    async def idle(self) -> None:
+        """Return once no catch-up runs (at once if none does)."""
+        while self._task is not None and not self._task.done():
+            await asyncio.wait({self._task})
+
     # --- fetching -------------------------------------------------------------------------
 
     async def _run(self) -> None:

@@ -376,11 +376,16 @@ class Chain:
         checks of what happens after a commit: these bytes were checked when committed)."""
         head = self._head.height
         for height in range(max(1, head - last_blocks + 1), head + 1):
-            block = codec.decode_trusted(self.block_raw(height))
-            for raw in block["txs"]:
-                tx = codec.decode_trusted(raw)
-                if tx["kind"] in kinds:
-                    yield tx
+            yield from self.stored_txs(height, kinds)
+
+    def stored_txs(self, height: int, kinds: Collection[str]) -> Iterator[dict[str, Any]]:
+        """The transactions of these ``kinds`` in the committed block at ``height``, as
+        stored (checked when committed, so parsed without checks)."""
+        block = codec.decode_trusted(self.block_raw(height))
+        for raw in block["txs"]:
+            tx = codec.decode_trusted(raw)
+            if tx["kind"] in kinds:
+                yield tx
 
     def validators_at(self, height: int) -> dict[bytes, int]:
         """The validator set that voted on the block at ``height``."""

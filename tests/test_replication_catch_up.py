@@ -1,0 +1,99 @@
+"""A validator back from downtime catches up on the chain first and fetches the ciphertext
+of the records it missed after, even when it is stopped in between."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from ehrnode import config as cfg
+from ehrnode.blobs import replication as replication_module
+from ehrnode.blobs.replication import K_UNCHECKED, Replication
+from ehrnode.client.sdk import Client
+from ehrnode.core import crypto
+from ehrnode.node import Node
+from ehrnode.testing import cluster, validator_identity, wait_for
+
+OBSERVATION = {
+    "resourceType": "Observation",
+    "status": "final",
+    "code": {"text": "Heart rate"},
+    "valueQuantity": {"value": 72, "unit": "beats/minute"},
+}
+RECORDS = 6  # one block each
+
+
+@pytest.fixture
+async def nodes(tmp_path: Path) -> AsyncIterator[list[Node]]:
+    async with cluster(tmp_path, n=4) as running:
+        yield running
+
+
+async def write_while_down(nodes: list[Node]) -> tuple[Path, list[bytes]]:
+    """Stop validator 3, write records through validator 0; its home and the records'
+    blobs."""
+    institution = validator_identity(nodes[0].config.home)
+    provider, patient = crypto.Identity.generate(), crypto.Identity.generate()
+    home = nodes[3].config.home
+    await nodes[3].stop()
+    blobs = []
+    async with Client(nodes[0].rpc_url, institution) as c:
+        endorsement = c.endorse(provider.public_key, "provider")
+        await c.as_identity(provider).register("provider", "Dr A", endorsement)
+        await c.as_identity(patient).register("patient")
+        for n in range(RECORDS):
+            observation = {**OBSERVATION, "valueQuantity": {"value": 60 + n, "unit": "/min"}}
+            written = await c.as_identity(provider).put(patient.public_key, observation)
+            blobs.append(nodes[0].chain.load_state(b"rec" + bytes.fromhex(written.id))["blob"])
+    return home, blobs
+
+
+async def restart(nodes: list[Node], home: Path) -> Node:
+    node = Node(cfg.load(home))
+    nodes[3] = node  # so that the fixture stops it
+    await node.start()
+    return node
+
+
+async def test_the_missed_ciphertext_is_looked_for_once_the_catch_up_is_over(
+    nodes: list[Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home, blobs = await write_while_down(nodes)
+    looked_up: list[bool] = []  # for each blob looked up: was a catch-up running?
+    lacks = Replication._lacks
+
+    def spy(self: Replication, blob: bytes) -> bool:
+        node = nodes[3]  # the restarted node, once restart() made it
+        if node.replication is self and node.sync is not None and blob in blobs:
+            looked_up.append(node.sync.syncing)
+        return lacks(self, blob)
+
+    monkeypatch.setattr(Replication, "_lacks", spy)
+    node = await restart(nodes, home)
+    final = nodes[0].chain.head.height
+    await wait_for(lambda: node.chain.head.height >= final, 20, "the catch-up")
+    await wait_for(lambda: all(node.blobs.has(b) for b in blobs), 20, "the missed blobs")
+    assert looked_up and not any(looked_up), looked_up  # all after the catch-up
+    assert node.replication.kv.get(K_UNCHECKED) is None  # the sweep is over
+    assert not node.replication.missing
+
+
+async def test_a_node_stopped_before_its_sweep_resumes_it_at_start(
+    nodes: list[Node], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home, blobs = await write_while_down(nodes)
+    monkeypatch.setattr(Replication, "_start_sweep", lambda self: None)  # never gets to it
+    node = await restart(nodes, home)
+    final = nodes[0].chain.head.height
+    await wait_for(lambda: node.chain.head.height >= final, 20, "the catch-up")
+    marked = node.replication.kv.get(K_UNCHECKED)
+    assert marked is not None and replication_module._height(marked) <= final - RECORDS + 1
+    assert not any(node.blobs.has(b) for b in blobs) and not node.replication.missing
+    await node.stop()
+
+    monkeypatch.undo()
+    node = await restart(nodes, home)
+    await wait_for(lambda: all(node.blobs.has(b) for b in blobs), 20, "the missed blobs")
+    await wait_for(lambda: node.replication.kv.get(K_UNCHECKED) is None, 10, "the sweep to end")
