@@ -30,7 +30,6 @@ from ehrnode.process import STAGE_TIMES_ENV, tune_gc, tune_malloc
 from ehrnode.store.chain import Chain
 from ehrnode.store.check import check_chain
 from ehrnode.store.db import LevelKV
-from ehrnode.testnet import run_testnet
 
 log = logging.getLogger("ehrnode")
 
@@ -107,6 +106,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _cmd_testnet(args: argparse.Namespace) -> int:
+    # Here, not at the top: it brings the client's modules, which ``run`` never needs.
+    from ehrnode.testnet import run_testnet  # noqa: PLC0415
+
     return run_testnet(
         nodes=args.nodes,
         directory=Path(args.dir),

@@ -31,10 +31,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import ehrnode.core
@@ -104,6 +101,10 @@ def build() -> Path:
     """Compile ``MODULES`` for the sources as they are now, unless done; the build's folder.
 
     Raises ``subprocess.CalledProcessError`` (with mypyc's output) when mypyc fails."""
+    import shutil  # noqa: PLC0415 - here, not at every start of every process
+    import subprocess  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
     done = build_dir()
     if (done / "complete").is_file():
         return done
@@ -155,6 +156,8 @@ def main() -> int:
         return 0
     if (build_dir() / "complete").is_file():
         return 0
+    import subprocess  # noqa: PLC0415 - only to build
+
     print("compiling the transaction path with mypyc (about 25 s)", file=sys.stderr)
     try:
         where = build()
