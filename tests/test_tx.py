@@ -75,6 +75,7 @@ def test_make_and_decode_round_trip(kind: str, body: dict[str, Any]) -> None:
     assert made.size == len(made.raw)
     decoded = tx.decode(made.raw)
     assert decoded == made
+    assert tx.decode(made.raw, certified=True) == made  # a certified block's path
     assert (decoded.chain, decoded.kind, decoded.signer, decoded.nonce) == (
         CHAIN,
         kind,
@@ -271,9 +272,10 @@ def test_make_refuses_malformed_body(kind: str, body: Any) -> None:
 @pytest.mark.parametrize(("kind", "body"), MALFORMED_BODIES.values(), ids=MALFORMED_BODIES.keys())
 def test_decode_refuses_malformed_body(kind: str, body: Any) -> None:
     raw = raw_tx(SIGNER, kind=kind, body=body)
-    with pytest.raises(InvalidTransaction) as info:
-        tx.decode(raw)
-    assert info.value.code == "malformed_body"
+    for certified in (False, True):  # a certified block's body is checked all the same
+        with pytest.raises(InvalidTransaction) as info:
+            tx.decode(raw, certified=certified)
+        assert info.value.code == "malformed_body"
 
 
 def test_errors_name_the_field() -> None:
@@ -332,9 +334,10 @@ MALFORMED: dict[str, bytes] = {
 
 @pytest.mark.parametrize("raw", MALFORMED.values(), ids=MALFORMED.keys())
 def test_decode_refuses_malformed_envelope(raw: bytes) -> None:
-    with pytest.raises(InvalidTransaction) as info:
-        tx.decode(raw)
-    assert info.value.code == "malformed"
+    for certified in (False, True):
+        with pytest.raises(InvalidTransaction) as info:
+            tx.decode(raw, certified=certified)
+        assert info.value.code == "malformed"
 
 
 def test_version_true_is_not_another_form_of_version_1() -> None:
@@ -357,6 +360,22 @@ def test_non_canonical_bytes_are_malformed() -> None:
     with pytest.raises(InvalidTransaction) as info:
         tx.decode(shuffled)
     assert info.value.code == "malformed"
+
+
+def test_in_a_certified_block_only_the_signature_and_the_byte_form_go_unchecked() -> None:
+    """More than two thirds of the validators checked both before they certified the
+    block; block sync does not do it again."""
+    made = tx.make(SIGNER, CHAIN, "register", 1, {"role": "patient"})
+    wire = codec.decode(made.raw)
+    shuffled = msgpack.packb(dict(reversed(list(wire.items()))), use_bin_type=True)
+    forged = codec.encode({**wire, "sig": bytes(64)})
+    for raw in (shuffled, forged):
+        with pytest.raises(InvalidTransaction):
+            tx.decode(raw)
+        certified = tx.decode(raw, certified=True)
+        assert (certified.kind, certified.body, certified.raw) == ("register", wire["body"], raw)
+    with pytest.raises(InvalidTransaction, match="nonce"):
+        tx.decode(codec.encode({**wire, "nonce": 0}), certified=True)
 
 
 # --- signatures and tampering --------------------------------------------------------------

@@ -116,8 +116,9 @@ class Executor:
         """None if ``block`` may follow our head, else the reason it may not.
 
         ``certified``: a quorum already finalised this block (block sync brought it with a
-        certificate we verified), so its transactions' signatures were checked by more than
-        two thirds of the validators and are not checked again here; everything else is.
+        certificate we verified), so its transactions' signatures and canonical form were
+        checked by more than two thirds of the validators and are not checked again here;
+        everything else is.
         """
         if block.id in self._verdicts:
             cached = self._verdicts[block.id]
@@ -174,7 +175,7 @@ class Executor:
             txs = predecoded[1]
         else:
             txs = [
-                self._decode(raw, tx_id, verify_sig=not certified)
+                self._decode(raw, tx_id, certified=certified)
                 for raw, tx_id in zip(block.txs, block.tx_ids, strict=True)
             ]
         ctx = self.context(h.height, h.time)
@@ -191,21 +192,21 @@ class Executor:
         self._predecoded = None
         try:
             txs = [
-                self._decode(raw, tx_id, verify_sig=False)
+                self._decode(raw, tx_id, certified=True)
                 for raw, tx_id in zip(block.txs, block.tx_ids, strict=True)
             ]
         except InvalidTransaction:
             return
         self._predecoded = (block.id, txs)
 
-    def _decode(self, raw: bytes, tx_id: bytes, *, verify_sig: bool = True) -> Tx:
+    def _decode(self, raw: bytes, tx_id: bytes, *, certified: bool = False) -> Tx:
         known = self.mempool.get(tx_id)
         if known is not None and known.raw == raw:
             return known
         return txmod.decode(
             raw,
             max_bytes=self.chain.genesis.params.max_tx_bytes,
-            verify_sig=verify_sig,
+            certified=certified,
             tx_id=tx_id,  # the block hashed its transactions for its Merkle root already
         )
 

@@ -128,6 +128,16 @@ def decode(data: object, *, max_bytes: int = DEFAULT_MAX_BYTES, typed: bool = Tr
     return obj
 
 
+def decode_certified(data: object, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Value:
+    """``decode(typed=False)`` of bytes a quorum of validators certified as canonical (the
+    transactions of a certified block), without packing the value again to compare."""
+    data = _sized(data, max_bytes)
+    try:
+        return ormsgpack.unpackb(data)
+    except Exception:  # see decode
+        return _diagnose(data)
+
+
 def parse(data: object, *, max_bytes: int = DEFAULT_MAX_BYTES) -> Value:
     """Parse msgpack within ``decode``'s limits and types, in any of its byte forms: for an
     envelope (a peer's frame) that is neither signed nor hashed, whose signed and hashed

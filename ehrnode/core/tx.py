@@ -392,10 +392,14 @@ def decode(
     max_bytes: int = DEFAULT_MAX_TX_BYTES,
     verify_sig: bool = True,
     tx_id: bytes | None = None,
+    certified: bool = False,
 ) -> Tx:
     """Parse and check a transaction's bytes: form, fields, body and signature.
 
     ``tx_id``: the SHA-256 of ``raw`` when the caller has computed it already.
+    ``certified``: ``raw`` is in a block a quorum certified, so more than two thirds of the
+    validators checked its signature and that its bytes are canonical; neither is checked
+    again (every field and the body still are).
 
     The chain id is checked against the node's in ``core.state`` so that the error can
     name the right one.
@@ -408,7 +412,10 @@ def decode(
     try:
         # Every field and body value is type-checked below (a float, a bool for an int or
         # a nesting too deep is refused there), so the codec's own walk is left out.
-        obj = codec.decode(raw, max_bytes=max_bytes, typed=False)
+        if certified:
+            obj = codec.decode_certified(raw, max_bytes=max_bytes)
+        else:
+            obj = codec.decode(raw, max_bytes=max_bytes, typed=False)
     except InvalidEncoding as err:
         raise InvalidTransaction(
             f"transaction is not canonical msgpack: {err}", code="malformed"
@@ -444,7 +451,8 @@ def decode(
             codec.check_types(body)
         except InvalidEncoding as err:
             raise InvalidTransaction(f"{kind} body: {err}", code="malformed_body") from err
-    if verify_sig and not crypto.verify(signer, b"", _signing_bytes_of(bytes(raw), sig), sig):
+    checked = verify_sig and not certified
+    if checked and not crypto.verify(signer, b"", _signing_bytes_of(bytes(raw), sig), sig):
         raise InvalidTransaction(
             "signature does not verify for this signer and content", code="bad_signature"
         )
