@@ -1,19 +1,26 @@
 """A validator back from downtime catches up on the chain first and fetches the ciphertext
-of the records it missed after, even when it is stopped in between."""
+of the records it missed after, even when it is stopped in between; the sweep that looks
+for it leaves the event loop to other work between slices."""
 
 from __future__ import annotations
 
+import asyncio
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from ehrnode import config as cfg
 from ehrnode.blobs import replication as replication_module
 from ehrnode.blobs.replication import K_UNCHECKED, Replication
+from ehrnode.blobs.store import BlobStore
 from ehrnode.client.sdk import Client
 from ehrnode.core import crypto
 from ehrnode.node import Node
+from ehrnode.store.db import MemoryKV
 from ehrnode.testing import cluster, validator_identity, wait_for
 
 OBSERVATION = {
@@ -97,3 +104,63 @@ async def test_a_node_stopped_before_its_sweep_resumes_it_at_start(
     node = await restart(nodes, home)
     await wait_for(lambda: all(node.blobs.has(b) for b in blobs), 20, "the missed blobs")
     await wait_for(lambda: node.replication.kv.get(K_UNCHECKED) is None, 10, "the sweep to end")
+
+
+class FakeChain:
+    """Blocks 1 to ``heights``, each one ``records`` transaction of ``per_block`` blobs."""
+
+    def __init__(self, heights: int, per_block: int) -> None:
+        self.head = SimpleNamespace(height=heights)
+        self.blobs = {
+            h: [crypto.sha256(f"{h}/{i}".encode()) for i in range(per_block)]
+            for h in range(1, heights + 1)
+        }
+
+    def stored_txs(self, height: int, kinds: Any) -> list[dict[str, Any]]:
+        items = [{"blob": blob} for blob in self.blobs[height]]
+        return [{"kind": "records", "body": {"items": items}}]
+
+
+async def test_the_sweep_looks_in_slices_and_moves_its_mark_a_block_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(replication_module, "SWEEP_SLICE", 10)
+    switch = SimpleNamespace(me=bytes(32), handlers={}, routes=[], on_connect=[], peers={})
+    kv = MemoryKV()
+    kv.write({K_UNCHECKED: struct.pack(">Q", 2)})  # blocks 2 and 3 left to look at
+    r = Replication(
+        switch,  # type: ignore[arg-type]
+        BlobStore(tmp_path / "blobs", kv),
+        kv,
+        quorum=lambda: 1,
+        replicate=False,
+    )
+    chain = FakeChain(heights=3, per_block=25)
+    r._chain = chain  # type: ignore[assignment]
+    turns: list[tuple[int, bytes | None]] = []  # between the sweep's slices: missing, mark
+    sweeping = True
+
+    async def watch() -> None:
+        while sweeping:
+            turns.append((len(r.missing), kv.get(K_UNCHECKED)))
+            await asyncio.sleep(0)
+
+    watcher = asyncio.create_task(watch())
+    r._start_sweep()
+    assert r._sweeper is not None
+    await asyncio.wait_for(r._sweeper, 10)
+    sweeping = False
+    await watcher
+    assert r.missing == set(chain.blobs[2] + chain.blobs[3])
+    assert kv.get(K_UNCHECKED) is None
+    seen = [turn for turn in dict.fromkeys(turns) if turn[1] is not None]  # in order
+    # 25 blobs a block in slices of 10; the mark moves on with a block's last slice.
+    assert seen == [
+        (0, struct.pack(">Q", 2)),
+        (10, struct.pack(">Q", 2)),
+        (20, struct.pack(">Q", 2)),
+        (25, struct.pack(">Q", 3)),
+        (35, struct.pack(">Q", 3)),
+        (45, struct.pack(">Q", 3)),
+        (50, struct.pack(">Q", 4)),
+    ], seen

@@ -15,8 +15,9 @@ write is acknowledged only once a write quorum of nodes hold it.
 - While block sync catches the node up, the blobs of the records it commits are not
   looked up one by one (that was a tenth of a catch-up's time): the height of the first
   such block is written down (``K_UNCHECKED``), and once the catch-up ends, a sweep reads
-  those blocks back, a block a turn, puts what the node lacks on the missing list and
-  moves the mark on. A node stopped before the sweep ends resumes it at start.
+  those blocks back, puts what the node lacks on the missing list (in slices, with the
+  event loop's other work between them) and moves the mark on. A node stopped before the
+  sweep ends resumes it at start.
 - Erased blobs are tombstoned by the blob store and never fetched or accepted again.
 """
 
@@ -51,6 +52,7 @@ T_MISSING = b"Q"
 # BE8: the records of the blocks from this height on have not had their blobs looked up.
 K_UNCHECKED = b"Runchecked"
 RECORD_KINDS = ("record", "records")
+SWEEP_SLICE = 512  # blobs looked up in one event-loop turn by the sweep
 MAX_TRACKED = 200_000
 FETCH_CONCURRENCY = 4
 PUSH_FRAME_BYTES = 4 * 1024 * 1024
@@ -348,8 +350,8 @@ class Replication:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="sweep")
 
     async def _sweep(self) -> None:
-        """Look at the records of the blocks from the ``K_UNCHECKED`` mark to the head, a
-        block a turn, once no catch-up runs; then clear the mark."""
+        """Look at the records of the blocks from the ``K_UNCHECKED`` mark to the head,
+        once no catch-up runs; then clear the mark."""
         chain = self._chain
         assert chain is not None, "recover(chain) comes before start"
         while self._unchecked is not None:
@@ -371,9 +373,18 @@ class Replication:
             except EhrError as err:
                 log.error("cannot read block %d for the blobs its records name: %s", height, err)
                 return  # the mark stays: the next start tries again
+            # A few thousand look-ups a block: in slices, with RPC requests and consensus
+            # between them. The mark moves on with the last.
+            for start in range(0, max(len(blobs), 1), SWEEP_SLICE):
+                if start:
+                    await asyncio.sleep(0)
+                end = start + SWEEP_SLICE
+                mark: dict[bytes, bytes | None] = {}
+                if end >= len(blobs):
+                    mark[K_UNCHECKED] = struct.pack(">Q", height + 1)
+                self._note_missing(blobs[start:end], mark)
             self._unchecked = height + 1
-            self._note_missing(blobs, {K_UNCHECKED: struct.pack(">Q", height + 1)})
-            await asyncio.sleep(0)  # RPC requests and consensus go on between blocks
+            await asyncio.sleep(0)
         self._ask_for_missing()
 
     def erased(self, blob: bytes) -> bool:
