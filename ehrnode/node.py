@@ -100,7 +100,7 @@ class Node:
                 replicate=c.blobs.replicate,
             )
             replication.is_validator = lambda key: key in chain.validators()
-            replication.catch_up = self.sync
+            replication.sweep.catch_up = self.sync
             replication.relay = BlobRelay(switch, blobs, replication.stored, c.blobs.replicate)
             self.access = access = AccessLog(kv, self.identity)
             self.metrics = metrics = NodeMetrics()

@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 
 from ehrnode import config as cfg
-from ehrnode.blobs import replication as replication_module
-from ehrnode.blobs.replication import K_UNCHECKED, Replication
-from ehrnode.blobs.store import BlobStore
+from ehrnode.blobs import sweep as sweep_module
+from ehrnode.blobs.replication import Replication
+from ehrnode.blobs.sweep import DEFER_BEHIND, K_UNCHECKED, Sweep
 from ehrnode.client.sdk import Client
 from ehrnode.core import crypto
+from ehrnode.core.errors import Unavailable
 from ehrnode.node import Node
 from ehrnode.store.db import MemoryKV
 from ehrnode.testing import cluster, validator_identity, wait_for
@@ -91,12 +92,16 @@ async def test_a_node_stopped_before_its_sweep_resumes_it_at_start(
     nodes: list[Node], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     home, blobs = await write_while_down(nodes)
-    monkeypatch.setattr(Replication, "_start_sweep", lambda self: None)  # never gets to it
+
+    async def stalled(self: Sweep) -> None:
+        await asyncio.Event().wait()  # until the node stops
+
+    monkeypatch.setattr(Sweep, "_sweep", stalled)
     node = await restart(nodes, home)
     final = nodes[0].chain.head.height
     await wait_for(lambda: node.chain.head.height >= final, 20, "the catch-up")
     marked = node.replication.kv.get(K_UNCHECKED)
-    assert marked is not None and replication_module._height(marked) <= final - RECORDS + 1
+    assert marked is not None and sweep_module._height(marked) <= final - RECORDS + 1
     assert not any(node.blobs.has(b) for b in blobs) and not node.replication.missing
     await node.stop()
 
@@ -121,38 +126,55 @@ class FakeChain:
         return [{"kind": "records", "body": {"items": items}}]
 
 
+class FakeCatchUp:
+    def __init__(self, behind: int) -> None:
+        self.behind = behind
+        self.syncing = True
+        self.over = asyncio.Event()
+
+    def blocks_behind(self) -> int:
+        return self.behind
+
+    async def idle(self) -> None:
+        await self.over.wait()
+
+
+def sweep_over(kv: MemoryKV, chain: Any, missing: list[bytes]) -> Sweep:
+    def note_missing(blobs: list[bytes], changes: dict[bytes, bytes | None]) -> None:
+        missing.extend(blobs)  # here every blob is lacking
+        if changes:
+            kv.write(changes)
+
+    sweep = Sweep(kv, note_missing, lambda: None)
+    sweep.chain = chain
+    return sweep
+
+
 async def test_the_sweep_looks_in_slices_and_moves_its_mark_a_block_at_a_time(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(replication_module, "SWEEP_SLICE", 10)
-    switch = SimpleNamespace(me=bytes(32), handlers={}, routes=[], on_connect=[], peers={})
+    monkeypatch.setattr(sweep_module, "SWEEP_SLICE", 10)
     kv = MemoryKV()
     kv.write({K_UNCHECKED: struct.pack(">Q", 2)})  # blocks 2 and 3 left to look at
-    r = Replication(
-        switch,  # type: ignore[arg-type]
-        BlobStore(tmp_path / "blobs", kv),
-        kv,
-        quorum=lambda: 1,
-        replicate=False,
-    )
     chain = FakeChain(heights=3, per_block=25)
-    r._chain = chain  # type: ignore[assignment]
+    missing: list[bytes] = []
+    sweep = sweep_over(kv, chain, missing)
     turns: list[tuple[int, bytes | None]] = []  # between the sweep's slices: missing, mark
-    sweeping = True
+    watching = True
 
     async def watch() -> None:
-        while sweeping:
-            turns.append((len(r.missing), kv.get(K_UNCHECKED)))
+        while watching:
+            turns.append((len(missing), kv.get(K_UNCHECKED)))
             await asyncio.sleep(0)
 
     watcher = asyncio.create_task(watch())
-    r._start_sweep()
-    assert r._sweeper is not None
-    await asyncio.wait_for(r._sweeper, 10)
-    sweeping = False
+    sweep.start()
+    assert sweep._task is not None
+    await asyncio.wait_for(sweep._task, 10)
+    watching = False
     await watcher
-    assert r.missing == set(chain.blobs[2] + chain.blobs[3])
-    assert kv.get(K_UNCHECKED) is None
+    assert missing == chain.blobs[2] + chain.blobs[3]
+    assert kv.get(K_UNCHECKED) is None and sweep.unchecked is None
     seen = [turn for turn in dict.fromkeys(turns) if turn[1] is not None]  # in order
     # 25 blobs a block in slices of 10; the mark moves on with a block's last slice.
     assert seen == [
@@ -164,3 +186,34 @@ async def test_the_sweep_looks_in_slices_and_moves_its_mark_a_block_at_a_time(
         (45, struct.pack(">Q", 3)),
         (50, struct.pack(">Q", 4)),
     ], seen
+
+
+async def test_only_a_long_catch_up_leaves_the_look_ups_to_the_sweep() -> None:
+    kv = MemoryKV()
+    chain = FakeChain(heights=3, per_block=2)
+    sweep = sweep_over(kv, chain, [])
+    sweep.catch_up = catch_up = FakeCatchUp(behind=DEFER_BEHIND - 1)
+    assert not sweep.covers(3) and kv.get(K_UNCHECKED) is None  # a block or two behind
+    catch_up.behind = DEFER_BEHIND
+    assert sweep.covers(3) and sweep.covers(4)  # the one mark covers what follows
+    assert kv.get(K_UNCHECKED) == struct.pack(">Q", 3) and sweep.running
+    await sweep.stop()
+
+
+async def test_a_failed_sweep_hands_the_look_ups_back_to_the_commits(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Damaged(FakeChain):
+        def stored_txs(self, height: int, kinds: Any) -> list[dict[str, Any]]:
+            raise Unavailable(f"block {height} is missing from block segment 0")
+
+    kv = MemoryKV()
+    kv.write({K_UNCHECKED: struct.pack(">Q", 2)})
+    missing: list[bytes] = []
+    sweep = sweep_over(kv, Damaged(heights=3, per_block=2), missing)
+    sweep.start()
+    assert sweep._task is not None
+    await asyncio.wait_for(sweep._task, 10)
+    assert "block 2 is missing" in caplog.text
+    assert not sweep.covers(4)  # the commit looks for itself
+    assert kv.get(K_UNCHECKED) == struct.pack(">Q", 2)  # for the next start

@@ -12,12 +12,8 @@ write is acknowledged only once a write quorum of nodes hold it.
 - A committed record whose blob this node lacks (it was down, or the writer's node is
   slow) is put on the missing list (table ``b"Q" + hash``, so it survives restarts) and
   asked for (``blob_want``) until some peer delivers it.
-- While block sync catches the node up, the blobs of the records it commits are not
-  looked up one by one (that was a tenth of a catch-up's time): the height of the first
-  such block is written down (``K_UNCHECKED``), and once the catch-up ends, a sweep reads
-  those blocks back, puts what the node lacks on the missing list (in slices, with the
-  event loop's other work between them) and moves the mark on. A node stopped before the
-  sweep ends resumes it at start.
+- While block sync catches the node up, the blobs of what it commits are looked for
+  once the catch-up is over (``blobs.sweep``).
 - Erased blobs are tombstoned by the blob store and never fetched or accepted again.
 """
 
@@ -27,11 +23,10 @@ import asyncio
 import itertools
 import logging
 import random
-import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -39,6 +34,7 @@ from aiohttp import web
 from ehrnode.blobs.http import blob_response
 from ehrnode.blobs.relay import BlobRelay
 from ehrnode.blobs.store import INLINE_MAX, BlobStore, parse_hash
+from ehrnode.blobs.sweep import RECORD_KINDS, Sweep
 from ehrnode.consensus.driver import Committed
 from ehrnode.core import crypto, request, tx as txmod
 from ehrnode.core.errors import EhrError, InvalidEncoding, LimitExceeded, NotAuthorised, NotFound
@@ -49,10 +45,6 @@ from ehrnode.store.db import KV
 log = logging.getLogger(__name__)
 
 T_MISSING = b"Q"
-# BE8: the records of the blocks from this height on have not had their blobs looked up.
-K_UNCHECKED = b"Runchecked"
-RECORD_KINDS = ("record", "records")
-SWEEP_SLICE = 512  # blobs looked up in one event-loop turn by the sweep
 MAX_TRACKED = 200_000
 FETCH_CONCURRENCY = 4
 PUSH_FRAME_BYTES = 4 * 1024 * 1024
@@ -63,17 +55,6 @@ RETRY_MISSING_S = 5.0
 
 def now_ms() -> int:
     return int(time.time() * 1000)
-
-
-class CatchUp(Protocol):
-    """Block sync, as replication sees it (``p2p.sync.BlockSync``)."""
-
-    @property
-    def syncing(self) -> bool: ...
-
-    async def idle(self) -> None:
-        """Return once no catch-up runs."""
-        ...
 
 
 class Replication:
@@ -107,12 +88,9 @@ class Replication:
         switch.handlers["blob_data"] = self._on_data
         self._incoming: set[bytes] = set()
         self.relay: BlobRelay | None = None
-        # Set by the node: while it syncs, committed records are looked at after (above).
-        self.catch_up: CatchUp | None = None
-        self._chain: Chain | None = None
-        unchecked = kv.get(K_UNCHECKED)
-        self._unchecked: int | None = None if unchecked is None else _height(unchecked)
-        self._sweeper: asyncio.Task[None] | None = None
+        # While block sync catches up, committed records are looked at after (above); the
+        # node sets its ``catch_up``.
+        self.sweep = Sweep(kv, self._note_missing, self._ask_for_missing)
         switch.routes.append(web.get("/p2p/blobs/{hash}", self._serve))
         switch.on_connect.append(self._on_connect)
 
@@ -121,7 +99,7 @@ class Replication:
         starts, so a crash in between can lose entries of the last block; look at its
         records again (two blocks for margin). A sweep left unfinished resumes in
         ``start``."""
-        self._chain = chain
+        self.sweep.chain = chain
         found: list[bytes] = []
         for stored in chain.recent_txs(RECORD_KINDS, last_blocks):
             blobs = txmod.blobs_of(stored["kind"], stored["body"])
@@ -137,12 +115,11 @@ class Replication:
         for _ in range(FETCH_CONCURRENCY):
             task = loop.create_task(self._fetch_worker())
             self._tasks.add(task)
-        if self._unchecked is not None:
-            self._start_sweep()
+        self.sweep.start()
 
     async def stop(self) -> None:
         tasks = [*self._tasks, *([self._retry] if self._retry else [])]
-        tasks += [self._sweeper] if self._sweeper else []
+        await self.sweep.stop()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -317,15 +294,9 @@ class Replication:
         return wanted
 
     def on_commit(self, committed: Committed) -> None:
-        """A committed record whose blob we lack goes on the missing list; during a
-        catch-up, once it is over (the sweep)."""
-        if self._unchecked is not None:
-            return  # the sweep has this block to look at: it goes up to the head
-        height = committed.block.header.height
-        if self.catch_up is not None and self.catch_up.syncing and self._chain is not None:
-            self._unchecked = height
-            self.kv.write({K_UNCHECKED: struct.pack(">Q", height)}, sync=False)
-            self._start_sweep()
+        """A committed record whose blob we lack goes on the missing list; during a long
+        catch-up, once it is over (``Sweep``)."""
+        if self.sweep.covers(committed.block.header.height):
             return
         self._note_missing(
             [blob for tx in committed.txs for blob in txmod.blobs_of(tx.kind, tx.body)], {}
@@ -344,48 +315,6 @@ class Replication:
             self.kv.write(changes, sync=False)
         if new and time.monotonic() - self._asked_at > ASK_AGAIN_S:
             self._ask_for_missing()
-
-    def _start_sweep(self) -> None:
-        if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="sweep")
-
-    async def _sweep(self) -> None:
-        """Look at the records of the blocks from the ``K_UNCHECKED`` mark to the head,
-        once no catch-up runs; then clear the mark."""
-        chain = self._chain
-        assert chain is not None, "recover(chain) comes before start"
-        while self._unchecked is not None:
-            if self.catch_up is not None and self.catch_up.syncing:
-                await self.catch_up.idle()
-                continue
-            height = self._unchecked
-            if height > chain.head.height:
-                # Nothing awaited since the head was read: the next commit looks for itself.
-                self._unchecked = None
-                self.kv.write({K_UNCHECKED: None}, sync=False)
-                break
-            try:
-                blobs = [
-                    blob
-                    for stored in chain.stored_txs(height, RECORD_KINDS)
-                    for blob in txmod.blobs_of(stored["kind"], stored["body"])
-                ]
-            except EhrError as err:
-                log.error("cannot read block %d for the blobs its records name: %s", height, err)
-                return  # the mark stays: the next start tries again
-            # A few thousand look-ups a block: in slices, with RPC requests and consensus
-            # between them. The mark moves on with the last.
-            for start in range(0, max(len(blobs), 1), SWEEP_SLICE):
-                if start:
-                    await asyncio.sleep(0)
-                end = start + SWEEP_SLICE
-                mark: dict[bytes, bytes | None] = {}
-                if end >= len(blobs):
-                    mark[K_UNCHECKED] = struct.pack(">Q", height + 1)
-                self._note_missing(blobs[start:end], mark)
-            self._unchecked = height + 1
-            await asyncio.sleep(0)
-        self._ask_for_missing()
 
     def erased(self, blob: bytes) -> bool:
         return self.blobs.erased(blob)
@@ -491,11 +420,6 @@ class Replication:
                 {"error": {"code": err.code, "message": err.message}}, status=err.http_status
             )
         return blob_response(self.blobs, blob, {})
-
-
-def _height(value: bytes) -> int:
-    height: int = struct.unpack(">Q", value)[0]
-    return height
 
 
 def default_quorum(validators: int) -> int:

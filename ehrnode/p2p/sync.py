@@ -97,6 +97,11 @@ class BlockSync:
     def syncing(self) -> bool:
         return self._task is not None and not self._task.done()
 
+    def blocks_behind(self) -> int:
+        """How far the highest linked peer's chain is ahead of ours (0 if none is)."""
+        ours = self.chain.head.height
+        return max((p.height - ours for p in self.switch.peers.values() if not p.closed), default=0)
+
     async def idle(self) -> None:
         """Return once no catch-up runs (at once if none does)."""
         while self._task is not None and not self._task.done():
