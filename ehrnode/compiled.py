@@ -45,6 +45,7 @@ PURE_ENV = "EHR_PURE_PYTHON"
 MODULES = (
     "core/access.py",
     "core/authority.py",
+    "core/bodies.py",
     "core/codec.py",
     "core/layout.py",
     "core/merkle.py",
