@@ -1,6 +1,7 @@
 """Links that end: a dialer the other end refuses (not a validator there yet) redials after
 a backoff, not at once, and links as soon as it is let in; a block request to a peer whose
-link closed is given up at once and asked of a peer still linked."""
+link closed is given up at once and asked of a peer still linked; a block sync answer is
+cut at its size limit."""
 
 from __future__ import annotations
 
@@ -136,3 +137,33 @@ async def test_block_sync_applies_an_answer_only_once_its_preparation_is_done() 
     ready.set()
     await wait_for(lambda: applied == [[["block 6", "cert 6"]]], 5, "the answer applied")
     await blocks.stop()
+
+
+class _Answers(_Switch):
+    def __init__(self) -> None:
+        super().__init__([])
+        self.answers: list[list[Any]] = []
+
+    def send(self, peer: Peer, kind: str, **fields: Any) -> None:
+        if kind == "blocks":
+            self.answers.append(fields["items"])
+
+
+def test_a_block_sync_answer_stops_at_its_size_limit() -> None:
+    """8 MiB (``sync.ANSWER_BYTES``), or a peer frame's limit less 1 MiB where that is
+    smaller; the first block goes whatever its size, so that any block can be synced."""
+    size = 3 * 1024 * 1024
+    chain = SimpleNamespace(
+        head=SimpleNamespace(height=10, id=b"\x00" * 32),
+        block_raw=lambda height: bytes([height]) * size,
+        certificate=lambda height: SimpleNamespace(encode=lambda: b"cert %d" % height),
+    )
+    peer = Peer(b"\x01" * 32, "127.0.0.1:1", _Link(), b"\x00" * 32)
+    cases = [(32 << 20, 2), (4 << 20, 1), (1 << 20, 1)]  # max_message_bytes, blocks sent
+    for frame_limit, expected in cases:
+        switch = _Answers()
+        sync.BlockSync(switch, chain, SimpleNamespace(listeners=[]), frame_limit)  # type: ignore[arg-type]
+        switch.handlers["get_blocks"](peer, {"from": 3, "count": 8})
+        (items,) = switch.answers
+        assert [raw[0] for raw, _ in items] == list(range(3, 3 + expected)), frame_limit
+        assert all(cert == b"cert %d" % raw[0] for raw, cert in items)
