@@ -151,16 +151,18 @@ class _Answers(_Switch):
 
 def test_a_block_sync_answer_stops_at_its_size_limit() -> None:
     """8 MiB (``sync.ANSWER_BYTES``), or a peer frame's limit less 1 MiB where that is
-    smaller; the first block goes whatever its size, so that any block can be synced."""
-    size = 3 * 1024 * 1024
-    chain = SimpleNamespace(
-        head=SimpleNamespace(height=10, id=b"\x00" * 32),
-        block_raw=lambda height: bytes([height]) * size,
-        certificate=lambda height: SimpleNamespace(encode=lambda: b"cert %d" % height),
-    )
+    smaller; the server always sends the first block, whatever its size, so that a block
+    larger than the cut still syncs (one to an answer)."""
     peer = Peer(b"\x01" * 32, "127.0.0.1:1", _Link(), b"\x00" * 32)
-    cases = [(32 << 20, 2), (4 << 20, 1), (1 << 20, 1)]  # max_message_bytes, blocks sent
-    for frame_limit, expected in cases:
+    # block size, max_message_bytes, blocks sent
+    cases = [(3 << 20, 32 << 20, 2), (3 << 20, 4 << 20, 1), (3 << 20, 1 << 20, 1)]
+    cases.append((9 << 20, 32 << 20, 1))  # larger than the cut, well inside the frame
+    for size, frame_limit, expected in cases:
+        chain = SimpleNamespace(
+            head=SimpleNamespace(height=10, id=b"\x00" * 32),
+            block_raw=lambda height, size=size: bytes([height]) * size,
+            certificate=lambda height: SimpleNamespace(encode=lambda: b"cert %d" % height),
+        )
         switch = _Answers()
         sync.BlockSync(switch, chain, SimpleNamespace(listeners=[]), frame_limit)  # type: ignore[arg-type]
         switch.handlers["get_blocks"](peer, {"from": 3, "count": 8})

@@ -121,12 +121,12 @@ class BlockSync:
 
     async def _run(self) -> None:
         # The request for the blocks after a batch goes out before that batch is applied,
-        # so the answer (tens of MB, a third of a second to read, send and parse) travels
-        # while this node executes: one request in flight at a time. Only the first answer
-        # is waited for with nothing to apply, so it is small (13 blocks of 2.5 MB took
-        # half a second); each later one, twice the size of the batch being applied,
-        # still arrives before that batch is in (a block applies 5-10x slower than it
-        # travels).
+        # so the answer (up to ``ANSWER_BYTES``, or one larger block) travels while this
+        # node executes: one request in flight at a time. Only the first answer is waited
+        # for with nothing to apply, so it asks for few blocks; each later one asks for
+        # twice as many, and the server cuts it by size, so it is about the size of the
+        # batch being applied and still arrives before that batch is in (a block applies
+        # 5-10x slower than it travels).
         asked: _Request | None = None
         count = min(FIRST_BATCH, BATCH)
         started, first = time.perf_counter(), self.chain.head.height
