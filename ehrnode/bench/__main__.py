@@ -55,6 +55,7 @@ KEYS = (
     "start_s",
     "validator_cpu_us_per_tx",
     "sync_node_cpu_us_per_tx",
+    "sync_node_peak_rss_mb",
     "import_client_cpu_s",
     "import_validators_cpu_s",
 )
@@ -72,6 +73,7 @@ TARGETS = {
     "start_s": "<= 3",
     "validator_cpu_us_per_tx": "(CPU per committed tx, each validator, throughput phase)",
     "sync_node_cpu_us_per_tx": "(CPU per synced tx, the node catching up, its start included)",
+    "sync_node_peak_rss_mb": "(peak RSS of the node catching up, its start included)",
     "import_client_cpu_s": "(the ehr import process and its workers)",
     "import_validators_cpu_s": "(the 4 validators during the import)",
 }

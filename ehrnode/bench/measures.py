@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import random
 import resource
@@ -103,6 +104,7 @@ async def block_sync(net: Network, raws: list[bytes], live_rate: float | None) -
     # start-up included), which varies less from run to run than its rate: the rate also
     # follows what the machine's other core is doing (the other nodes' compactions).
     used = thread_cpu(restarted.process.pid)
+    peak_mb = net.peak_rss_mb(3)  # a fresh process: its peak over its start and catch-up
     rate = len(raws) / elapsed
     return {
         "sync_tx_per_s": rate,
@@ -110,6 +112,7 @@ async def block_sync(net: Network, raws: list[bytes], live_rate: float | None) -
         "sync_speedup": rate / live_rate if live_rate else None,
         "sync_live_rate_without_it": result["tx_per_s"],
         "sync_node_cpu_us_per_tx": used.total / len(raws) * 1e6 if used and raws else None,
+        "sync_node_peak_rss_mb": None if math.isnan(peak_mb) else peak_mb,
         "sync_node_cpu_note": split_note(
             "block sync (the node that caught up, from its start)",
             [ThreadCpu(0, 0, 0, 0, 0)] if used else None,
