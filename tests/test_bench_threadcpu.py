@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from ehrnode.bench.threadcpu import ThreadCpu, busiest_note, split_note, thread_cpu
+from ehrnode.bench.threadcpu import (
+    MachineCpu,
+    ThreadCpu,
+    busiest_note,
+    machine_cpu,
+    machine_note,
+    split_note,
+    thread_cpu,
+    window_note,
+)
 
 linux_only = pytest.mark.skipif(
     not Path(f"/proc/{os.getpid()}/task").is_dir(), reason="needs Linux's /proc/PID/task"
@@ -124,3 +133,67 @@ def test_the_busiest_note_gives_each_event_loop_as_a_share_of_the_wall_time() ->
     )
     assert busiest_note("import", None, after, 10.0) is None
     assert busiest_note("import", before, after, 0.0) is None
+
+
+def _proc_stat(tmp_path: Path, name: str, fields: list[int]) -> Path:
+    path = tmp_path / name
+    path.write_text(
+        "cpu  " + " ".join(str(v) for v in fields) + "\ncpu0 1 2 3 4 5 6 7 8 0 0\nintr 9\n"
+    )
+    return path
+
+
+def test_the_machines_cores_are_split_into_validators_others_idle_and_stolen(
+    tmp_path: Path,
+) -> None:
+    ticks = os.sysconf("SC_CLK_TCK")
+    # user nice system idle iowait irq softirq steal guest guest_nice, in clock ticks
+    start = _proc_stat(tmp_path, "a", [0, 0, 0, 0, 0, 0, 0, 0, 0, 0])
+    end = [150 * ticks, 10 * ticks, 20 * ticks, 15 * ticks, 5 * ticks, 0, 0, 10 * ticks, 0, 0]
+    before = machine_cpu(start)
+    after = machine_cpu(_proc_stat(tmp_path, "b", end))
+    assert before is not None and after is not None
+    assert (after.busy, after.idle, after.steal) == (180.0, 20.0, 10.0)
+    # Over 100 s the validators used 160 s of CPU: 1.6 cores of the 1.8 busy.
+    note = machine_note("throughput", before, after, 160.0, 100.0)
+    assert note == (
+        "throughput: the machine's cores over 100.0 s, on average: validators 1.60, "
+        "other processes 0.20, idle 0.20, stolen by the host 0.10"
+    )
+
+
+def test_a_machine_without_proc_stat_gives_no_note(tmp_path: Path) -> None:
+    assert machine_cpu(tmp_path / "absent") is None
+    (tmp_path / "odd").write_text("intr 9\n")
+    assert machine_cpu(tmp_path / "odd") is None
+    assert machine_note("throughput", None, None, 1.0, 1.0) is None
+
+
+@pytest.mark.skipif(not Path("/proc/stat").is_file(), reason="needs Linux's /proc/stat")
+def test_this_machines_time_moves_forward_while_a_thread_works() -> None:
+    before = machine_cpu()
+    _burn(0.3)
+    after = machine_cpu()
+    assert before is not None and after is not None
+    # This thread's 0.3 s is in the machine's busy time (clock ticks: at least 0.2 s).
+    assert after.busy - before.busy >= 0.2
+    assert after.idle >= before.idle and after.steal >= before.steal
+
+
+def test_the_window_note_spans_the_first_and_last_sample() -> None:
+    def reading(busy: float, idle: float) -> MachineCpu:
+        return MachineCpu(busy, idle, 0.0)
+
+    samples = [
+        (10.0, (reading(100.0, 50.0), [1.0, 1.0, 1.0, 1.0])),
+        (12.0, (reading(102.0, 52.0), [1.5, 1.5, 1.5, 1.5])),  # between: not used
+        (14.0, (reading(107.0, 51.0), [2.5, 2.5, 2.5, 2.5])),
+    ]
+    note = window_note("window", samples)
+    # 4 s: the machine busy 7 s (1.75 cores), the validators 6 s of it (1.50).
+    assert note == (
+        "window: the machine's cores over 4.0 s, on average: validators 1.50, "
+        "other processes 0.25, idle 0.25, stolen by the host 0.00"
+    )
+    assert window_note("window", samples[:1]) is None  # one sample spans no time
+    assert window_note("window", [(1.0, (None, None)), (2.0, (None, None))]) is None

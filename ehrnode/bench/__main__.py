@@ -200,16 +200,27 @@ async def _network_measures(
             before = net.thread_cpu()
             times = _stage_times_folder()
             times_before = nodetimes.snapshot(times) if times else {}
-            result = await throughput.sustained(net.urls, first)
+            result = await throughput.sustained(
+                net.urls, first, sample=lambda: (threadcpu.machine_cpu(), net.cpu_s())
+            )
             after = net.thread_cpu()
             if times:
                 notes.extend(nodetimes.report(times_before, nodetimes.snapshot(times)))
             figures["tx_per_s"] = result["tx_per_s"]
-            if before is not None and after is not None and first:
-                used = sum(a.total - b.total for a, b in zip(after, before, strict=True))
+            used = (
+                None
+                if before is None or after is None
+                else sum(a.total - b.total for a, b in zip(after, before, strict=True))
+            )
+            if used is not None and after and first:
                 figures["validator_cpu_us_per_tx"] = used / len(after) / len(first) * 1e6
             by_thread = threadcpu.split_note("throughput", before, after, len(first), "transaction")
-            notes.extend([by_thread] if by_thread else [])
+            # Where the machine's cores went while the rate was measured: a rate that
+            # falls at the same CPU a transaction had less of the machine (note 56).
+            spent = threadcpu.window_note(
+                "throughput, while the rate was measured", result["samples"]
+            )
+            notes.extend(n for n in (by_thread, spent) if n)
             # Not a target: how much memory a validator takes with a backlog of 60,000.
             figures["load_peak_rss_mb"] = max(net.peak_rss_mb(i) for i in range(len(net.nodes)))
             if result["tx_per_s"] and figures["ceiling_tx_per_s"]:

@@ -144,3 +144,68 @@ def busiest_note(
         for i, (share, total) in enumerate(zip(shares, totals, strict=True))
     )
     return f"{phase}: event-loop thread busy over {seconds:.1f} s: {listed}"
+
+
+@dataclass(frozen=True)
+class MachineCpu:
+    """The whole machine's CPU time so far, from ``/proc/stat``'s ``cpu`` line, in
+    seconds summed over its cores: busy (user, nice, system, interrupts), idle (idle and
+    I/O wait) and stolen (a virtual machine's time its host gave to someone else)."""
+
+    busy: float
+    idle: float
+    steal: float
+
+
+def machine_cpu(stat: Path = Path("/proc/stat")) -> MachineCpu | None:
+    try:
+        for line in stat.read_text().splitlines():
+            if line.startswith("cpu "):
+                values = [int(v) for v in line.split()[1:]]
+                break
+        else:
+            return None
+    except (OSError, ValueError):
+        return None
+    values += [0] * (8 - len(values))
+    user, nice, system, idle, iowait, irq, softirq, steal = values[:8]
+    ticks = _clock_ticks()
+    return MachineCpu(
+        (user + nice + system + irq + softirq) / ticks, (idle + iowait) / ticks, steal / ticks
+    )
+
+
+def machine_note(
+    phase: str,
+    before: MachineCpu | None,
+    after: MachineCpu | None,
+    validators_s: float | None,
+    seconds: float,
+) -> str | None:
+    """One line: how the machine's cores were spent over the phase, in cores on average:
+    the validators, every other process, idle, and stolen by the host. A phase whose
+    validators had less than the whole machine says here where the rest went (a pause of
+    the network shows as idle, another tenant of the host as stolen)."""
+    if before is None or after is None or validators_s is None or seconds <= 0:
+        return None
+    busy = (after.busy - before.busy) / seconds
+    others = max(0.0, busy - validators_s / seconds)
+    return (
+        f"{phase}: the machine's cores over {seconds:.1f} s, on average: validators "
+        f"{validators_s / seconds:.2f}, other processes {others:.2f}, idle "
+        f"{(after.idle - before.idle) / seconds:.2f}, stolen by the host "
+        f"{(after.steal - before.steal) / seconds:.2f}"
+    )
+
+
+def window_note(
+    phase: str, samples: list[tuple[float, tuple[MachineCpu | None, list[float] | None]]]
+) -> str | None:
+    """``machine_note`` between the first and last of ``samples``: (time, (the machine's
+    reading, each validator's CPU seconds so far)), as the throughput phase takes them."""
+    if len(samples) < 2:
+        return None
+    (t0, (machine0, nodes0)), (t1, (machine1, nodes1)) = samples[0], samples[-1]
+    if nodes0 is None or nodes1 is None:
+        return None
+    return machine_note(phase, machine0, machine1, sum(nodes1) - sum(nodes0), t1 - t0)

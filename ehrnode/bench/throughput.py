@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,10 +119,17 @@ def start_generators(
 
 
 async def _load(
-    urls: list[str], raws: list[bytes], batch: int, rate: float | None, sent_dir: str | None
+    urls: list[str],
+    raws: list[bytes],
+    batch: int,
+    rate: float | None,
+    sent_dir: str | None,
+    sample: Callable[[], Any] | None = None,
+    samples: list[tuple[float, Any]] | None = None,
 ) -> tuple[list[Block], float]:
     """Send ``raws`` from generator processes until all are committed (or 600 s pass);
-    the blocks the watcher saw, and when sending started."""
+    the blocks the watcher saw, and when sending started. ``sample``: called every tenth
+    of a second while the load runs, each result kept in ``samples`` with its time."""
     blocks: list[Block] = []
     stop = asyncio.Event()
     watcher = asyncio.create_task(watch(urls[0], stop, blocks))
@@ -130,6 +138,8 @@ async def _load(
     started = time.time()
     processes = start_generators(urls, lanes, batch, rate, sent_dir)
     while sum(len(b.txs) for b in blocks) < len(raws) and time.time() < started + 600:
+        if sample is not None and samples is not None:
+            samples.append((time.time(), sample()))
         await asyncio.sleep(0.1)
     stop.set()
     await watcher
@@ -139,20 +149,31 @@ async def _load(
 
 
 async def sustained(
-    urls: list[str], raws: list[bytes], *, warmup_s: float = 2.0, batch: int = 250
+    urls: list[str],
+    raws: list[bytes],
+    *,
+    warmup_s: float = 2.0,
+    batch: int = 250,
+    sample: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
-    """Send everything as fast as the nodes take it; the committed rate after warm-up."""
-    blocks, started = await _load(urls, raws, batch, None, None)
+    """Send everything as fast as the nodes take it; the committed rate after warm-up.
+    ``sample``: called every tenth of a second during the load; the results taken within
+    the rate's window are under "samples" as (time, result), the first and last nearest
+    its ends."""
+    samples: list[tuple[float, Any]] = []
+    blocks, started = await _load(urls, raws, batch, None, None, sample, samples)
     window = [b for b in blocks if b.seen >= started + warmup_s]
     if len(window) < 2:
         window = blocks
     committed = sum(len(b.txs) for b in window[1:])
-    elapsed = window[-1].seen - window[0].seen
+    elapsed = window[-1].seen - window[0].seen if window else 0.0
+    inside = [s for s in samples if window and window[0].seen <= s[0] <= window[-1].seen]
     return {
         "tx_per_s": committed / elapsed if elapsed > 0 else None,
         "committed": sum(len(b.txs) for b in blocks),
         "blocks": len(blocks),
         "seconds": blocks[-1].seen - started if blocks else None,
+        "samples": inside,
     }
 
 
