@@ -158,6 +158,7 @@ class MachineCpu:
 
 
 def machine_cpu(stat: Path = Path("/proc/stat")) -> MachineCpu | None:
+    """The machine's CPU so far, or None where there is no readable ``/proc/stat``."""
     try:
         for line in stat.read_text().splitlines():
             if line.startswith("cpu "):
