@@ -9,6 +9,7 @@ import pytest
 from helpers_core import CHAIN, WRAPPED, fake_keys, identity, raw_tx
 from hypothesis import given, settings, strategies as st
 
+from ehrnode import compiled
 from ehrnode.core import codec, crypto, tx
 from ehrnode.core.errors import InvalidTransaction
 
@@ -86,6 +87,25 @@ def test_make_and_decode_round_trip(kind: str, body: dict[str, Any]) -> None:
     assert crypto.verify(SIGNER.public_key, b"", decoded.signing_bytes(), decoded.sig)
     # What a client sends: the same bytes and id, without the decoded body.
     assert tx.sign(SIGNER, CHAIN, kind, 7, body) == (made.raw, made.id)
+
+
+def test_a_transaction_is_a_value_that_cannot_be_changed() -> None:
+    made = tx.make(SIGNER, CHAIN, "record", 7, record_body())
+    fields = [made.chain, made.kind, made.signer, made.nonce, made.body, made.sig]
+    assert made == tx.Tx(*fields, made.raw, made.id)
+    others: list[Any] = ["other", "grant", b"s" * 32, 8, {}, b"g" * 64, b"raw", b"i" * 32]
+    for at, other in enumerate(others):
+        changed = [*fields, made.raw, made.id]
+        changed[at] = other
+        assert made != tx.Tx(*changed), at  # every field counts
+    with pytest.raises(TypeError):
+        hash(made)  # its body is a dict
+    shown = repr(made)
+    assert shown.startswith("Tx(chain=") and "nonce=7" in shown
+    assert repr(made.raw) not in shown  # the bytes again, already in the fields shown
+    if compiled.active():  # the sources are typed Final, which only mypy checks there
+        with pytest.raises(AttributeError):
+            made.nonce = 8  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(("kind", "body"), VALID_BODIES.values(), ids=VALID_BODIES.keys())
