@@ -55,8 +55,8 @@ class Tx:
 
     A plain class, not a frozen dataclass: every node builds one for every transaction it
     decodes, and a frozen dataclass's generated ``__init__`` (interpreted even in the
-    compiled build, each field set through ``object.__setattr__``) took 1.2 us of it; this
-    one, compiled, takes 0.05 (benchmarks note 56)."""
+    compiled build, each field set through ``object.__setattr__``) took 1.46 us; this one,
+    compiled, about 0.05 (0.2 called from Python; benchmarks note 56)."""
 
     __slots__ = ("body", "chain", "id", "kind", "nonce", "raw", "sig", "signer")
 
