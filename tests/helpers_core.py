@@ -100,6 +100,20 @@ def fake_keys(readers: Iterable[bytes]) -> list[list[bytes]]:
     return [[r, bytes(WRAPPED)] for r in sorted(set(readers))]
 
 
+def record_body(**changes: Any) -> dict[str, Any]:
+    """A well-formed record body for identity(2), with keys for it and identity(1) (the
+    signer of the transaction tests), with ``changes``; a change to None drops the field."""
+    body: dict[str, Any] = {
+        "patient": identity(2).public_key,
+        "blob": crypto.sha256(b"ciphertext"),
+        "size": 10,
+        "type": "Observation",
+        "keys": fake_keys([identity(2).public_key, identity(1).public_key]),
+    }
+    body.update(changes)
+    return {k: v for k, v in body.items() if v is not None}
+
+
 class World:
     """A chain in memory: genesis state, an overlay to apply into and a block context."""
 

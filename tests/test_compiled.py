@@ -128,6 +128,7 @@ def test_the_core_tests_pass_on_the_python_sources_too() -> None:
     files = [
         "test_codec.py",
         "test_tx.py",
+        "test_tx_bodies.py",
         "test_tx_types.py",
         "test_state.py",
         "test_state_records.py",
