@@ -12,6 +12,7 @@ Also keeps what a client asks about afterwards: recent rejections (bounded) and 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,6 +69,24 @@ class Admission:
             if n % YIELD_EVERY == 0:
                 await asyncio.sleep(0)
         return out
+
+    async def admit_relayed(self, raws: list[bytes]) -> int:
+        """Admit a peer's transactions in order, those not known here (see ``known``),
+        giving the event loop a turn every ``YIELD_EVERY``; how many were not admitted
+        (already pending, or raced with a commit: not the peer's fault). Compiled with the
+        rest of admission: three quarters of a validator's transactions come this way."""
+        rejected = 0
+        for n, raw in enumerate(raws, 1):
+            if n % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            tx_id = hashlib.sha256(raw).digest()
+            if self.known(tx_id):
+                continue  # a block brought it first: no second signature check
+            try:
+                self.submit(raw, relay=False, from_peer=True, tx_id=tx_id)
+            except EhrError:
+                rejected += 1
+        return rejected
 
     def known(self, tx_id: bytes) -> bool:
         """Pending here or committed recently: what gossip skips before a signature check.

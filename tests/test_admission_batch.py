@@ -55,3 +55,44 @@ async def test_the_event_loop_gets_turns_during_a_large_batch() -> None:
     task.cancel()
     assert all(not isinstance(t, EhrError) for t in out)
     assert len(turns) >= 2
+
+
+async def test_a_peers_transactions_are_admitted_in_order_those_known_skipped() -> None:
+    """A peer's frame: what is pending here already is skipped before its signature check
+    (not refused as a duplicate), a forged one is counted, the rest join the mempool and
+    are not relayed again."""
+    admission, chain_id = _admission()
+    relayed: list[tx.Tx] = []
+    admission.relays.append(relayed.extend)
+    pending, forged_tx, new = (
+        tx.make(crypto.Identity.generate(), chain_id, "register", 1, {"role": "patient"})
+        for _ in range(3)
+    )
+    admission.submit(pending.raw, relay=False)
+    forged = bytearray(forged_tx.raw)
+    forged[forged_tx.raw.index(forged_tx.sig)] ^= 1
+    refused = await admission.admit_relayed([pending.raw, bytes(forged), new.raw])
+    assert refused == 1
+    assert new.id in admission.mempool and forged_tx.id not in admission.mempool
+    assert [t.id for t in admission.mempool.reap(1 << 20, 10)] == [pending.id, new.id]
+    assert relayed == []
+
+
+async def test_the_event_loop_gets_turns_during_a_peers_large_frame() -> None:
+    admission, chain_id = _admission()
+    raws = [
+        tx.make(crypto.Identity.generate(), chain_id, "register", 1, {"role": "patient"}).raw
+        for _ in range(3 * YIELD_EVERY)
+    ]
+    turns: list[int] = []
+
+    async def other() -> None:
+        while True:
+            turns.append(1)
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(other())
+    assert await admission.admit_relayed(raws) == 0
+    task.cancel()
+    assert len(admission.mempool) == len(raws)
+    assert len(turns) >= 2

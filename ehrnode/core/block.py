@@ -264,7 +264,7 @@ class Block:
             "last_commit": None if last_commit is None else last_commit.to_wire(),
         }
         raw = codec.encode(wire)
-        tx_ids = tuple(crypto.sha256(t) for t in txs)
+        tx_ids = tuple(merkle.digests(txs))
         return cls(header, tuple(txs), last_commit, raw, header.id(), tx_ids)
 
     @classmethod
@@ -281,7 +281,7 @@ class Block:
             cert = None if obj["last_commit"] is None else Certificate.from_wire(obj["last_commit"])
         except InvalidEncoding as err:
             raise InvalidBlock(f"malformed block: {err}") from err
-        tx_ids = tuple(crypto.sha256(t) for t in txs)
+        tx_ids = tuple(merkle.digests(txs))
         block = cls(header, tuple(txs), cert, bytes(raw), header.id(), tx_ids)
         block.check_form()
         return block

@@ -11,17 +11,29 @@ the audit path of RFC 6962 §2.1.1, checked by the algorithm of RFC 9162 §2.1.3
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
-from ehrnode.core.crypto import sha256
+# hashlib's own constructor, called from this compiled module without a Python frame in
+# between (``crypto.sha256`` is interpreted): two hashes a transaction at every node.
+_sha256 = hashlib.sha256
+
+
+def sha256(data: bytes) -> bytes:
+    return _sha256(data).digest()
+
+
+def digests(items: Sequence[bytes]) -> list[bytes]:
+    """The SHA-256 of each item: a block's transaction ids."""
+    return [_sha256(item).digest() for item in items]
 
 
 def leaf_hash(item: bytes) -> bytes:
-    return sha256(b"\x00" + item)
+    return _sha256(b"\x00" + item).digest()
 
 
 def _node(left: bytes, right: bytes) -> bytes:
-    return sha256(b"\x01" + left + right)
+    return _sha256(b"\x01" + left + right).digest()
 
 
 def _split(n: int) -> int:

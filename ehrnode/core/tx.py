@@ -18,6 +18,7 @@ is checked in ``core.state``; everything here needs only the bytes. Pure: no I/O
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Any, Final
 
@@ -156,7 +157,7 @@ def sign(
         codec.check_types(unsigned)
     message = crypto.DOMAIN_TX + codec.encode_trusted(unsigned)
     raw = codec.encode_trusted({**unsigned, "sig": identity.sign(b"", message)})
-    return raw, crypto.sha256(raw)
+    return raw, hashlib.sha256(raw).digest()
 
 
 _TOP_KEYS = {"v", "chain", "kind", "signer", "nonce", "body", "sig"}
@@ -233,7 +234,7 @@ def decode(
             "signature does not verify for this signer and content", code="bad_signature"
         )
     if tx_id is None:
-        tx_id = crypto.sha256(raw)
+        tx_id = hashlib.sha256(raw).digest()  # crypto.sha256, without its Python frame
     return Tx(chain, kind, signer, nonce, body, sig, bytes(raw), tx_id)
 
 

@@ -24,7 +24,7 @@ from collections.abc import Collection
 from typing import Any
 from weakref import WeakKeyDictionary
 
-from ehrnode.admission import YIELD_EVERY, Admission
+from ehrnode.admission import Admission
 from ehrnode.consensus.driver import Driver
 from ehrnode.core import codec, crypto
 from ehrnode.core.block import Proposal, Vote
@@ -152,19 +152,8 @@ class TxGossip:
             self.switch.broadcast("txs", txs=batch)
 
     async def _on_txs(self, peer: Peer, fields: dict[str, Any]) -> None:
-        """Admit a peer's transactions in order, giving the event loop a turn every
-        ``YIELD_EVERY`` (the link's next frame waits for this one)."""
-        rejected = 0
-        for n, raw in enumerate(fields["txs"], 1):
-            if n % YIELD_EVERY == 0:
-                await asyncio.sleep(0)
-            tx_id = crypto.sha256(raw)
-            if self.admission.known(tx_id):
-                continue  # a block brought it first: no second signature check
-            try:
-                self.admission.submit(raw, relay=False, from_peer=True, tx_id=tx_id)
-            except EhrError:
-                rejected += 1  # already pending, or raced with a commit: not the peer's fault
+        """Admit a peer's transactions in order (the link's next frame waits for these)."""
+        rejected = await self.admission.admit_relayed(fields["txs"])
         if rejected:
             log.debug(
                 "%d of %d relayed txs from %s not admitted",
