@@ -166,8 +166,15 @@ class LevelKV:
         await self.run(write)
 
     def _batch(self, changes: Mapping[bytes, bytes | None], sync: bool) -> Any:
+        """The write batch of ``changes``, in key order: LevelDB puts each entry into its
+        memtable (a skip list) in batch order, and in key order each insert walks the
+        nodes the last one warmed. A commit's keys (hashes, mostly) come in no order, and
+        a batch of 15,000 took three times as long to write (benchmarks note 57); sorting
+        the keys costs a third of that. One key appears once in a mapping, so the order
+        changes nothing in what is written."""
         batch = self._db.write_batch(sync=sync)
-        for key, value in changes.items():
+        for key in sorted(changes):
+            value = changes[key]
             if value is None:
                 batch.delete(key)
             else:
