@@ -4,6 +4,8 @@ rejection in its place, and the event loop gets turns while the signatures are c
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from helpers_core import make_genesis
 
@@ -15,6 +17,8 @@ from ehrnode.mempool import Mempool
 from ehrnode.store.chain import Chain
 from ehrnode.store.db import MemoryKV
 
+T = TypeVar("T")
+
 
 def _admission() -> tuple[Admission, str]:
     genesis = make_genesis([crypto.Identity.generate()])
@@ -23,12 +27,32 @@ def _admission() -> tuple[Admission, str]:
     return Admission(chain, pool, None, lambda: None), genesis.chain_id  # type: ignore[arg-type]
 
 
+def _registers(chain_id: str, count: int) -> list[tx.Tx]:
+    return [
+        tx.make(crypto.Identity.generate(), chain_id, "register", 1, {"role": "patient"})
+        for _ in range(count)
+    ]
+
+
+async def _turns_during(work: Awaitable[T]) -> tuple[T, int]:
+    """``work``'s result, and how many turns another task (consensus, say) got meanwhile."""
+    turns = 0
+
+    async def other() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(other())
+    result = await work
+    task.cancel()
+    return result, turns
+
+
 async def test_a_batch_is_decoded_in_order_with_each_rejection_in_its_place() -> None:
     admission, chain_id = _admission()
-    good = [
-        tx.make(crypto.Identity.generate(), chain_id, "register", 1, {"role": "patient"})
-        for _ in range(3)
-    ]
+    good = _registers(chain_id, 3)
     forged = bytearray(good[1].raw)
     forged[good[1].raw.index(good[1].sig)] ^= 1  # a signature byte
     out = await admission.decode_batch([good[0].raw, bytes(forged), good[2].raw, b"\x00"])
@@ -39,22 +63,10 @@ async def test_a_batch_is_decoded_in_order_with_each_rejection_in_its_place() ->
 
 async def test_the_event_loop_gets_turns_during_a_large_batch() -> None:
     admission, chain_id = _admission()
-    raws = [
-        tx.make(crypto.Identity.generate(), chain_id, "register", 1, {"role": "patient"}).raw
-        for _ in range(3 * YIELD_EVERY)
-    ]
-    turns: list[int] = []
-
-    async def other() -> None:  # consensus, say: it runs between the batch's slices
-        while True:
-            turns.append(1)
-            await asyncio.sleep(0)
-
-    task = asyncio.create_task(other())
-    out = await admission.decode_batch(raws)
-    task.cancel()
+    raws = [t.raw for t in _registers(chain_id, 3 * YIELD_EVERY)]
+    out, turns = await _turns_during(admission.decode_batch(raws))
     assert all(not isinstance(t, EhrError) for t in out)
-    assert len(turns) >= 2
+    assert turns >= 2
 
 
 async def test_a_peers_transactions_are_admitted_in_order_those_known_skipped() -> None:
@@ -64,10 +76,7 @@ async def test_a_peers_transactions_are_admitted_in_order_those_known_skipped() 
     admission, chain_id = _admission()
     relayed: list[tx.Tx] = []
     admission.relays.append(relayed.extend)
-    pending, forged_tx, new = (
-        tx.make(crypto.Identity.generate(), chain_id, "register", 1, {"role": "patient"})
-        for _ in range(3)
-    )
+    pending, forged_tx, new = _registers(chain_id, 3)
     admission.submit(pending.raw, relay=False)
     forged = bytearray(forged_tx.raw)
     forged[forged_tx.raw.index(forged_tx.sig)] ^= 1
@@ -80,19 +89,7 @@ async def test_a_peers_transactions_are_admitted_in_order_those_known_skipped() 
 
 async def test_the_event_loop_gets_turns_during_a_peers_large_frame() -> None:
     admission, chain_id = _admission()
-    raws = [
-        tx.make(crypto.Identity.generate(), chain_id, "register", 1, {"role": "patient"}).raw
-        for _ in range(3 * YIELD_EVERY)
-    ]
-    turns: list[int] = []
-
-    async def other() -> None:
-        while True:
-            turns.append(1)
-            await asyncio.sleep(0)
-
-    task = asyncio.create_task(other())
-    assert await admission.admit_relayed(raws) == 0
-    task.cancel()
-    assert len(admission.mempool) == len(raws)
-    assert len(turns) >= 2
+    raws = [t.raw for t in _registers(chain_id, 3 * YIELD_EVERY)]
+    refused, turns = await _turns_during(admission.admit_relayed(raws))
+    assert refused == 0 and len(admission.mempool) == len(raws)
+    assert turns >= 2
