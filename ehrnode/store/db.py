@@ -169,9 +169,9 @@ class LevelKV:
         """The write batch of ``changes``, in key order: LevelDB puts each entry into its
         memtable (a skip list) in batch order, and in key order each insert walks the
         nodes the last one warmed. A commit's keys (hashes, mostly) come in no order, and
-        a batch of 15,000 took three times as long to write (benchmarks note 57); sorting
-        the keys costs a third of that. One key appears once in a mapping, so the order
-        changes nothing in what is written."""
+        the entries of 5,000 records took three times as long to write that way
+        (benchmarks note 57); sorting the keys costs less than the difference. One key
+        appears once in a mapping, so the order changes nothing in what is written."""
         batch = self._db.write_batch(sync=sync)
         for key in sorted(changes):
             value = changes[key]
