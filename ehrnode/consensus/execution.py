@@ -242,20 +242,21 @@ def make_block(
 ) -> Block:
     """The block of ``txs`` on top of the chain's head (their execution already known)."""
     head = chain.head
+    ids = [tx.id for tx in txs]  # hashed when each transaction was decoded
     header = Header(
         chain=ctx.chain,
         height=ctx.height,
         time=ctx.time,
         proposer=proposer,
         prev=head.id,
-        txs=merkle.root([tx.id for tx in txs]),
+        txs=merkle.root(ids),
         ntx=len(txs),
         vals=ValidatorSet(ctx.validators).hash,
         next_vals=ValidatorSet(next_vals).hash,
         state=head.state_hash,
         last_commit=ZERO_HASH if last_commit is None else last_commit.hash(),
     )
-    return Block.build(header, [tx.raw for tx in txs], last_commit)
+    return Block.build(header, [tx.raw for tx in txs], last_commit, ids)
 
 
 def block_context(chain: Chain, height: int, time_ms: int) -> state.BlockContext:

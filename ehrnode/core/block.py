@@ -257,15 +257,22 @@ class Block:
     tx_ids: tuple[bytes, ...] = field(repr=False, compare=False)
 
     @classmethod
-    def build(cls, header: Header, txs: Sequence[bytes], last_commit: Certificate | None) -> Block:
+    def build(
+        cls,
+        header: Header,
+        txs: Sequence[bytes],
+        last_commit: Certificate | None,
+        tx_ids: Sequence[bytes] | None = None,
+    ) -> Block:
+        """``tx_ids``: the transactions' ids (SHA-256), when the caller has them already."""
         wire = {
             "header": header.to_wire(),
             "txs": list(txs),
             "last_commit": None if last_commit is None else last_commit.to_wire(),
         }
         raw = codec.encode(wire)
-        tx_ids = tuple(merkle.digests(txs))
-        return cls(header, tuple(txs), last_commit, raw, header.id(), tx_ids)
+        ids = tuple(merkle.digests(txs) if tx_ids is None else tx_ids)
+        return cls(header, tuple(txs), last_commit, raw, header.id(), ids)
 
     @classmethod
     def decode(cls, raw: bytes, *, max_bytes: int) -> Block:
