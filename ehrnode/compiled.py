@@ -1,10 +1,10 @@
 """The transaction path compiled to C with mypyc, used only while it matches the source.
 
-The modules in ``MODULES`` (decoding, the rules, the state, the mempool, admission) are
-plain typed Python. ``main()``, which ``scripts/*`` run, compiles them with mypyc (part of
-mypy, a dev dependency) into the virtual environment, in a folder named by a fingerprint
-of the interpreter and every ``.py`` of the package: compiled code is typed against the
-modules it imports, so an edit to any of them calls for a new build.
+The modules in ``MODULES`` (decoding, the rules, the state, the mempool, admission, the
+blob-claim filter) are plain typed Python. ``main()``, which ``scripts/*`` run, compiles
+them with mypyc (part of mypy, a dev dependency) into the virtual environment, in a folder
+named by a fingerprint of the interpreter and every ``.py`` of the package: compiled code
+is typed against the modules it imports, so an edit to any of them calls for a new build.
 
 ``ehrnode/__init__.py`` calls ``activate``, which puts that folder ahead of the sources on
 the packages' search paths when it exists for the sources as they are now. An edited
@@ -34,7 +34,7 @@ import os
 import sys
 from pathlib import Path
 
-import ehrnode.core
+import ehrnode
 
 PACKAGE = Path(__file__).resolve().parent
 PURE_ENV = "EHR_PURE_PYTHON"
@@ -53,6 +53,7 @@ MODULES = (
     "core/state.py",
     "core/statekv.py",
     "core/tx.py",
+    "store/claims.py",
     "admission.py",
     "mempool.py",
 )
@@ -94,7 +95,9 @@ def activate() -> bool:
         return False
     sys.path.append(str(where / SHARED))  # mypyc's shared library, a top-level module
     ehrnode.__path__.insert(0, str(where / "ehrnode"))
-    ehrnode.core.__path__.insert(0, str(where / "ehrnode" / "core"))
+    for package in sorted({Path(name).parent.as_posix() for name in MODULES} - {"."}):
+        sub = importlib.import_module("ehrnode." + package.replace("/", "."))
+        sub.__path__.insert(0, str(where / "ehrnode" / package))
     return True
 
 

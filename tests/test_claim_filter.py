@@ -129,6 +129,17 @@ def test_the_filter_holds_every_key_added_and_rules_out_almost_all_others() -> N
     assert others <= 5
 
 
+def test_only_a_filled_filter_rules_out_and_only_blob_claims() -> None:
+    claims = ClaimFilter()
+    claims.add(P_BLOB + b"held")
+    unclaimed = P_BLOB + blob()
+    assert not claims.rules_out(unclaimed)  # not filled yet: every claim is read
+    claims.ready = True
+    assert claims.rules_out(unclaimed)
+    assert not claims.rules_out(P_BLOB + b"held")
+    assert not claims.rules_out(P_ACCT + blob())  # not a claim: the filter has no say
+
+
 async def test_a_node_fills_its_filter_after_it_starts_serving(node: Node) -> None:
     await wait_for(lambda: node.chain.state.claims.ready, timeout=10.0)
 

@@ -3,6 +3,7 @@ never instead of an edited source, and the same behaviour as the Python it came 
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import subprocess
@@ -63,6 +64,9 @@ def test_the_fingerprint_follows_every_source_of_the_package(tmp_path: Path) -> 
 @needs_build
 def test_the_build_is_loaded_for_the_sources_it_was_made_from(tmp_path: Path) -> None:
     assert compiled.active()  # this test process
+    for name in compiled.MODULES:  # each subpackage's folder too (core, store)
+        module = importlib.import_module("ehrnode." + name.removesuffix(".py").replace("/", "."))
+        assert str(module.__file__).startswith(str(compiled.build_dir())), name
     loaded = _loaded()
     assert loaded.startswith(str(compiled.build_dir())) and loaded.endswith(".so")
     # A copy of the same sources elsewhere has the same fingerprint, so the same build.

@@ -105,7 +105,7 @@ class StateView:
         self.claims = ClaimFilter()
 
     def get(self, key: bytes) -> bytes | None:
-        if self.claims.ready and key.startswith(P_BLOB) and not self.claims.may_hold(key):
+        if self.claims.rules_out(key):
             return None
         return self._kv.get(T_STATE + key)
 

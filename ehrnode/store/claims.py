@@ -16,9 +16,14 @@ touches one cache line: about one false positive in 1,500 lookups with a million
 one in 70 with three million; past that the filter answers less often, never wrongly.
 The bits come from Python's ``hash`` of the key, keyed afresh in every process, so no one
 can choose blobs that fill the same bits on every node.
+
+Compiled with the transaction path (``ehrnode.compiled``): a record's commit adds its claim
+and its execution looks it up, about 1 us each as Python.
 """
 
 from __future__ import annotations
+
+from ehrnode.core.layout import P_BLOB
 
 BYTES = 4 * 1024 * 1024
 _BLOCKS = BYTES // 64  # a key's three bits lie in one 64-byte block: one cache miss a lookup
@@ -43,6 +48,11 @@ class ClaimFilter:
         bits[block + (b >> 3)] |= 1 << (b & 7)
         bits[block + (c >> 3)] |= 1 << (c & 7)
         self.count += 1
+
+    def rules_out(self, key: bytes) -> bool:
+        """True only for a state key that is a blob claim never added, once the filter is
+        filled: what ``StateView.get`` answers without LevelDB."""
+        return self.ready and key.startswith(P_BLOB) and not self.may_hold(key)
 
     def may_hold(self, key: bytes) -> bool:
         """False only for a key never added."""
