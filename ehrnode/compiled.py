@@ -54,6 +54,7 @@ MODULES = (
     "core/statekv.py",
     "core/tx.py",
     "store/claims.py",
+    "store/batches.py",
     "admission.py",
     "mempool.py",
 )

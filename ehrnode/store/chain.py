@@ -38,6 +38,8 @@ from ehrnode.core.block import ZERO_HASH, Block, Certificate, InclusionProof
 from ehrnode.core.errors import ConfigError, NotFound, Unavailable
 from ehrnode.core.genesis import Genesis
 from ehrnode.core.layout import P_BLOB
+from ehrnode.store import batches
+from ehrnode.store.batches import TX_PLACE
 from ehrnode.store.blockfiles import BlockFiles, is_place
 from ehrnode.store.claims import ClaimFilter
 from ehrnode.store.db import KV
@@ -61,7 +63,6 @@ K_HEAD = T_META + b"head"
 # and "head" while each is its own id.
 STATE_LAYOUT = 6
 READ_LAYOUTS = (6,)
-TX_PLACE = struct.Struct(">QIII")
 
 MAX_STORED_BLOCK = 1 << 30
 
@@ -278,18 +279,19 @@ class Chain:
         assert h.height == self._head.height + 1, "blocks are committed in height order"
         head = Head(h.height, block.id, h.time, execution.digest)
         batch: dict[bytes, bytes | None] = {}
-        claims = self.state.claims
-        for key, value in execution.changes.items():
-            batch[T_STATE + key] = value
-            if value is not None and key.startswith(P_BLOB):
-                claims.add(key)  # before the write: a read may never miss a written claim
+        # The state changes, their blob claims into the filter, the transactions' places.
+        batches.commit_entries(
+            batch,
+            execution.changes,
+            T_STATE,
+            self.state.claims,
+            T_TX,
+            h.height,
+            block.tx_ids,
+            block.tx_spans(),
+        )
         batch[height_key(T_CERT, h.height)] = certificate.encode()
         batch[T_BLOCK_ID + block.id] = struct.pack(">Q", h.height)
-        pack = TX_PLACE.pack
-        for index, (tx_id, (offset, size)) in enumerate(
-            zip(block.tx_ids, block.tx_spans(), strict=True)
-        ):
-            batch[T_TX + tx_id] = pack(h.height, index, offset, size)
         batch[K_HEAD] = self._encode_head(head)
         return batch, head
 

@@ -23,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 import plyvel
 
 from ehrnode.core.errors import ConfigError, Unavailable
+from ehrnode.store import batches
 
 T = TypeVar("T")
 
@@ -173,12 +174,7 @@ class LevelKV:
         (benchmarks note 57); sorting the keys costs less than the difference. One key
         appears once in a mapping, so the order changes nothing in what is written."""
         batch = self._db.write_batch(sync=sync)
-        for key in sorted(changes):
-            value = changes[key]
-            if value is None:
-                batch.delete(key)
-            else:
-                batch.put(key, value)
+        batches.fill(batch, changes)
         return batch
 
     def scan(
