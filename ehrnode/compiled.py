@@ -1,10 +1,11 @@
 """The transaction path compiled to C with mypyc, used only while it matches the source.
 
 The modules in ``MODULES`` (decoding, the rules, the state, the mempool, admission, the
-blob-claim filter) are plain typed Python. ``main()``, which ``scripts/*`` run, compiles
-them with mypyc (part of mypy, a dev dependency) into the virtual environment, in a folder
-named by a fingerprint of the interpreter and every ``.py`` of the package: compiled code
-is typed against the modules it imports, so an edit to any of them calls for a new build.
+blob-claim filter, a commit's LevelDB batch) are plain typed Python. ``main()``, which
+``scripts/*`` run, compiles them with mypyc (part of mypy, a dev dependency) into the
+virtual environment, in a folder named by a fingerprint of the interpreter and every
+``.py`` of the package: compiled code is typed against the modules it imports, so an edit
+to any of them calls for a new build.
 
 ``ehrnode/__init__.py`` calls ``activate``, which puts that folder ahead of the sources on
 the packages' search paths when it exists for the sources as they are now. An edited
