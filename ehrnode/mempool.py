@@ -9,8 +9,9 @@ them, kept in arrival order, limited in count and bytes.
   new state; what no longer applies is dropped and reported.
 - Reads of the committed state are cached until the next block (``update`` starts a new
   overlay): a patient's account and standing grants are read for each of their records.
-- The ids of the transactions committed most recently (``RECENTLY_COMMITTED``) are kept,
-  so that gossip can tell a transaction a block brought first without a database read.
+- The ids of the transactions committed most recently (at least ``RECENTLY_COMMITTED``,
+  at most about twice as many) are kept, so that gossip can tell a transaction a block
+  brought first without a database read.
 
 No I/O: the committed state, the block context and the clock are passed in.
 """
@@ -18,7 +19,6 @@ No I/O: the committed state, the block context and the clock are passed in.
 from __future__ import annotations
 
 import itertools
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -29,7 +29,8 @@ from ehrnode.core.tx import Tx
 MAX_PARKED_PER_SIGNER = 64
 MAX_NONCE_AHEAD = 256
 RECHECK_MAX = 2000
-RECENTLY_COMMITTED = 65_536  # ids (about 10 MB): many blocks' worth at any rate
+# Ids kept at least (up to about twice as many, 10-20 MB): many blocks' worth at any rate.
+RECENTLY_COMMITTED = 65_536
 # Reads cached between two blocks: account look-ups over the RPC go through this overlay
 # too, and an idle chain makes no blocks, so the cache is bounded (about 20 MB).
 MAX_CACHED_READS = 100_000
@@ -57,7 +58,9 @@ class Mempool:
         self._txs: dict[bytes, Tx] = {}
         self._bytes = 0
         self._overlay = self._new_overlay()
-        self._recently_committed: OrderedDict[bytes, None] = OrderedDict()
+        # The ids committed since the last turn-over, and those before it (``update``).
+        self._recent: set[bytes] = set()
+        self._older: set[bytes] = set()
         # The writes of each pending transaction this node checked (a relayed one has none
         # here), in arrival order: what is laid over the state after each block.
         self._changes: dict[bytes, dict[bytes, bytes | None]] = {}
@@ -80,9 +83,10 @@ class Mempool:
         return state.Overlay(self._reader, cache_reads=True, max_reads=MAX_CACHED_READS)
 
     def committed_recently(self, tx_id: bytes) -> bool:
-        """Among the last ``RECENTLY_COMMITTED`` transactions committed (False says
-        nothing about older ones)."""
-        return tx_id in self._recently_committed
+        """Among the transactions committed most recently: True for each of the last
+        ``RECENTLY_COMMITTED`` (and perhaps for as many before them); False says nothing
+        about older ones."""
+        return tx_id in self._recent or tx_id in self._older
 
     def __contains__(self, tx_id: object) -> bool:
         return tx_id in self._txs or tx_id in self._parked_ids
@@ -256,10 +260,11 @@ class Mempool:
         any that no longer apply, so a backlog never costs a full re-check per block.
         """
         done = set(committed)
-        recent = self._recently_committed
-        recent.update(dict.fromkeys(done))
-        while len(recent) > RECENTLY_COMMITTED:
-            recent.popitem(last=False)
+        # Two generations, turned over whole: an ordered map that forgot its oldest id one
+        # at a time cost 0.7 us a committed transaction, at every node.
+        self._recent |= done
+        if len(self._recent) >= RECENTLY_COMMITTED:
+            self._older, self._recent = self._recent, set()
         prefix = set(itertools.islice(self._txs, len(done))) == done
         for tx_id in done:
             self.remove(tx_id)

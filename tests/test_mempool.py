@@ -416,15 +416,20 @@ def test_a_state_read_cached_before_a_block_is_not_used_after_it(w: World) -> No
 def test_the_most_recently_committed_ids_are_remembered_up_to_a_bound(
     w: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """At least the last RECENTLY_COMMITTED ids, at most twice as many."""
     monkeypatch.setattr(mempool_module, "RECENTLY_COMMITTED", 3)
     mempool = pool(w)
-    blocks = [[register()], [standing(w, 2), standing(w, 3)], [standing(w, 4)]]
-    for txs in blocks:
-        commit(w, mempool, txs)
-    first, (second, third), (fourth,) = blocks
-    assert not mempool.committed_recently(first[0].id)  # forgotten: the oldest of four
-    assert all(mempool.committed_recently(t.id) for t in (second, third, fourth))
-    assert not mempool.committed_recently(standing(w, 5).id)  # never committed
+    committed = [register()]
+    commit(w, mempool, committed)
+    for nonces in ([2], [3, 4], [5], [6, 7], [8], [9, 10], [11]):
+        block = [standing(w, nonce) for nonce in nonces]
+        assert commit(w, mempool, block) == []
+        committed += block
+        remembered = [mempool.committed_recently(t.id) for t in committed]
+        assert all(remembered[-3:]), remembered
+        assert sum(remembered) <= 2 * 3, remembered
+    assert not mempool.committed_recently(committed[0].id)  # forgotten: long ago
+    assert not mempool.committed_recently(standing(w, 20).id)  # never committed
 
 
 def test_reads_cached_between_blocks_are_bounded(w: World, monkeypatch: pytest.MonkeyPatch) -> None:
