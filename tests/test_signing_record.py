@@ -152,6 +152,25 @@ def test_a_record_whose_message_was_pruned_never_signs_that_step_again(home: Hom
     assert not list(home.kv.scan(K_MESSAGE))
 
 
+def test_a_prune_is_asked_for_only_while_a_message_below_its_height_is_kept(
+    home: Home,
+) -> None:
+    assert home.record.needs_pruning(1)  # after a start: not known until a prune has looked
+    home.record.prune(1)
+    assert not home.record.needs_pruning(1) and not home.record.needs_pruning(5)
+    block = home.block(9)
+    home.precommit(block, 0)  # a message at height 1
+    assert not home.record.needs_pruning(1)
+    assert home.record.needs_pruning(2)
+    home.commit(block)
+    home.record.prune(2)
+    assert not home.record.needs_pruning(2) and not list(home.kv.scan(K_MESSAGE))
+    following = home.block(10)
+    home.precommit(following, 0)  # height 2, kept by a prune below it
+    home.record.prune(2)
+    assert home.record.needs_pruning(3) and list(home.kv.scan(K_MESSAGE))
+
+
 def test_a_lock_whose_block_is_missing_stops_the_start_with_a_clear_error(home: Home) -> None:
     block = home.block(8)
     home.precommit(block, 0)

@@ -400,7 +400,7 @@ class Driver:
         dropped = self.mempool.update(block.tx_ids) + self.executor.dropped
         dropped += self.mempool.drain_evicted()
         self.executor.dropped = []
-        if self.identity is not None:
+        if self.identity is not None and self.signing.needs_pruning(block.header.height + 1):
             await self.signing.kv.run(self.signing.prune, block.header.height + 1)
         for tx, err in dropped:
             log.info(

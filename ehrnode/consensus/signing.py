@@ -61,6 +61,9 @@ class SigningRecord:
         self.slot: tuple[int, bytes] | None = None
         if self.last is not None and self.last.get("slot") is not None:
             self.slot = (self.last["height"], self.last["slot"])
+        # The heights of the messages kept (``prune``); None until the first prune has
+        # scanned them.
+        self._kept: set[int] | None = None
 
     def holds(self, height: int, block_id: bytes) -> bool:
         """Whether the chain's slot for ``height`` holds this block already (written with
@@ -154,6 +157,8 @@ class SigningRecord:
             batch[K_LOCK] = codec.encode(entry)
         self.chain.write_with_block(batch, to_slot)
         self.last, self.slot = record, slot
+        if self._kept is not None:
+            self._kept.add(height)
 
     def restored(self, height: int, max_block_bytes: int) -> eng.Restored | None:
         last = self.last
@@ -189,14 +194,25 @@ class SigningRecord:
         prefix = K_MESSAGE + struct.pack(">Q", height)
         return [codec.decode(msg, max_bytes=MAX_RECORD) for _key, msg in self.kv.scan(prefix)]
 
+    def needs_pruning(self, below_height: int) -> bool:
+        """Whether ``prune(below_height)`` has anything to delete (True until a first prune
+        has found what is kept). A node catching up by block sync signs nothing: its
+        commits then skip the prune's trip to a worker thread."""
+        return self._kept is None or min(self._kept, default=below_height) < below_height
+
     def prune(self, below_height: int) -> None:
-        stale = {
-            key: None
-            for key, _ in self.kv.scan(K_MESSAGE)
-            if struct.unpack(">Q", key[len(K_MESSAGE) : len(K_MESSAGE) + 8])[0] < below_height
-        }
+        """Delete the messages signed below ``below_height`` (their heights are committed)."""
+        stale: dict[bytes, bytes | None] = {}
+        kept: set[int] = set()
+        for key, _ in self.kv.scan(K_MESSAGE):
+            height = struct.unpack(">Q", key[len(K_MESSAGE) : len(K_MESSAGE) + 8])[0]
+            if height < below_height:
+                stale[key] = None
+            else:
+                kept.add(height)
         if stale:
             self.kv.write(stale, sync=False)
+        self._kept = kept
 
 
 def _message_key(height: int, round_: int, step: int) -> bytes:
