@@ -20,9 +20,7 @@ class Eraser:
         self.blobs = blobs
 
     def on_commit(self, committed: Committed) -> None:
-        for tx in committed.txs:
-            if tx.kind != "erase":
-                continue
+        for tx in [t for t in committed.txs if t.kind == "erase"]:
             for record_id in tx.body["records"]:
                 if self._erase(record_id):
                     log.info("erased the ciphertext of record %s", record_id.hex()[:16])
