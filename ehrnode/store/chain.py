@@ -38,8 +38,7 @@ from ehrnode.core.block import ZERO_HASH, Block, Certificate, InclusionProof
 from ehrnode.core.errors import ConfigError, NotFound, Unavailable
 from ehrnode.core.genesis import Genesis
 from ehrnode.core.layout import P_BLOB
-from ehrnode.store import batches
-from ehrnode.store.batches import TX_PLACE
+from ehrnode.store.batches import TX_PLACE, commit_entries
 from ehrnode.store.blockfiles import BlockFiles, is_place
 from ehrnode.store.claims import ClaimFilter
 from ehrnode.store.db import KV
@@ -280,7 +279,7 @@ class Chain:
         head = Head(h.height, block.id, h.time, execution.digest)
         batch: dict[bytes, bytes | None] = {}
         # The state changes, their blob claims into the filter, the transactions' places.
-        batches.commit_entries(
+        commit_entries(
             batch,
             execution.changes,
             T_STATE,
