@@ -76,12 +76,12 @@ async def test_transactions_decoded_ahead_serve_only_their_certified_block(
     node: Node, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Block sync decodes the next block's transactions while the one before is written
-    (``predecode``, without signature checks: a quorum certified the block). What it
+    (``execute_ahead``, without signature checks: a quorum certified the block). What it
     decoded serves that block's certified check only: never a live proposal's checks,
     even of the same block, and never another block."""
     executor = node.executor
     forged = _block(node, _registrations(node.chain, 3, bad_sig_at=1))
-    executor.predecode(forged)
+    executor.execute_ahead(forged)
     verdict = executor.check(forged)  # a proposal: every signature is checked
     assert verdict is not None and "signature" in verdict
 
@@ -94,11 +94,11 @@ async def test_transactions_decoded_ahead_serve_only_their_certified_block(
         _block(node, _registrations(node.chain, 4)),
         _block(node, _registrations(node.chain, 2)),
     )
-    executor.predecode(block)
+    executor.execute_ahead(block)
     assert len(decoded) == 4
     assert executor.check(other, certified=True) is None
     assert decoded[4:] == list(other.txs)  # another block: decoded afresh
-    executor.predecode(block)
+    executor.execute_ahead(block)
     assert executor.check(block, certified=True) is None
     assert len(decoded) == 4 + 2 + 4  # its own: nothing decoded again by the check
 

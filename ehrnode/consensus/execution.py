@@ -6,8 +6,8 @@
   previous block must verify, and every transaction must apply in order.
 - Executions are cached by block id, so a block we built or validated is not executed
   again when it is decided; signatures already checked by the mempool are not re-checked.
-- Block sync decodes a certified block's transactions ahead (``predecode``), while the
-  block before it is written.
+- Block sync decodes a certified block's transactions and executes them on top of the block
+  before it (``execute_ahead``) while that block is written.
 
 Reads the chain and the mempool; writes nothing (the driver commits).
 """
@@ -18,6 +18,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ehrnode.consensus.validators import ValidatorSet
 from ehrnode.core import authority, merkle, state, tx as txmod
@@ -39,6 +40,17 @@ class _TooEarly(InvalidBlock):
 _CACHE_BLOCKS = 16
 
 
+@dataclass(frozen=True)
+class _Ahead:
+    """A certified block decoded (and, with a ``parent``, executed on top of that block's
+    execution) before its check: ``execute_ahead``."""
+
+    block: bytes
+    parent: bytes  # empty when not executed
+    execution: state.Execution | None
+    txs: list[Tx]
+
+
 class Executor:
     def __init__(self, chain: Chain, mempool: Mempool, now_ms: Callable[[], int]) -> None:
         self.chain = chain
@@ -50,8 +62,9 @@ class Executor:
         # commit (so their senders learn why).
         self.dropped: list[tuple[Tx, InvalidTransaction]] = []
         # A certified block's transactions, decoded before it is checked (without their
-        # signatures: used for that block id, with certified=True, only).
-        self._predecoded: tuple[bytes, list[Tx]] | None = None
+        # signatures: used for that block id, with certified=True, only), and executed on
+        # top of its parent's when that was at hand (``execute_ahead``).
+        self._ahead: _Ahead | None = None
 
     def validators(self) -> ValidatorSet:
         return ValidatorSet(self.chain.validators())
@@ -170,26 +183,39 @@ class Executor:
         if block.last_commit is not None:
             previous = self.chain.validators_at(h.height - 1)
             block.last_commit.verify(genesis.chain_id, previous)
-        predecoded, self._predecoded = self._predecoded, None
-        if certified and predecoded is not None and predecoded[0] == block.id:
-            txs = predecoded[1]
+        ahead, self._ahead = self._ahead, None
+        if not (certified and ahead is not None and ahead.block == block.id):
+            ahead = None
+        if ahead is not None and ahead.execution is not None and ahead.parent == head.id:
+            txs, execution = ahead.txs, ahead.execution  # executed while its parent was written
         else:
-            txs = [
-                self._decode(raw, tx_id, certified=certified)
-                for raw, tx_id in zip(block.txs, block.tx_ids, strict=True)
-            ]
-        ctx = self.context(h.height, h.time)
-        execution = state.execute_block(self.chain.state, ctx, txs, head.digest)
+            if ahead is not None:
+                txs = ahead.txs
+            else:
+                txs = [
+                    self._decode(raw, tx_id, certified=certified)
+                    for raw, tx_id in zip(block.txs, block.tx_ids, strict=True)
+                ]
+            ctx = self.context(h.height, h.time)
+            execution = state.execute_block(self.chain.state, ctx, txs, head.digest)
         after = state.Overlay(self.chain.state)
         after.changes = execution.changes
         if h.next_vals != ValidatorSet(state.validators(after)).hash:
             raise InvalidBlock("block names the wrong next validator set")
         self._remember(block.id, execution, txs)
 
-    def predecode(self, block: Block) -> None:
-        """Decode a certified block's transactions ahead of ``check(block, certified=True)``;
-        a transaction that does not decode is left for the check to report."""
-        self._predecoded = None
+    def execute_ahead(self, block: Block, parent: Block | None = None) -> None:
+        """Decode a certified block's transactions and execute them on top of ``parent``'s
+        execution, ahead of ``check(block, certified=True)``, while ``parent`` (checked,
+        decided, its execution cached) is written. Block sync calls it then, so that the
+        node executes one block while the one before it is written.
+
+        The execution reads ``parent``'s changes, and under them the committed state; the
+        keys ``parent`` does not change read the same before and after its write, so the
+        write may land at any moment meanwhile. The check takes the result only once
+        ``parent`` is the head, and still checks the header against that head. A block that
+        does not decode or apply is left for the check to report."""
+        self._ahead = None
         try:
             txs = [
                 self._decode(raw, tx_id, certified=True)
@@ -197,7 +223,23 @@ class Executor:
             ]
         except InvalidTransaction:
             return
-        self._predecoded = (block.id, txs)
+        self._ahead = _Ahead(block.id, b"", None, txs)
+        found = None if parent is None else self._executions.get(parent.id)
+        if parent is None or found is None or block.header.prev != parent.id:
+            return  # written already (or not its parent): checked on the head as usual
+        after = state.Overlay(self.chain.state)
+        after.changes = found[0].changes
+        ctx = state.BlockContext(
+            self.chain.genesis.chain_id,
+            block.header.height,
+            block.header.time,
+            state.validators(after),
+        )
+        try:
+            execution = state.execute_block(after, ctx, txs, found[0].digest)
+        except InvalidTransaction:
+            return
+        self._ahead = _Ahead(block.id, parent.id, execution, txs)
 
     def _decode(self, raw: bytes, tx_id: bytes, *, certified: bool = False) -> Tx:
         known = self.mempool.get(tx_id)

@@ -216,11 +216,12 @@ class BlockSync:
             malformed: PeerError | None = None
             try:
                 await asyncio.wait((executed, applying), return_when=asyncio.FIRST_COMPLETED)
-                # While this block is written (on a worker thread), decode the next.
+                # While this block is written (on a worker thread), decode the next and
+                # execute it on top of this one's execution.
                 if index + 1 < len(items):
                     try:
                         ahead = _decode_item(items[index + 1], max_block)
-                        self.driver.executor.predecode(ahead[0])
+                        self.driver.executor.execute_ahead(ahead[0], block)
                     except PeerError as err:
                         malformed = err  # said once this block is in
             except asyncio.CancelledError:
