@@ -8,6 +8,10 @@ top of the heap is given back and faulted in again, page by zeroed page, all the
 perf put the page faults and the zeroing at an eighth of the machine's CPU while a
 1 GiB attachment was replicated. Fixed thresholds keep that memory in the process: at
 most 64 MiB of free heap, and blocks under 32 MiB (glibc's largest setting) from the heap.
+A burst larger than that (a block of thousands of transactions decoded, executed and
+written) was still handed back whole once freed, down to 128 KiB, and faulted in again by
+the next: a 64 MiB top pad keeps that much of it (validators under load took half the page
+faults, 0.1 against 0.2 a transaction, in five alternating pairs; benchmarks note 59).
 
 ``ehrnode run`` also asks glibc for transparent huge pages (``reexec_with_huge_pages``),
 which glibc reads only at exec: the node runs itself again, as the same process.
@@ -23,23 +27,28 @@ from collections.abc import Mapping, Sequence
 
 # From glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
 M_MMAP_THRESHOLD = -3
 TRIM_THRESHOLD = 64 * 1024 * 1024
+TOP_PAD = 64 * 1024 * 1024
 MMAP_THRESHOLD = 32 * 1024 * 1024
 
 
 def tune_malloc() -> bool:
-    """Fix glibc malloc's trim and mmap thresholds; False where there is no glibc
-    ``mallopt`` (another libc, another system) or it refuses."""
+    """Fix glibc malloc's trim and mmap thresholds and its top pad; False where there is
+    no glibc ``mallopt`` (another libc, another system) or it refuses."""
     try:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    settings = (
+        (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+        (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+        (M_TOP_PAD, TOP_PAD),
     )
+    return all(bool(mallopt(option, value)) for option, value in settings)
 
 
 def tune_gc() -> None:
