@@ -237,7 +237,7 @@ class Executor:
         )
         try:
             execution = state.execute_block(after, ctx, txs, found[0].digest)
-        except InvalidTransaction:
+        except (InvalidBlock, InvalidTransaction):
             return
         self._ahead = _Ahead(block.id, parent.id, execution, txs)
 
