@@ -383,9 +383,9 @@ async def test_a_validator_far_behind_asks_for_the_next_blocks_while_it_applies_
         seen.append((self, "ask", first, count))
         return ask(self, first, count)
 
-    async def spy_apply(self: sync.BlockSync, items: list[Any]) -> None:
+    async def spy_apply(self: sync.BlockSync, items: list[Any], following: Any = None) -> None:
         seen.append((self, "apply", self.chain.head.height + 1, len(items)))
-        await apply(self, items)
+        await apply(self, items, following)
 
     victim = nodes[0]
     home = victim.config.home

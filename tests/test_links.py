@@ -123,7 +123,7 @@ async def test_block_sync_applies_an_answer_only_once_its_preparation_is_done() 
     )
     applied: list[list[Any]] = []
 
-    async def apply(items: list[Any]) -> None:
+    async def apply(items: list[Any], following: Any = None) -> None:
         applied.append(items)
         chain.head.height += len(items)
 

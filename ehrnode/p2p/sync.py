@@ -10,7 +10,9 @@ must be the next height, its certificate must be for that very block and carry m
 (``Driver.apply_certified``). A peer that sends a block or a certificate that does not
 verify is disconnected; a peer that does not answer in time is skipped for another.
 Before it applies an answer it awaits ``prepare`` (the node has its claim filter filled
-there, ``Node._claims_filled``), once the next request is out.
+there, ``Node._claims_filled``), once the next request is out. While a block is written,
+the next one (the answer's next item, or after its last, the first of the next answer if
+that has arrived) is decoded and executed on top of it (``Executor.execute_ahead``).
 """
 
 from __future__ import annotations
@@ -74,6 +76,9 @@ class BlockSync:
         )
         self._task: asyncio.Task[None] | None = None
         self._pending: tuple[Peer, asyncio.Future[list[Any]]] | None = None
+        # The first item of the next answer, decoded (and executed ahead) while the last
+        # block of the answer before it was written: (the item as it came, decoded).
+        self._carried: tuple[Any, tuple[Block, Certificate]] | None = None
         self.synced_blocks = 0
         switch.handlers["status"] = self._on_status
         switch.handlers["get_blocks"] = self._on_get_blocks
@@ -154,7 +159,7 @@ class BlockSync:
                 count = min(BATCH, count * 2)
                 asked = self._ask(ours + 1 + len(items), count)
                 try:
-                    await self._apply(items)
+                    await self._apply(items, asked)
                 except PeerError as err:
                     log.warning("disconnecting peer %s: %s", request.peer.short, err)
                     request.peer.close()
@@ -162,7 +167,7 @@ class BlockSync:
                     log.error("block sync stopped: %s", err)
                     return
         finally:
-            self._pending = None
+            self._pending = self._carried = None
             last = self.chain.head.height
             if last - first >= LOG_BLOCKS:
                 elapsed = time.perf_counter() - started
@@ -193,9 +198,16 @@ class BlockSync:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(request.future, RESPONSE_TIMEOUT)
 
-    async def _apply(self, items: list[Any]) -> None:
+    async def _apply(self, items: list[Any], following: _Request | None = None) -> None:
+        """Check and commit each block of an answer in turn. While one is written, the next
+        is decoded and executed on top of it (``Executor.execute_ahead``): the answer's
+        next item, or after its last, the first of the ``following`` answer if that has
+        arrived."""
         max_block = self.chain.genesis.params.max_block_bytes
+        carried, self._carried = self._carried, None
         ahead: tuple[Block, Certificate] | None = None  # the next item, decoded already
+        if carried is not None and items and carried[0] is items[0]:
+            ahead = carried[1]
         for index, item in enumerate(items):
             block, cert = ahead or _decode_item(item, max_block)
             ahead = None
@@ -218,12 +230,21 @@ class BlockSync:
                 await asyncio.wait((executed, applying), return_when=asyncio.FIRST_COMPLETED)
                 # While this block is written (on a worker thread), decode the next and
                 # execute it on top of this one's execution.
-                if index + 1 < len(items):
+                last = index + 1 == len(items)
+                following_item = _first_arrived(following) if last else items[index + 1]
+                if following_item is not None:
                     try:
-                        ahead = _decode_item(items[index + 1], max_block)
-                        self.driver.executor.execute_ahead(ahead[0], block)
+                        decoded = _decode_item(following_item, max_block)
+                        self.driver.executor.execute_ahead(decoded[0], block)
                     except PeerError as err:
-                        malformed = err  # said once this block is in
+                        if not last:
+                            malformed = err  # said once this block is in
+                        # The next answer's: it is decoded again, and refused, in its turn.
+                    else:
+                        if last:
+                            self._carried = (following_item, decoded)
+                        else:
+                            ahead = decoded
             except asyncio.CancelledError:
                 applying.cancel()
                 raise
@@ -262,6 +283,14 @@ class BlockSync:
             items.append([raw, cert])
             size += len(raw) + len(cert)
         self.switch.send(peer, "blocks", items=items)
+
+
+def _first_arrived(request: _Request | None) -> Any:
+    """The first item of ``request``'s answer if it has arrived, else None."""
+    if request is None or not request.future.done() or request.future.cancelled():
+        return None
+    items = request.future.result()
+    return items[0] if items else None
 
 
 def _decode_item(item: Any, max_block: int) -> tuple[Block, Certificate]:
