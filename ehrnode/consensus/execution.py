@@ -189,13 +189,7 @@ class Executor:
         if ahead is not None and ahead.execution is not None and ahead.parent == head.id:
             txs, execution = ahead.txs, ahead.execution  # executed while its parent was written
         else:
-            if ahead is not None:
-                txs = ahead.txs
-            else:
-                txs = [
-                    self._decode(raw, tx_id, certified=certified)
-                    for raw, tx_id in zip(block.txs, block.tx_ids, strict=True)
-                ]
+            txs = ahead.txs if ahead is not None else self._decode_all(block, certified)
             ctx = self.context(h.height, h.time)
             execution = state.execute_block(self.chain.state, ctx, txs, head.digest)
         after = state.Overlay(self.chain.state)
@@ -217,10 +211,7 @@ class Executor:
         does not decode or apply is left for the check to report."""
         self._ahead = None
         try:
-            txs = [
-                self._decode(raw, tx_id, certified=True)
-                for raw, tx_id in zip(block.txs, block.tx_ids, strict=True)
-            ]
+            txs = self._decode_all(block, certified=True)
         except InvalidTransaction:
             return
         self._ahead = _Ahead(block.id, b"", None, txs)
@@ -240,6 +231,12 @@ class Executor:
         except (InvalidBlock, InvalidTransaction):
             return
         self._ahead = _Ahead(block.id, parent.id, execution, txs)
+
+    def _decode_all(self, block: Block, certified: bool) -> list[Tx]:
+        return [
+            self._decode(raw, tx_id, certified=certified)
+            for raw, tx_id in zip(block.txs, block.tx_ids, strict=True)
+        ]
 
     def _decode(self, raw: bytes, tx_id: bytes, *, certified: bool = False) -> Tx:
         known = self.mempool.get(tx_id)
@@ -263,7 +260,7 @@ class Executor:
         if found is None:
             # Decided by a quorum but not executed here (we missed the proposal, or block
             # sync brought it): its certificate is the authority, so execute it now.
-            txs = [self._decode(raw, i) for raw, i in zip(block.txs, block.tx_ids, strict=True)]
+            txs = self._decode_all(block, certified=False)
             ctx = self.context(block.header.height, block.header.time)
             found = (state.execute_block(self.chain.state, ctx, txs, self.chain.head.digest), txs)
         return found
