@@ -46,7 +46,8 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
 GLIBC = platform.libc_ver()[0] == "glibc"
 
 
-def faults(mode: str, workload: str = WORKLOAD) -> int:
+def measured(mode: str, workload: str = WORKLOAD) -> int:
+    """What ``workload`` printed, run in a fresh interpreter as ``mode`` ("plain" or "tuned")."""
     done = subprocess.run(
         [sys.executable, "-c", workload, mode], capture_output=True, text=True, check=True
     )
@@ -55,7 +56,7 @@ def faults(mode: str, workload: str = WORKLOAD) -> int:
 
 @pytest.mark.skipif(not GLIBC, reason="the thresholds are glibc malloc's")
 def test_tuned_malloc_stops_faulting_in_the_same_memory_again_and_again() -> None:
-    plain, tuned = faults("plain"), faults("tuned")
+    plain, tuned = measured("plain"), measured("tuned")
     assert tuned * 10 < plain, (plain, tuned)
 
 
@@ -82,8 +83,49 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
 def test_tuned_malloc_keeps_most_of_a_burst_larger_than_its_trim_threshold() -> None:
     """Without the top pad the burst went back to the kernel whole each round (as many
     faults as untuned); with it, 64 MiB of it stays."""
-    plain, tuned = faults("plain", BURSTS), faults("tuned", BURSTS)
+    plain, tuned = measured("plain", BURSTS), measured("tuned", BURSTS)
     assert tuned * 3 < plain, (plain, tuned)
+
+
+# Threads alive together (a node's write threads, LevelDB's) that each free a burst in turn;
+# prints how many MiB more the process holds afterwards.
+THREADS = """
+import os, sys, threading
+if sys.argv[1] == "tuned":
+    from ehrnode.process import tune_malloc
+    assert tune_malloc()
+data = os.urandom(4096)
+def resident_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+turns = [threading.Event() for _ in range(4)]
+done = [threading.Event() for _ in range(4)]
+def worker(i):
+    turns[i].wait()
+    held = [data[j % 1000 : j % 1000 + 1000] for j in range(20_000)]  # about 20 MiB
+    del held
+    done[i].set()
+    done[-1].wait()  # every thread lives until the last has run
+threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+for thread in threads:
+    thread.start()
+before = resident_mib()
+for i in range(4):
+    turns[i].set()
+    done[i].wait()
+print(resident_mib() - before)
+for thread in threads:
+    thread.join()
+"""
+
+
+@pytest.mark.skipif(not GLIBC or not Path("/proc/self/status").exists(), reason="glibc, /proc")
+def test_tuned_malloc_lets_each_thread_reuse_what_another_freed() -> None:
+    """With an arena a thread, each of the four kept its own 20 MiB (80 held); with one,
+    the next thread takes what the one before freed."""
+    held = measured("tuned", THREADS)
+    assert held < 40, held
 
 
 @pytest.mark.skipif(GLIBC, reason="on glibc the tuning applies")
