@@ -16,7 +16,7 @@ Those thresholds hold for each of malloc's arenas, and glibc gives each thread t
 allocates at the same time as another an arena of its own: the node's write threads and
 LevelDB's kept up to 64 MiB each of what they had freed, out of reach of the others. One
 arena for every thread lets each reuse what another freed (validators under load peaked
-at 184-191 against 214-227 MB; benchmarks note 60).
+at 184-199 against 214-227 MB; benchmarks note 60).
 
 ``ehrnode run`` also asks glibc for transparent huge pages (``reexec_with_huge_pages``),
 which glibc reads only at exec: the node runs itself again, as the same process.

@@ -120,7 +120,10 @@ for thread in threads:
 """
 
 
-@pytest.mark.skipif(not GLIBC or not Path("/proc/self/status").exists(), reason="glibc, /proc")
+@pytest.mark.skipif(
+    not GLIBC or not Path("/proc/self/status").exists(),
+    reason="the arenas are glibc malloc's, and the memory held is read from /proc",
+)
 def test_tuned_malloc_lets_each_thread_reuse_what_another_freed() -> None:
     """With an arena a thread, each of the four kept its own 20 MiB (80 held); with one,
     the next thread takes what the one before freed."""
