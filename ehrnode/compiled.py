@@ -5,7 +5,8 @@ blob-claim filter, a commit's LevelDB batch) are plain typed Python. ``main()``,
 ``scripts/*`` run, compiles them with mypyc (part of mypy, a dev dependency) into the
 virtual environment, in a folder named by a fingerprint of the interpreter and every
 ``.py`` of the package: compiled code is typed against the modules it imports, so an edit
-to any of them calls for a new build.
+to any of them calls for a new build. It byte-compiles the rest of the package first
+(``write_bytecode``).
 
 ``ehrnode/__init__.py`` calls ``activate``, which puts that folder ahead of the sources on
 the packages' search paths when it exists for the sources as they are now. An edited
@@ -156,7 +157,22 @@ def build() -> Path:
     return where
 
 
+def write_bytecode(package: Path = PACKAGE) -> bool:
+    """Byte-compile every module of ``package`` that has no up-to-date ``.pyc``, as pip does
+    for a package it installs; False if a module does not compile.
+
+    Python writes a module's ``.pyc`` when it first imports it, unless told not to
+    (``PYTHONDONTWRITEBYTECODE``, set on the bench's machine): then every process compiles
+    the package's sources again at every start, about 40 ms of a node's 0.3 s start
+    (docs/benchmarks.md, note 61). Written here, the ``.pyc`` files are read all the same;
+    an edited source is compiled again by its next import, and here by the next script."""
+    import compileall  # noqa: PLC0415 - only in scripts, not at every start
+
+    return bool(compileall.compile_dir(package, quiet=2))
+
+
 def main() -> int:
+    write_bytecode()
     if sys.prefix == sys.base_prefix:
         print("ehrnode.compiled: not in a virtual environment; nothing built", file=sys.stderr)
         return 0

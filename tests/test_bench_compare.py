@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 from pathlib import Path
@@ -111,3 +112,14 @@ def test_compare_runs_this_tree_and_head_and_writes_both(tmp_path: Path) -> None
     figures = {row["figure"] for row in report["rows"]}
     assert {"import_resources_per_s", "import_cpu_per_resource_in_checks"} <= figures
     assert "import_resources_per_s" in result.stdout and "HEAD: median" in result.stdout
+
+
+@pytest.mark.skipif(not IN_GIT, reason="--compare needs this tree's git history")
+def test_the_rev_is_byte_compiled_as_this_tree_is(tmp_path: Path) -> None:
+    """Otherwise, where Python writes no .pyc, each of the rev's processes would compile
+    its sources at start, and its starts would be measured slower than this tree's."""
+    tree = compare.export(compare.resolve("HEAD"), tmp_path)
+    modules = sorted((tree / "ehrnode").rglob("*.py"))
+    assert len(modules) > 40
+    missing = [m for m in modules if not Path(importlib.util.cache_from_source(str(m))).is_file()]
+    assert missing == []

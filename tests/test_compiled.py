@@ -159,3 +159,51 @@ def test_the_core_tests_pass_on_the_python_sources_too() -> None:
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "failed" not in out.stdout
+
+
+# Counts the package's modules a fresh interpreter compiles from source to import a node.
+COMPILES = """
+import importlib._bootstrap_external as ext
+from_source = []
+real = ext.SourceLoader.source_to_code
+def counting(self, data, path, *args, **kwargs):
+    from_source.append(path)
+    return real(self, data, path, *args, **kwargs)
+ext.SourceLoader.source_to_code = counting
+import ehrnode.node, ehrnode.cli
+print(sum("/ehrnode/" in str(path) for path in from_source))
+"""
+
+
+def _compiled_at_start(pythonpath: Path) -> int:
+    environ = {k: v for k, v in os.environ.items() if k != compiled.PURE_ENV}
+    environ.update(PYTHONPATH=str(pythonpath), PYTHONDONTWRITEBYTECODE="1")
+    environ[compiled.PURE_ENV] = "1"  # every module from the copy's sources
+    out = subprocess.run(
+        [sys.executable, "-c", COMPILES],
+        env=environ,
+        cwd=pythonpath,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return int(out.stdout.strip())
+
+
+def test_scripts_byte_compile_the_package_so_a_start_compiles_none_of_it(
+    tmp_path: Path,
+) -> None:
+    """Where Python writes no .pyc (PYTHONDONTWRITEBYTECODE), every start compiled the
+    package's sources again; ``main`` (run by scripts/*) writes them once."""
+    copy = _copy_package(tmp_path)
+    assert _compiled_at_start(tmp_path) > 40  # and again at the next start: nothing written
+    assert _compiled_at_start(tmp_path) > 40
+    assert compiled.write_bytecode(copy)
+    assert _compiled_at_start(tmp_path) == 0
+    # An edited source is compiled again (its .pyc no longer matches), and no other.
+    with (copy / "store" / "chain.py").open("a") as handle:
+        handle.write("\n# an edit, one byte longer than before\n")
+    assert _compiled_at_start(tmp_path) == 1
+    assert compiled.write_bytecode(copy)
+    assert _compiled_at_start(tmp_path) == 0

@@ -3,8 +3,8 @@ run in turn, so that a change is judged against this machine's noise and not aga
 figure recorded on another day.
 
 - A is this tree as it is (uncommitted changes included); B is REV, its files written
-  to a temporary folder (whose ``../shared`` is this tree's). Both run on this
-  environment's interpreter and packages.
+  to a temporary folder (whose ``../shared`` is this tree's) and byte-compiled, as this
+  tree is. Both run on this environment's interpreter and packages.
 - ``pairs`` pairs in the order A B, B A, A B, ...: a machine that speeds up or slows down
   during the comparison favours neither side.
 - Each run is its own ``python -m ehrnode.bench`` process with the same ``--only`` and
@@ -27,6 +27,8 @@ import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from ehrnode import compiled
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_PAIRS = 20
@@ -136,6 +138,9 @@ def export(commit: str, into: Path) -> Path:
         )
         if done.returncode != 0:
             raise CompareError(f"cannot export {commit[:12]}: {done.stderr.strip()[-300:]}")
+    # Byte-compiled as this tree is by scripts/bench (ehrnode.compiled.main): otherwise,
+    # where Python writes no .pyc, the rev's every process would compile it at start.
+    compiled.write_bytecode(tree / "ehrnode")
     shared = ROOT.parent / "shared"
     if shared.is_dir():
         (into / "shared").symlink_to(shared, target_is_directory=True)
