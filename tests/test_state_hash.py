@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from helpers_core import CHAIN, World, identity, wrapped_keys
+from helpers_core import CHAIN, MemState, World, identity, wrapped_keys
 from hypothesis import given, settings, strategies as st
 
 from ehrnode.core import crypto, state, tx
@@ -258,3 +258,32 @@ def test_index_entries_are_outside_the_state_hash_and_everything_else_is_in() ->
             assert state.state_digest(changed.items()) == digest, key
             without = {k: v for k, v in entries.items() if k != key}
             assert state.state_digest(without.items()) == digest, key
+
+
+# Keys of every kind the state holds, index entries among them (``prec``, ``blob``, ...).
+BLOCK_KEYS = st.sampled_from(
+    [
+        p + bytes([n])
+        for p in (b"acct", b"rec", b"prec", b"blob", b"ver", b"pgr", b"grant")
+        for n in (1, 2)
+    ]
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(BLOCK_KEYS, st.binary(max_size=8), max_size=10),
+    st.dictionaries(BLOCK_KEYS, st.none() | st.binary(max_size=8), max_size=10),
+    st.booleans(),
+)
+def test_a_blocks_digest_is_the_full_recompute_of_the_state_it_leaves(
+    before: dict[bytes, bytes], changes: dict[bytes, bytes | None], through_overlay: bool
+) -> None:
+    """``digest_after``: each changed key's old value taken out and its new one put in,
+    unchanged rewrites and deletions of absent keys counting for nothing, index entries
+    for nothing at all; read from a committed state or from a block's overlay."""
+    base = MemState(before)
+    reader: state.StateReader = state.Overlay(base, cache_reads=True) if through_overlay else base
+    after = MemState(before)
+    after.apply(changes)
+    assert state.digest_after(reader, changes, base.digest()) == after.digest()

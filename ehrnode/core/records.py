@@ -137,19 +137,20 @@ def _write_record(
     patients.account(patient)  # registered as a patient
     holders = {key for key, _ in body["keys"]}
     required = patients.required(patient, body["type"])
-    missing = required - holders
-    if missing:
+    # Compared without building the differences, which are needed only to name them.
+    if not required <= holders:
         raise _reject(
             "missing_grantee_key",
             f"the record must wrap its data key for every standing grantee; missing "
-            f"{', '.join(sorted(k.hex()[:16] + '…' for k in missing))}",
+            f"{', '.join(sorted(k.hex()[:16] + '…' for k in required - holders))}",
         )
-    extra = holders - required - {tx.signer}
-    if extra:
-        raise _reject(
-            "unexpected_key_holder",
-            "a record may wrap its key only for the patient, its author and standing grantees",
-        )
+    signer = tx.signer
+    for holder in holders:
+        if holder != signer and holder not in required:
+            raise _reject(
+                "unexpected_key_holder",
+                "a record may wrap its key only for the patient, its author and standing grantees",
+            )
     # One blob, one record: otherwise erasing one record (whose owner may have named
     # someone else's public blob hash) would delete the ciphertext of another. The claim
     # is an index entry, outside the state hash but a function of the record entries in
@@ -169,13 +170,16 @@ def _write_record(
         "erased": False,
     }
     if index is not None:
-        entry.update(tx=tx.id, item=index)
+        entry["tx"] = tx.id  # items, not update(**): no keyword dict built for the call
+        entry["item"] = index
     amends = body.get("amends")
     if amends is None:
         # A first version is its own root and, until amended, its own head: neither is
         # written while it is the record's own id (``root_of``, ``head_of``).
         seq = patients.next_seq(patient)
-        entry.update(ver=1, nver=1, seq=seq)
+        entry["ver"] = 1
+        entry["nver"] = 1
+        entry["seq"] = seq
         scratch.put_new(seq_key(P_PREC, patient, seq), rid)
     else:
         previous = load(scratch, P_REC + amends)

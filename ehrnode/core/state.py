@@ -44,6 +44,7 @@ from ehrnode.core.statekv import (
     BlockContext as BlockContext,
     Overlay as Overlay,
     StateReader as StateReader,
+    digest_changed as digest_changed,
     digest_moved as digest_moved,
     digest_of as digest_of,
     entry_digest as entry_digest,
@@ -403,17 +404,4 @@ def digest_after(
 ) -> int:
     """The digest after ``changes``; ``reader`` gives each key's value before them (an
     Overlay gives its base's value, from its read cache). Index entries do not count."""
-    old_value = reader.original if isinstance(reader, Overlay) else reader.get
-    added: list[tuple[bytes, bytes]] = []
-    removed: list[tuple[bytes, bytes]] = []
-    for key, new in changes.items():
-        if key.startswith(INDEX_PREFIXES):
-            continue  # an index entry: outside the state hash (core.layout)
-        old = old_value(key)
-        if old == new:
-            continue  # rewritten unchanged: no effect on the multiset
-        if old is not None:
-            removed.append((key, old))
-        if new is not None:
-            added.append((key, new))
-    return digest_moved(digest, added, removed)
+    return digest_changed(reader, changes, digest, INDEX_PREFIXES)

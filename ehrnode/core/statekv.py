@@ -14,7 +14,6 @@ Pure: no I/O.
 from __future__ import annotations
 
 import hashlib
-import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -95,7 +94,7 @@ class Overlay:
 
 
 def seq_key(prefix: bytes, owner: bytes, seq: int) -> bytes:
-    return prefix + owner + struct.pack(">Q", seq)
+    return prefix + owner + seq.to_bytes(8, "big")  # compiled inline; struct.pack is a call
 
 
 def load(reader: StateReader, key: bytes) -> Any:
@@ -140,6 +139,38 @@ def digest_moved(
         total += from_bytes(shake(len(key).to_bytes(4, "big") + key + value).digest(size), "big")
     for key, value in removed:
         total -= from_bytes(shake(len(key).to_bytes(4, "big") + key + value).digest(size), "big")
+    return total % _MODULUS
+
+
+def digest_changed(
+    base: Overlay | StateReader,
+    changes: Mapping[bytes, bytes | None],
+    digest: int,
+    skip: tuple[bytes, ...],
+) -> int:
+    """``digest`` after ``changes``, but for the keys that start with one of ``skip``;
+    ``base`` gives each key's value before them (an Overlay its base's, from its read
+    cache). The same value as ``digest_moved`` of the entries added and removed, without
+    listing them first (a tuple an entry) or calling an Overlay's method by name."""
+    overlay = base if isinstance(base, Overlay) else None
+    shake, from_bytes, size = hashlib.shake_256, int.from_bytes, _DIGEST_BYTES
+    total = digest
+    for key, new in changes.items():
+        skipped = False
+        for start in skip:  # one prefix at a time: compiled inline, a tuple is a call
+            if key.startswith(start):
+                skipped = True
+                break
+        if skipped:
+            continue
+        old = overlay.original(key) if overlay is not None else base.get(key)
+        if old == new:
+            continue  # rewritten unchanged: no effect on the multiset
+        prefix = len(key).to_bytes(4, "big") + key
+        if old is not None:
+            total -= from_bytes(shake(prefix + old).digest(size), "big")
+        if new is not None:
+            total += from_bytes(shake(prefix + new).digest(size), "big")
     return total % _MODULUS
 
 
