@@ -5,8 +5,8 @@ blob-claim filter, a commit's LevelDB batch) are plain typed Python. ``main()``,
 ``scripts/*`` run, compiles them with mypyc (part of mypy, a dev dependency) into the
 virtual environment, in a folder named by a fingerprint of the interpreter and every
 ``.py`` of the package: compiled code is typed against the modules it imports, so an edit
-to any of them calls for a new build. It byte-compiles the rest of the package first
-(``write_bytecode``).
+to any of them calls for a new build. It byte-compiles the whole package first
+(``write_bytecode``), in or out of a virtual environment.
 
 ``ehrnode/__init__.py`` calls ``activate``, which puts that folder ahead of the sources on
 the packages' search paths when it exists for the sources as they are now. An edited
@@ -159,7 +159,9 @@ def build() -> Path:
 
 def write_bytecode(package: Path = PACKAGE) -> bool:
     """Byte-compile every module of ``package`` that has no up-to-date ``.pyc``, as pip does
-    for a package it installs; False if a module does not compile.
+    for a package it installs; False if a module does not compile or its ``.pyc`` cannot
+    be written (a read-only folder: the sources are then compiled at each start, as
+    before).
 
     Python writes a module's ``.pyc`` when it first imports it, unless told not to
     (``PYTHONDONTWRITEBYTECODE``, set on the bench's machine): then every process compiles

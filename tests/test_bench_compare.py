@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from ehrnode import compiled
 from ehrnode.bench import compare
 from ehrnode.bench.__main__ import KEYS
 
@@ -54,10 +55,20 @@ def test_sides_alternate_so_a_drifting_machine_favours_neither(
         seen.append((name, tuple(args)))
         return _run(10_000, 100.0 if name == "this tree" else 90.0)
 
+    compiled_trees: list[Path] = []
     monkeypatch.setattr(compare, "resolve", lambda rev: "ab" * 20)
     monkeypatch.setattr(compare, "export", lambda commit, into: tmp_path)
     monkeypatch.setattr(compare, "run_once", fake_run)
+
+    def write_bytecode(package: Path = compiled.PACKAGE) -> bool:
+        compiled_trees.append(package)
+        return True
+
+    monkeypatch.setattr(compiled, "write_bytecode", write_bytecode)
     result = compare.compare("v1", 3, ["--only", "throughput"], KEYS, report=lambda _: None)
+    # This tree byte-compiled before its runs, as the rev's tree is by ``export`` (faked
+    # here; the test below checks it): neither side compiles its sources at each start.
+    assert compiled_trees == [compiled.PACKAGE]
     assert result["order"] == ["a", "b", "b", "a", "a", "b"]
     assert [name for name, _ in seen] == [
         "this tree", "v1 (ababababa)", "v1 (ababababa)", "this tree", "this tree",

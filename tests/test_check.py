@@ -59,7 +59,14 @@ async def test_check_finds_an_index_entry_changed_removed_or_added(node: Node) -
 
 async def test_check_reports_a_damaged_record_entry_instead_of_failing(node: Node) -> None:
     key = T_STATE + state.P_REC + bytes.fromhex(await write_some(node))
-    for damage in (b"\xc1 not msgpack", b"\x93\x01\x02\x03", b"\x81\xa3ver\x01"):
+    # Not msgpack; not a map; a first version without its patient; a version 0, whose
+    # place among its root's versions would be -1.
+    for damage in (
+        b"\xc1 not msgpack",
+        b"\x93\x01\x02\x03",
+        b"\x81\xa3ver\x01",
+        b"\x81\xa3ver\x00",
+    ):
         node.chain.kv.write({key: damage}, sync=True)
         report = check_chain(node.chain)
         assert not report.ok and not report.state_entries_hash_ok

@@ -3,8 +3,8 @@ run in turn, so that a change is judged against this machine's noise and not aga
 figure recorded on another day.
 
 - A is this tree as it is (uncommitted changes included); B is REV, its files written
-  to a temporary folder (whose ``../shared`` is this tree's) and byte-compiled, as this
-  tree is. Both run on this environment's interpreter and packages.
+  to a temporary folder (whose ``../shared`` is this tree's). Both are byte-compiled
+  first and run on this environment's interpreter and packages.
 - ``pairs`` pairs in the order A B, B A, A B, ...: a machine that speeds up or slows down
   during the comparison favours neither side.
 - Each run is its own ``python -m ehrnode.bench`` process with the same ``--only`` and
@@ -138,8 +138,8 @@ def export(commit: str, into: Path) -> Path:
         )
         if done.returncode != 0:
             raise CompareError(f"cannot export {commit[:12]}: {done.stderr.strip()[-300:]}")
-    # Byte-compiled as this tree is by scripts/bench (ehrnode.compiled.main): otherwise,
-    # where Python writes no .pyc, the rev's every process would compile it at start.
+    # Byte-compiled, as ``compare`` does this tree: otherwise, where Python writes no
+    # .pyc, each of the rev's processes would compile its sources at start.
     compiled.write_bytecode(tree / "ehrnode")
     shared = ROOT.parent / "shared"
     if shared.is_dir():
@@ -177,6 +177,7 @@ def compare(
         raise CompareError(f"--pairs must be from 1 to {MAX_PAIRS}, not {pairs}")
     commit = resolve(rev)
     label = f"{rev} ({commit[:9]})"
+    compiled.write_bytecode()  # this tree, as export does the rev's (a no-op when done)
     with tempfile.TemporaryDirectory(prefix="ehr-compare-") as tmp:
         trees = {"a": ROOT, "b": export(commit, Path(tmp))}
         runs: dict[str, list[dict[str, Any]]] = {"a": [], "b": []}

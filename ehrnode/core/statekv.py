@@ -94,7 +94,7 @@ class Overlay:
 
 
 def seq_key(prefix: bytes, owner: bytes, seq: int) -> bytes:
-    return prefix + owner + seq.to_bytes(8, "big")  # compiled inline; struct.pack is a call
+    return prefix + owner + seq.to_bytes(8, "big")  # compiled, a C helper; struct.pack a call
 
 
 def load(reader: StateReader, key: bytes) -> Any:
@@ -157,7 +157,7 @@ def digest_changed(
     total = digest
     for key, new in changes.items():
         skipped = False
-        for start in skip:  # one prefix at a time: compiled inline, a tuple is a call
+        for start in skip:  # compiled, one prefix at a time is a C helper, a tuple a call
             if key.startswith(start):
                 skipped = True
                 break

@@ -91,7 +91,7 @@ def _scan_state(chain: Chain) -> tuple[int, int, int, int, list[bytes]]:
             hashed.append((key, value))
             try:
                 implied.extend(state.implied_index(key, value))
-            except (ValueError, TypeError, KeyError, IndexError, struct.error):  # damaged
+            except (ValueError, TypeError, KeyError, IndexError, OverflowError, struct.error):
                 damaged += 1
                 if len(examples) < 10:
                     examples.append(key)
