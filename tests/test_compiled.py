@@ -33,12 +33,14 @@ def _copy_package(into: Path) -> Path:
     return into / "ehrnode"
 
 
-def _loaded(pythonpath: Path | None = None, **env: str) -> str:
+def _loaded(pythonpath: Path | None = None, code: str = PROBE, **env: str) -> str:
+    """What a fresh interpreter running ``code`` prints (by default, where it loaded a
+    compiled module from)."""
     environ = {k: v for k, v in os.environ.items() if k != compiled.PURE_ENV}
     if pythonpath is not None:
         environ["PYTHONPATH"] = str(pythonpath)
     out = subprocess.run(
-        [sys.executable, "-c", PROBE],
+        [sys.executable, "-c", code],
         env={**environ, **env},
         cwd=pythonpath or ROOT,
         capture_output=True,
@@ -176,19 +178,9 @@ print(sum("/ehrnode/" in str(path) for path in from_source))
 
 
 def _compiled_at_start(pythonpath: Path) -> int:
-    environ = {k: v for k, v in os.environ.items() if k != compiled.PURE_ENV}
-    environ.update(PYTHONPATH=str(pythonpath), PYTHONDONTWRITEBYTECODE="1")
-    environ[compiled.PURE_ENV] = "1"  # every module from the copy's sources
-    out = subprocess.run(
-        [sys.executable, "-c", COMPILES],
-        env=environ,
-        cwd=pythonpath,
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    return int(out.stdout.strip())
+    # Every module from the copy's sources, where Python writes no .pyc.
+    env = {compiled.PURE_ENV: "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    return int(_loaded(pythonpath, COMPILES, **env))
 
 
 def test_scripts_byte_compile_the_package_so_a_start_compiles_none_of_it(
