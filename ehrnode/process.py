@@ -19,16 +19,19 @@ arena for every thread lets each reuse what another freed (validators under load
 at 184-199 against 214-227 MB; benchmarks note 60).
 
 ``ehrnode run`` also asks glibc for transparent huge pages (``reexec_with_huge_pages``),
-which glibc reads only at exec: the node runs itself again, as the same process.
+which glibc reads only at exec: the node runs itself again, as the same process. Then it
+imports aiohttp without the system's CA certificates (``no_default_ca_certificates``),
+which a node never uses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 # From glibc's <malloc.h>.
 M_TRIM_THRESHOLD = -1
@@ -141,3 +144,32 @@ def reexec_with_huge_pages(argv: Sequence[str] | None = None) -> None:
 
 # Names a folder: ``ehrnode run`` times its stages there (``ehrnode.bench.nodetimes``).
 STAGE_TIMES_ENV = "EHR_STAGE_TIMES"
+
+
+# OpenSSL's variables for where the default CA certificates are, and a path no file can
+# have (a folder under the null device).
+CA_ENV = ("SSL_CERT_FILE", "SSL_CERT_DIR")
+NO_CA = os.path.join(os.devnull, "no-ca-certificates")
+
+
+@contextlib.contextmanager
+def no_default_ca_certificates() -> Iterator[None]:
+    """Inside it, a TLS context that loads the system's default CA certificates finds none;
+    the environment is as it was once it ends.
+
+    aiohttp builds two TLS client contexts when imported, and each loads the system's CA
+    certificates: about 40 ms of a node's start of 0.3 s (benchmarks note 62). A node
+    never opens TLS (its peers, block sync and replication speak plain HTTP), so
+    ``ehrnode run`` imports aiohttp inside this: its default contexts then trust no
+    certificate, so TLS, were a node ever to open it, would be refused, not let through.
+    The ``ehr`` client, which may reach a node through a TLS proxy, is left alone."""
+    saved = {name: os.environ.get(name) for name in CA_ENV}
+    os.environ.update(dict.fromkeys(CA_ENV, NO_CA))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

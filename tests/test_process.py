@@ -1,11 +1,13 @@
 """Process-wide tuning: glibc's malloc keeps the memory a stream of large buffers goes
 through, instead of handing it back to the kernel and faulting it in again; Python's
-collector runs far less often while a process builds and holds many small objects."""
+collector runs far less often while a process builds and holds many small objects; a
+node imports aiohttp without loading the system's CA certificates, which it never uses."""
 
 from __future__ import annotations
 
 import os
 import platform
+import ssl
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +17,12 @@ import pytest
 from ehrnode import config as cfg
 from ehrnode.client import cli as ehr_cli
 from ehrnode.process import (
+    CA_ENV,
     HUGE_PAGES_ENV,
     HUGE_PAGES_TRIED_ENV,
     THP_MODE_FILE,
     huge_pages_environment,
+    no_default_ca_certificates,
     reexec_with_huge_pages,
     tune_malloc,
 )
@@ -278,3 +282,50 @@ def test_huge_pages_leave_the_calling_process_alone_when_off(
 ) -> None:
     monkeypatch.setenv(HUGE_PAGES_ENV, "0")
     reexec_with_huge_pages(["never-run"])  # returns: an exec would end this test process
+
+
+# What ``ehrnode run`` leaves in aiohttp's default TLS context and in the environment, its
+# command line otherwise run (``--help``) and the exec for huge pages left out.
+RUN_CA = """
+import os, sys
+sys.argv = ["ehrnode", "run", "--help"]
+from ehrnode.launch import main
+try:
+    main()
+except SystemExit:
+    pass
+from aiohttp import connector
+print(connector._SSL_CONTEXT_VERIFIED.cert_store_stats()["x509_ca"])
+print(os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR"))
+"""
+
+
+def _system_ca_count() -> int:
+    return ssl.create_default_context().cert_store_stats()["x509_ca"]
+
+
+def test_the_node_imports_aiohttp_without_the_system_ca_certificates() -> None:
+    if _system_ca_count() == 0:
+        pytest.skip("this system has no default CA certificates to leave out")
+    env = {k: v for k, v in os.environ.items() if k not in CA_ENV}
+    env[HUGE_PAGES_ENV] = "0"
+    done = subprocess.run(
+        [sys.executable, "-c", RUN_CA], env=env, capture_output=True, text=True, check=True
+    )
+    count, ca_env = done.stdout.splitlines()[-2:]
+    assert count == "0"  # aiohttp's contexts trust no certificate: TLS would be refused
+    assert ca_env == "None None"  # and the node's environment is as it was
+
+
+def test_no_default_ca_certificates_puts_the_environment_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if _system_ca_count() == 0:
+        pytest.skip("this system has no default CA certificates to leave out")
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.setenv("SSL_CERT_DIR", "/etc/ssl/certs")
+    with no_default_ca_certificates():
+        assert _system_ca_count() == 0
+    assert "SSL_CERT_FILE" not in os.environ
+    assert os.environ["SSL_CERT_DIR"] == "/etc/ssl/certs"
+    assert _system_ca_count() > 0
