@@ -15,18 +15,23 @@ import pytest
 from ehrnode.consensus.sim_node import SimNode
 from ehrnode.consensus.validators import ValidatorSet
 from ehrnode.core import crypto
-from ehrnode.core.block import PREVOTE, Vote, sign_proposal, sign_vote
+from ehrnode.core.block import PREVOTE, Proposal, Vote, sign_proposal, sign_vote
 from ehrnode.core.errors import PeerError
 from ehrnode.p2p.gossip import ConsensusGossip
 
 
 class _Driver:
     def __init__(self, height: int) -> None:
-        self.engine = SimpleNamespace(height=height)
+        self.engine = SimpleNamespace(height=height, vals={VALIDATOR.public_key: 1})
+        self.chain = SimpleNamespace(genesis=SimpleNamespace(chain_id="ehr-g"))
         self.votes: list[Vote] = []
+        self.proposals: list[Proposal] = []
 
     def submit_vote(self, vote: Vote) -> None:
         self.votes.append(vote)
+
+    def submit_proposal(self, proposal: Proposal) -> None:
+        self.proposals.append(proposal)
 
 
 def _gossip(height: int) -> tuple[ConsensusGossip, _Driver]:
@@ -123,3 +128,54 @@ def test_a_proposal_goes_over_a_link_once_unless_its_peer_was_too_far_behind_to_
 
     gossip.broadcast_proposal(_proposal(1), exclude={author})  # another round's
     assert switch.sent_to[4] == {a, b, behind}
+
+
+def test_a_proposal_of_the_engines_height_reaches_the_driver_once_however_often_relayed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    proposal = _proposal(0)
+    gossip, driver = _gossip(height=proposal.height)
+    relayed = gossip.switch.handlers["proposal"]
+    decoded: list[bytes] = []
+    from_wire = Proposal.from_wire
+
+    def counting(obj: Any, *, max_block_bytes: int) -> Proposal:
+        decoded.append(obj["sig"])
+        return from_wire(obj, max_block_bytes=max_block_bytes)
+
+    monkeypatch.setattr(Proposal, "from_wire", counting)
+    for _ in range(3):
+        relayed(None, {"proposal": proposal.to_wire()})
+    assert driver.proposals == [proposal]
+    assert decoded == [proposal.sig]  # the copies were dropped before their block was decoded
+    other = _proposal(1)  # another round's: a signature of its own
+    relayed(None, {"proposal": other.to_wire()})
+    assert driver.proposals == [proposal, other]
+
+
+def test_a_copy_that_reuses_a_proposals_signature_over_another_block_does_not_stop_it() -> None:
+    genuine, other = _proposal(0), _proposal(1)
+    gossip, driver = _gossip(height=genuine.height)
+    relayed = gossip.switch.handlers["proposal"]
+    forged = {**other.to_wire(), "round": 0, "sig": genuine.sig}
+    relayed(None, {"proposal": forged})  # first, and its signature does not check out
+    relayed(None, {"proposal": genuine.to_wire()})
+    relayed(None, {"proposal": genuine.to_wire()})
+    assert [p.block.id for p in driver.proposals] == [other.block.id, genuine.block.id]
+    assert not driver.proposals[0].verify("ehr-g")  # the driver drops that one
+
+
+def test_a_proposal_of_the_next_height_reaches_the_driver_each_time_and_an_old_one_never() -> None:
+    proposal = _proposal(0)
+    gossip, driver = _gossip(height=proposal.height - 1)
+    relayed = gossip.switch.handlers["proposal"]
+    relayed(None, {"proposal": proposal.to_wire()})
+    relayed(None, {"proposal": proposal.to_wire()})
+    assert driver.proposals == [proposal, proposal]
+    driver.engine.height = proposal.height + 1
+    relayed(None, {"proposal": proposal.to_wire()})
+    assert len(driver.proposals) == 2
+    driver.engine.height = proposal.height  # remembered from before? no: taken once now
+    relayed(None, {"proposal": proposal.to_wire()})
+    relayed(None, {"proposal": proposal.to_wire()})
+    assert len(driver.proposals) == 3
