@@ -22,7 +22,7 @@ from ehrnode.p2p.gossip import ConsensusGossip
 
 class _Driver:
     def __init__(self, height: int) -> None:
-        self.engine = SimpleNamespace(height=height, vals={VALIDATOR.public_key: 1})
+        self.engine = SimpleNamespace(height=height, vals=ValidatorSet({VALIDATOR.public_key: 1}))
         self.chain = SimpleNamespace(genesis=SimpleNamespace(chain_id="ehr-g"))
         self.votes: list[Vote] = []
         self.proposals: list[Proposal] = []
@@ -158,11 +158,29 @@ def test_a_copy_that_reuses_a_proposals_signature_over_another_block_does_not_st
     gossip, driver = _gossip(height=genuine.height)
     relayed = gossip.switch.handlers["proposal"]
     forged = {**other.to_wire(), "round": 0, "sig": genuine.sig}
-    relayed(None, {"proposal": forged})  # first, and its signature does not check out
+    with pytest.raises(PeerError, match="signature"):  # first, and its sender is cut off
+        relayed(None, {"proposal": forged})
     relayed(None, {"proposal": genuine.to_wire()})
     relayed(None, {"proposal": genuine.to_wire()})
-    assert [p.block.id for p in driver.proposals] == [other.block.id, genuine.block.id]
-    assert not driver.proposals[0].verify("ehr-g")  # the driver drops that one
+    assert driver.proposals == [genuine]
+
+
+def test_only_the_first_proposal_of_a_round_from_its_proposer_is_decoded() -> None:
+    first, second = _proposal(0), _proposal(1)
+    again = sign_proposal(VALIDATOR, "ehr-g", 0, -1, second.block)  # round 0, another block
+    gossip, driver = _gossip(height=first.height)
+    relayed = gossip.switch.handlers["proposal"]
+    relayed(None, {"proposal": first.to_wire()})
+    relayed(None, {"proposal": again.to_wire()})  # the engine keeps a round's first only
+    assert driver.proposals == [first]
+    stranger = crypto.Identity.generate()
+    for round_ in (0, 2, 2):  # round 2's proposer sent none yet: the driver drops these
+        relayed(
+            None, {"proposal": sign_proposal(stranger, "ehr-g", round_, -1, second.block).to_wire()}
+        )
+    assert [(p.round, p.proposer) for p in driver.proposals[1:]] == [(2, stranger.public_key)] * 2
+    relayed(None, {"proposal": sign_proposal(VALIDATOR, "ehr-g", 2, -1, second.block).to_wire()})
+    assert driver.proposals[-1].proposer == VALIDATOR.public_key
 
 
 def test_a_proposal_of_the_next_height_reaches_the_driver_each_time_and_an_old_one_never() -> None:

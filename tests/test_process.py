@@ -20,6 +20,7 @@ from ehrnode.process import (
     CA_ENV,
     HUGE_PAGES_ENV,
     HUGE_PAGES_TRIED_ENV,
+    NO_CA,
     THP_MODE_FILE,
     huge_pages_environment,
     no_default_ca_certificates,
@@ -304,11 +305,14 @@ def _system_ca_count() -> int:
     return ssl.create_default_context().cert_store_stats()["x509_ca"]
 
 
-def test_the_node_imports_aiohttp_without_the_system_ca_certificates() -> None:
+def test_the_node_imports_aiohttp_without_the_system_ca_certificates(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in CA_ENV:
+        monkeypatch.delenv(name, raising=False)  # the child's environment, as checked here
     if _system_ca_count() == 0:
         pytest.skip("this system has no default CA certificates to leave out")
-    env = {k: v for k, v in os.environ.items() if k not in CA_ENV}
-    env[HUGE_PAGES_ENV] = "0"
+    env = dict(os.environ, **{HUGE_PAGES_ENV: "0"})
     done = subprocess.run(
         [sys.executable, "-c", RUN_CA], env=env, capture_output=True, text=True, check=True
     )
@@ -317,15 +321,20 @@ def test_the_node_imports_aiohttp_without_the_system_ca_certificates() -> None:
     assert ca_env == "None None"  # and the node's environment is as it was
 
 
-def test_no_default_ca_certificates_puts_the_environment_back(
+def test_no_default_ca_certificates_hides_both_places_and_puts_the_environment_back(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    if _system_ca_count() == 0:
-        pytest.skip("this system has no default CA certificates to leave out")
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.setenv("SSL_CERT_DIR", "/etc/ssl/certs")
     with no_default_ca_certificates():
+        # OpenSSL reads both: a bundle file, and a folder it looks certificates up in
+        # only while checking one (which no count shows), so both must lead nowhere.
+        assert {os.environ[name] for name in CA_ENV} == {NO_CA}
+        assert not os.path.exists(NO_CA)
         assert _system_ca_count() == 0
     assert "SSL_CERT_FILE" not in os.environ
     assert os.environ["SSL_CERT_DIR"] == "/etc/ssl/certs"
-    assert _system_ca_count() > 0
+    with pytest.raises(RuntimeError), no_default_ca_certificates():
+        raise RuntimeError("an import that fails")
+    assert "SSL_CERT_FILE" not in os.environ
+    assert os.environ["SSL_CERT_DIR"] == "/etc/ssl/certs"

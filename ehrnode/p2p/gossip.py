@@ -34,7 +34,7 @@ from ehrnode.p2p.switch import Peer, Switch
 
 log = logging.getLogger(__name__)
 SEEN_MAX = 50_000
-PROPOSALS_MAX = 1_000  # checked proposals remembered: a few a round
+PROPOSALS_MAX = 1_000  # rounds whose proposal arrived, remembered
 DELIVERED_MAX = 64  # proposals remembered as sent, per link
 
 
@@ -50,11 +50,9 @@ class ConsensusGossip:
         # Keyed by a hash of the whole message, not its signature alone: a forged copy that
         # reuses a genuine signature must not make the genuine message look seen.
         self._seen: OrderedDict[bytes, None] = OrderedDict()
-        # Signatures of the proposals of the engine's height whose signature checked out
-        # here: a copy of one is dropped before its block (megabytes) is decoded or hashed.
-        # Only a checked one is remembered: a copy that reuses a genuine signature over
-        # other content never checks out, so it cannot make the genuine one look seen.
-        self._proposals: OrderedDict[bytes, None] = OrderedDict()
+        # The (height, round) of each proposal of the engine's height that arrived from its
+        # round's proposer with its signature checked (``_on_proposal``).
+        self._proposals: OrderedDict[tuple[int, int], None] = OrderedDict()
         # Per link (a Peer is one connection), the signatures of the proposals sent over
         # it while its peer could take them.
         self._delivered: WeakKeyDictionary[Peer, OrderedDict[bytes, None]] = WeakKeyDictionary()
@@ -106,20 +104,24 @@ class ConsensusGossip:
         return True
 
     def _on_proposal(self, peer: Peer, fields: dict[str, Any]) -> None:
-        """Which proposals reach the driver is as ``_wanted`` says for votes, but one of the
-        engine's height is known by its signature once that checked out (``_proposals``),
-        not by a hash of the whole message: encoding and hashing a block of megabytes at
-        every copy (about 2.5 ms for 2.6 MB, a validator receiving each proposal 1.6 times
-        under load) cost about 1.5% of a validator's CPU (benchmarks note 62)."""
+        """Which proposals reach the driver is as ``_wanted`` says for votes, but those of
+        the engine's height are told apart by round, not by a hash of the whole message
+        (encoding and hashing a block of megabytes at every copy, about 2.5 ms for 2.6 MB
+        with each proposal received 1.6 times under load, cost about 1.5% of a validator's
+        CPU; benchmarks note 62). The engine keeps the first proposal of a round, from that
+        round's proposer; once one has arrived here with its signature checked, any other
+        of that round is dropped before its block is decoded. One whose signature does not
+        check out is never remembered (so it cannot stand in for the genuine one) and
+        disconnects the peer that sent it: a peer relays only proposals it checked."""
         wire = fields["proposal"]
         driver = self.driver
-        # Its height and signature read before its block is decoded: a copy not wanted
-        # costs nothing more.
-        height, sig = wire.get("height"), wire.get("sig")
+        # Its height and round read before its block is decoded: a copy not wanted costs
+        # nothing more.
+        height, round_ = wire.get("height"), wire.get("round")
         current = driver is not None and type(height) is int and height == driver.engine.height
         if current:
-            if type(sig) is bytes and sig in self._proposals:
-                return  # a copy of one checked already
+            if type(round_) is int and (height, round_) in self._proposals:
+                return  # that round's proposal arrived already
         elif driver is not None and type(height) is int and height != driver.engine.height + 1:
             return  # of another height: not remembered either
         try:
@@ -128,14 +130,13 @@ class ConsensusGossip:
             raise PeerError(f"malformed proposal: {err}") from err
         if driver is None:
             return
-        if (
-            current
-            and proposal.proposer in driver.engine.vals
-            and proposal.verify(driver.chain.genesis.chain_id)
-        ):
-            _remember(self._proposals, proposal.sig, PROPOSALS_MAX)
-        # The driver checks its signature again (one check, against the block's decode and
-        # hashes): one that does not check out is dropped and logged there.
+        vals = driver.engine.vals
+        if current and proposal.proposer == vals.proposer(proposal.height, proposal.round):
+            if not proposal.verify(driver.chain.genesis.chain_id):
+                raise PeerError("a proposal's signature does not check out")
+            _remember(self._proposals, (proposal.height, proposal.round), PROPOSALS_MAX)
+        # The driver checks its signature again (one check, beside the block's decode and
+        # hashes), and drops a proposal from anyone but the round's proposer.
         driver.submit_proposal(proposal)
 
     def _on_vote(self, peer: Peer, fields: dict[str, Any]) -> None:
@@ -155,7 +156,7 @@ class ConsensusGossip:
             self.driver.submit_evidence(first, second)
 
 
-def _remember(seen: OrderedDict[bytes, None], key: bytes, most: int) -> None:
+def _remember(seen: OrderedDict[Any, None], key: Any, most: int) -> None:
     seen[key] = None
     if len(seen) > most:
         seen.popitem(last=False)
