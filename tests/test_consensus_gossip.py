@@ -148,7 +148,7 @@ def test_a_proposal_of_the_engines_height_reaches_the_driver_once_however_often_
         relayed(None, {"proposal": proposal.to_wire()})
     assert driver.proposals == [proposal]
     assert decoded == [proposal.sig]  # the copies were dropped before their block was decoded
-    other = _proposal(1)  # another round's: a signature of its own
+    other = _proposal(1)  # another round's: taken too
     relayed(None, {"proposal": other.to_wire()})
     assert driver.proposals == [proposal, other]
 

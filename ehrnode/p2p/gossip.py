@@ -45,10 +45,11 @@ class ConsensusGossip:
         self.switch = switch
         self.max_block_bytes = max_block_bytes
         self.driver: Driver | None = None
-        # Signatures of consensus messages already passed on: peers relay each other's
+        # Votes of the engine's height already passed on: peers relay each other's
         # messages, so most arrive more than once; checking a signature once is enough.
-        # Keyed by a hash of the whole message, not its signature alone: a forged copy that
-        # reuses a genuine signature must not make the genuine message look seen.
+        # Keyed by a hash of the whole vote, not its signature alone: a forged copy that
+        # reuses a genuine signature must not make the genuine vote look seen (a vote is
+        # small; proposals are told apart by round, ``_on_proposal``).
         self._seen: OrderedDict[bytes, None] = OrderedDict()
         # The (height, round) of each proposal of the engine's height that arrived from its
         # round's proposer with its signature checked (``_on_proposal``).
