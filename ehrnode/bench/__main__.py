@@ -188,15 +188,20 @@ async def _network_measures(
         # 100,000 blobs first would leave LevelDB compacting them during the throughput
         # measurement (a backlog no steady state has).
         await workload.upload_blobs(net.urls[0], chain, people.providers[0], blobs[:split])
+        probe_s = 0.3 if sizes is SMOKE else 2.0
         if "throughput" in names or "latency" in names or "sync" in names:
             # Not the ceiling (that is measured first): the same probe again, next to the
             # phase it is compared with, so a run shows how far the machine's speed moved.
-            again = machine.verify_rate(0.3 if sizes is SMOKE else 2.0)
+            again = machine.verify_rate(probe_s)
             figures["verify_per_s_per_core_before_load"] = again
             notes.append(
                 f"verify rate probed again before the load phases: {again:,.0f}/s per core, "
                 f"{again / figures['verify_per_s_per_core']:.0%} of the first probe's"
             )
+            # And the speed of the work besides the signature check, which a slow spell of
+            # this machine can slow when it leaves the check's speed alone (note 64).
+            decodes = machine.decode_rate(first, probe_s)
+            figures["decode_per_s_before_load"] = decodes
             before = net.thread_cpu()
             times = _stage_times_folder()
             times_before = nodetimes.snapshot(times) if times else {}
@@ -225,6 +230,7 @@ async def _network_measures(
             figures["load_peak_rss_mb"] = max(net.peak_rss_mb(i) for i in range(len(net.nodes)))
             if result["tx_per_s"] and figures["ceiling_tx_per_s"]:
                 figures["ratio_to_ceiling"] = result["tx_per_s"] / figures["ceiling_tx_per_s"]
+            notes.append(_speed_around_the_load(figures, first, probe_s))
         if "latency" in names and figures["tx_per_s"]:
             rate = figures["tx_per_s"] / 2
             before = net.thread_cpu()
@@ -255,6 +261,26 @@ async def _network_measures(
             sync_note = synced.pop("sync_node_cpu_note")
             notes.extend([sync_note] if sync_note else [])
             figures.update(synced)
+
+
+def _speed_around_the_load(figures: dict[str, Any], raws: list[bytes], probe_s: float) -> str:
+    """Both probes again right after the throughput phase, and a note of how far each moved
+    across it: a rate that fell with the decode probe and not with the signature check's
+    met a slow spell the ceiling's probe could not see (note 64)."""
+    verify_after = machine.verify_rate(probe_s)
+    decode_after = machine.decode_rate(raws, probe_s)
+    figures["verify_per_s_per_core_after_load"] = verify_after
+    figures["decode_per_s_after_load"] = decode_after
+    verify_before = figures["verify_per_s_per_core_before_load"]
+    decode_before = figures["decode_per_s_before_load"]
+    verify_moved = verify_after / verify_before
+    decode_moved = decode_after / decode_before
+    return (
+        f"this machine's speed before and after the throughput phase, one core: signature "
+        f"checks {verify_before:,.0f} and {verify_after:,.0f}/s ({verify_moved:.0%}); "
+        f"transaction decodes without the check {decode_before:,.0f} and {decode_after:,.0f}/s "
+        f"({decode_moved:.0%})"
+    )
 
 
 def _stage_times_folder() -> Path | None:
