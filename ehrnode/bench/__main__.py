@@ -225,7 +225,7 @@ async def _network_measures(
             spent = threadcpu.window_note(
                 "throughput, while the rate was measured", result["samples"]
             )
-            notes.extend(n for n in (by_thread, spent) if n)
+            notes.extend(n for n in (by_thread, spent, result["window_note"]) if n)
             # Not a target: how much memory a validator takes with a backlog of 60,000.
             figures["load_peak_rss_mb"] = max(net.peak_rss_mb(i) for i in range(len(net.nodes)))
             if result["tx_per_s"] and figures["ceiling_tx_per_s"]:

@@ -12,6 +12,7 @@ stamps give when it was final.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import multiprocessing
 import os
@@ -174,7 +175,28 @@ async def sustained(
         "blocks": len(blocks),
         "seconds": blocks[-1].seen - started if blocks else None,
         "samples": inside,
+        "window_note": window_blocks_note(window),
     }
+
+
+def window_blocks_note(window: list[Block]) -> str | None:
+    """How the rate's window was cut into blocks: their count, transactions a block and
+    seconds between blocks (the same work in fewer, larger blocks costs less a
+    transaction, and a round that failed shows as a long gap)."""
+    if len(window) < 2:
+        return None
+    sizes = sorted(len(b.txs) for b in window[1:])
+    gaps = sorted(b.seen - a.seen for a, b in itertools.pairwise(window))
+
+    def spread(values: list[Any], form: str) -> str:
+        middle = values[len(values) // 2]
+        return f"{values[0]:{form}} / {middle:{form}} / {values[-1]:{form}}"
+
+    return (
+        f"throughput: {len(sizes)} blocks in the rate's window; transactions a block "
+        f"(least / median / most) {spread(sizes, ',')}; seconds between blocks "
+        f"{spread(gaps, '.2f')}"
+    )
 
 
 async def latency(
