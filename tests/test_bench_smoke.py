@@ -50,16 +50,16 @@ def test_bench_smoke_writes_every_figure(tmp_path: Path) -> None:
     [sent] = [n for n in figures["notes"] if n.startswith("latency: ") and " sent at " in n]
     assert sent.endswith(f"sent at {figures['tx_per_s'] / 2:,.0f} tx/s"), sent
     # Both probes again around the throughput phase, so that a run shows whether the
-    # signature check's speed and the rest's moved apart (the ratio's slow spells).
+    # signature check's speed and the memory's moved (the ratio's slow spells).
     for key in (
         "verify_per_s_per_core_before_load",
         "verify_per_s_per_core_after_load",
-        "decode_per_s_before_load",
-        "decode_per_s_after_load",
+        "memory_latency_ns_before_load",
+        "memory_latency_ns_after_load",
     ):
-        assert isinstance(figures[key], float) and figures[key] > 0, key
-    [speed] = [n for n in figures["notes"] if n.startswith("this machine's speed before and")]
-    assert f"decodes without the check {figures['decode_per_s_before_load']:,.0f} and" in speed
+        assert isinstance(figures[key], float), key
+    [speed] = [n for n in figures["notes"] if n.startswith("this machine before and after")]
+    assert f"from memory {figures['memory_latency_ns_before_load']:.0f} and" in speed
     assert f"{figures['verify_per_s_per_core_after_load']:,.0f}/s" in speed
     # A process that starts takes page faults: the client's count is read, not left at 0.
     client = [n for n in figures["notes"] if n.startswith("import: the ehr import process")]

@@ -4,16 +4,17 @@ committed-transaction rate that allows for 4 validators sharing this machine's c
 
 from __future__ import annotations
 
+import array
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ehrnode.core import crypto, tx
+from ehrnode.core import crypto
 
 VALIDATORS = 4
 
@@ -78,23 +79,46 @@ def verify_rate(seconds: float = 1.0) -> float:
     return count / (time.perf_counter() - started)
 
 
-def decode_rate(raws: Sequence[bytes], seconds: float = 1.0) -> float:
-    """Transactions decoded per second on one core (this process), without their signature
-    check: parsing, the canonical check and the body's rules, through the nodes' own
-    decode, over the first 256 of ``raws`` again and again. Not a ceiling: a probe of this
-    machine's speed at the kind of work a validator does besides checking signatures,
-    which does not always move with the signature check's (docs/benchmarks.md, note 64)."""
-    sample = list(raws[:256])
-    if not sample:
-        raise ValueError("no transactions to decode")
-    count = 0
-    started = time.perf_counter()
-    deadline = started + seconds
-    while time.perf_counter() < deadline:
-        for raw in sample:
-            tx.decode(raw, verify_sig=False)
-        count += len(sample)
-    return count / (time.perf_counter() - started)
+# A full-period linear congruential order over a power-of-two table (multiplier 1 mod 4,
+# odd increment): every slot is visited once a cycle, in an order no prefetcher follows.
+_CHASE_MULTIPLIER = 2654435761
+_CHASE_INCREMENT = 12345
+
+
+def chase_table(mib: int) -> array.array[int]:
+    """``mib`` MiB of 8-byte slots, slot i holding ``i * multiplier + increment``: masked to
+    the table's size, the next slot of the order above."""
+    slots = mib * 1024 * 1024 // 8
+    stop = _CHASE_INCREMENT + slots * _CHASE_MULTIPLIER
+    return array.array("q", range(_CHASE_INCREMENT, stop, _CHASE_MULTIPLIER))
+
+
+def _chase_ns(mib: int, steps: int, rounds: int) -> float:
+    """Median nanoseconds a step of a dependent chase through ``mib`` MiB (each read's
+    value names the next slot)."""
+    table = chase_table(mib)
+    mask = len(table) - 1
+    times = []
+    at = 0
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(steps):
+            at = table[at & mask]
+        times.append((time.perf_counter() - started) / steps * 1e9)
+    return statistics.median(times)
+
+
+def memory_latency_ns(mib: int = 128, steps: int = 100_000, rounds: int = 5) -> float:
+    """Nanoseconds a random read from memory takes on this machine now (one core): a chase
+    through ``mib`` MiB, where each read names the next, less the same chase through 1 MiB
+    (the interpreter's own cost a step, the table then in cache). Not a ceiling: a probe of
+    what the work besides checking signatures waits on (pending transactions, the state's
+    caches and LevelDB's memtable spread over the validators' memory), which the signature
+    check's probe does not see: over six runs a validator's CPU a transaction followed it
+    (docs/benchmarks.md, note 64). About 2 s, most of it filling the table."""
+    if mib < 2 or mib & (mib - 1):
+        raise ValueError("the table's size is a power of two of at least 2 MiB")
+    return _chase_ns(mib, steps, rounds) - _chase_ns(1, steps, rounds)
 
 
 def ceiling(rate_per_core: float) -> float:
