@@ -263,9 +263,10 @@ async def _network_measures(
 
 
 def _speed_around_the_load(figures: dict[str, Any], probe_s: float) -> str:
-    """Both probes again right after the throughput phase, and a note of how far each moved
-    across it: a validator's CPU a transaction follows the memory's latency more than the
-    signature check's speed on this machine (note 64)."""
+    """Both probes again right after the throughput phase, and a note of both before and
+    after. The memory's latency measured alongside the load followed a validator's CPU a
+    transaction over six runs; these probes, taken beside the load, catch only a spell
+    that lasts past it (note 64)."""
     verify_after = machine.verify_rate(probe_s)
     memory_after = machine.memory_latency_ns()
     figures["verify_per_s_per_core_after_load"] = verify_after

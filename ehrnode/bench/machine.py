@@ -114,8 +114,9 @@ def memory_latency_ns(mib: int = 128, steps: int = 100_000, rounds: int = 5) -> 
     (the interpreter's own cost a step, the table then in cache). Not a ceiling: a probe of
     what the work besides checking signatures waits on (pending transactions, the state's
     caches and LevelDB's memtable spread over the validators' memory), which the signature
-    check's probe does not see: over six runs a validator's CPU a transaction followed it
-    (docs/benchmarks.md, note 64). About 2 s, most of it filling the table."""
+    check's probe does not see: measured alongside the load (by a C chase, not by this
+    probe), it followed a validator's CPU a transaction over six runs (docs/benchmarks.md,
+    note 64). About 2 s, most of it filling the table."""
     if mib < 2 or mib & (mib - 1):
         raise ValueError("the table's size is a power of two of at least 2 MiB")
     return _chase_ns(mib, steps, rounds) - _chase_ns(1, steps, rounds)
