@@ -189,6 +189,7 @@ async def _network_measures(
         # measurement (a backlog no steady state has).
         await workload.upload_blobs(net.urls[0], chain, people.providers[0], blobs[:split])
         probe_s = 0.3 if sizes is SMOKE else 2.0
+        table_mib = 16 if sizes is SMOKE else 128  # the memory probe's (about 2 s at 128)
         if "throughput" in names or "latency" in names or "sync" in names:
             # Not the ceiling (that is measured first): the same probe again, next to the
             # phase it is compared with, so a run shows how far the machine's speed moved.
@@ -200,7 +201,7 @@ async def _network_measures(
             )
             # And how long a read from memory takes, which the work besides the signature
             # check waits on and the check's probe does not see (note 64).
-            figures["memory_latency_ns_before_load"] = machine.memory_latency_ns()
+            figures["memory_latency_ns_before_load"] = machine.memory_latency_ns(table_mib)
             before = net.thread_cpu()
             times = _stage_times_folder()
             times_before = nodetimes.snapshot(times) if times else {}
@@ -229,7 +230,7 @@ async def _network_measures(
             figures["load_peak_rss_mb"] = max(net.peak_rss_mb(i) for i in range(len(net.nodes)))
             if result["tx_per_s"] and figures["ceiling_tx_per_s"]:
                 figures["ratio_to_ceiling"] = result["tx_per_s"] / figures["ceiling_tx_per_s"]
-            notes.append(_speed_around_the_load(figures, probe_s))
+            notes.append(_speed_around_the_load(figures, probe_s, table_mib))
         if "latency" in names and figures["tx_per_s"]:
             rate = figures["tx_per_s"] / 2
             before = net.thread_cpu()
@@ -262,13 +263,13 @@ async def _network_measures(
             figures.update(synced)
 
 
-def _speed_around_the_load(figures: dict[str, Any], probe_s: float) -> str:
+def _speed_around_the_load(figures: dict[str, Any], probe_s: float, table_mib: int) -> str:
     """Both probes again right after the throughput phase, and a note of both before and
     after. The memory's latency measured alongside the load followed a validator's CPU a
     transaction over six runs; these probes, taken beside the load, catch only a spell
     that lasts past it (note 64)."""
     verify_after = machine.verify_rate(probe_s)
-    memory_after = machine.memory_latency_ns()
+    memory_after = machine.memory_latency_ns(table_mib)
     figures["verify_per_s_per_core_after_load"] = verify_after
     figures["memory_latency_ns_after_load"] = memory_after
     verify_before = figures["verify_per_s_per_core_before_load"]
