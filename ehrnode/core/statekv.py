@@ -132,7 +132,7 @@ def digest_moved(
 ) -> int:
     """``digest`` with ``added`` entries in and ``removed`` ones out, one reduction at the
     end (the same value as updating entry by entry)."""
-    # entry_digest inlined: this loop runs for every entry every block changes.
+    # entry_digest inlined: ``ehrnode check`` runs this loop over every entry of the state.
     shake, from_bytes, size = hashlib.shake_256, int.from_bytes, _DIGEST_BYTES
     total = digest
     for key, value in added:
