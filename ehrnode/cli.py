@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from ehrnode import config as cfg
@@ -26,7 +27,7 @@ from ehrnode.core.errors import EhrError
 from ehrnode.core.genesis import Genesis
 from ehrnode.keys import load_identity, save_identity
 from ehrnode.node import Node
-from ehrnode.process import STAGE_TIMES_ENV, tune_gc, tune_malloc
+from ehrnode.process import STAGE_TIMES_ENV, prefault_heap, tune_gc, tune_malloc
 from ehrnode.store.chain import Chain
 from ehrnode.store.check import check_chain
 from ehrnode.store.db import LevelKV
@@ -48,6 +49,7 @@ def _setup_logging(level: str, path: Path | None = None) -> None:
 async def run_node(home: Path) -> None:
     node_config = cfg.load(home)
     _setup_logging(node_config.log_level)
+    _prefault(node_config.memory.prefault_mb)
     node = Node(node_config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -60,6 +62,19 @@ async def run_node(home: Path) -> None:
     finally:
         log.info("stopping")
         await node.stop()
+
+
+def _prefault(mib: int) -> None:
+    """``memory.prefault_mb``: the heap a loaded validator grows to, faulted in before the
+    node serves (``process.prefault_heap``)."""
+    if not mib:
+        return
+    started = time.perf_counter()
+    done = prefault_heap(mib)
+    if done:
+        log.info("faulted in %d MiB of heap in %.2f s", done, time.perf_counter() - started)
+    else:
+        log.warning("memory.prefault_mb ignored: this system's malloc has no glibc mallopt")
 
 
 def _cmd_init(args: argparse.Namespace) -> int:

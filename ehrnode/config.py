@@ -70,6 +70,15 @@ class BlobsConfig:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    prefault_mb: int = 0  # heap faulted in at start and kept (``process.prefault_heap``)
+
+
+# Sanity bound on what a node faults in at start: a typo should not take a machine's memory.
+MAX_PREFAULT_MB = 65_536
+
+
+@dataclass(frozen=True)
 class NodeConfig:
     home: Path
     moniker: str = "ehrnode"
@@ -79,6 +88,7 @@ class NodeConfig:
     consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
     mempool: MempoolConfig = field(default_factory=MempoolConfig)
     blobs: BlobsConfig = field(default_factory=BlobsConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     @property
     def genesis_path(self) -> Path:
@@ -107,6 +117,7 @@ _SECTIONS: dict[str, type] = {
     "consensus": ConsensusConfig,
     "mempool": MempoolConfig,
     "blobs": BlobsConfig,
+    "memory": MemoryConfig,
 }
 _TOP = {"moniker": str, "log_level": str}
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -163,6 +174,8 @@ def parse(text: str, home: Path, source: str = CONFIG_FILE) -> NodeConfig:
     config = NodeConfig(home=home, **top, **sections)
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(f"{source}: log_level must be one of {', '.join(_LOG_LEVELS)}")
+    if config.memory.prefault_mb > MAX_PREFAULT_MB:
+        raise ConfigError(f"{source}: memory.prefault_mb must be at most {MAX_PREFAULT_MB}")
     for where, address in (("rpc.listen", config.rpc.listen), ("p2p.listen", config.p2p.listen)):
         split_address(address, f"{source}: {where}")
     return config

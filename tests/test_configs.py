@@ -22,6 +22,7 @@ def test_example_node_config_sets_every_section(tmp_path: Path) -> None:
     for peer in config.p2p.peers:
         parse_peer(peer)
     assert config.blobs.replicate and config.mempool.max_txs > 0
+    assert config.memory.prefault_mb == 0  # the default: the heap grows as needed
 
 
 def test_example_genesis_parses() -> None:
@@ -38,8 +39,16 @@ def test_example_genesis_parses() -> None:
         ("log_level = 'loud'\n", "log_level"),
         ("[mempool]\nmax_txs = -1\n", "mempool.max_txs"),
         ("[rpc\n", "not valid TOML"),
+        ("[memory]\nprefault_mb = -1\n", "memory.prefault_mb"),
+        ("[memory]\nprefault_mb = 1000000\n", "memory.prefault_mb must be at most"),
+        ("[memory]\nprefault_mb = '64'\n", "memory.prefault_mb"),
     ],
 )
 def test_bad_config_names_the_key(tmp_path: Path, text: str, named: str) -> None:
     with pytest.raises(ConfigError, match=named.replace(".", r"\.")):
         cfg.parse(text, tmp_path)
+
+
+def test_memory_prefault_is_read_from_its_section(tmp_path: Path) -> None:
+    assert cfg.parse("[memory]\nprefault_mb = 128\n", tmp_path).memory.prefault_mb == 128
+    assert cfg.parse("", tmp_path).memory.prefault_mb == 0

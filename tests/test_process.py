@@ -141,6 +141,77 @@ def test_without_glibc_the_tuning_is_left_alone() -> None:
     assert tune_malloc() is False
 
 
+# A node's start with ``memory.prefault_mb`` (argv[1] MiB), then a load's buffers taken
+# from the heap and dropped, then a burst freed at the top of the heap; prints the MiB
+# faulted in, and how many MiB the process held more after the start, the load, the burst.
+PREFAULT = """
+import sys
+from ehrnode.process import prefault_heap, tune_malloc
+def resident_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) // 1024
+assert tune_malloc()
+before = resident_mib()
+done = prefault_heap(int(sys.argv[1]))
+started = resident_mib()
+held = [b"x" * 200_000 for _ in range(300)]  # about 57 MiB, every page written
+loaded = resident_mib()
+del held
+burst = b"y" * (24 << 20)
+del burst
+print(done, started - before, loaded - started, resident_mib() - started)
+"""
+
+NEEDS_GLIBC_PROC = pytest.mark.skipif(
+    not GLIBC or not Path("/proc/self/status").exists(),
+    reason="the heap is glibc malloc's, and the memory held is read from /proc",
+)
+
+
+def prefaulted(mib: int) -> list[int]:
+    done = subprocess.run(
+        [sys.executable, "-c", PREFAULT, str(mib)], capture_output=True, text=True, check=True
+    )
+    return [int(n) for n in done.stdout.split()]
+
+
+@NEEDS_GLIBC_PROC
+def test_a_prefaulted_heap_is_resident_from_the_start_and_serves_the_load() -> None:
+    done, at_start, by_load, after_burst = prefaulted(64)
+    assert done == 64
+    assert at_start >= 60, at_start
+    assert by_load < 8, by_load  # the load's 57 MiB came out of the faulted-in heap
+    assert after_burst >= -4, after_burst  # nothing handed back to the kernel
+
+
+@NEEDS_GLIBC_PROC
+def test_without_prefault_the_load_faults_its_memory_in_as_it_goes() -> None:
+    done, at_start, by_load, _ = prefaulted(0)
+    assert done == 0 and at_start < 4
+    assert by_load >= 50, by_load
+
+
+@pytest.mark.skipif(GLIBC, reason="on glibc the heap can be faulted in")
+def test_without_glibc_nothing_is_prefaulted() -> None:
+    from ehrnode.process import prefault_heap  # noqa: PLC0415
+
+    assert prefault_heap(16) == 0
+
+
+@NEEDS_GLIBC_PROC
+def test_a_node_faults_in_its_configured_heap_before_it_serves(tmp_path: Path) -> None:
+    home = tmp_path / "node"
+    cfg.init_home(home, rpc=f"127.0.0.1:{free_port()}", p2p=f"127.0.0.1:{free_port()}")
+    with (home / cfg.CONFIG_FILE).open("a") as config:
+        config.write("\n[memory]\nprefault_mb = 32\n")
+    node = start_process_node(home)
+    try:
+        assert "faulted in 32 MiB of heap" in (home / "node.log").read_text()
+    finally:
+        node.terminate()
+
+
 # What an import does: parse bundles and hold them; prints how many collections ran.
 HOLDING = """
 import gc, json, sys
