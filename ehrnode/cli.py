@@ -23,7 +23,7 @@ from pathlib import Path
 from ehrnode import config as cfg
 from ehrnode.config import init_home
 from ehrnode.core.crypto import Identity
-from ehrnode.core.errors import EhrError
+from ehrnode.core.errors import ConfigError, EhrError
 from ehrnode.core.genesis import Genesis
 from ehrnode.keys import load_identity, save_identity
 from ehrnode.node import Node
@@ -69,6 +69,15 @@ def _prefault(mib: int) -> None:
     node serves (``process.prefault_heap``)."""
     if not mib:
         return
+    try:
+        machine_mib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (1 << 20)
+    except (ValueError, OSError):
+        machine_mib = 0
+    if machine_mib and mib > machine_mib // 2:
+        raise ConfigError(
+            f"memory.prefault_mb is {mib} MiB, more than half of this machine's "
+            f"{machine_mib} MiB of memory"
+        )
     started = time.perf_counter()
     done = prefault_heap(mib)
     if done:

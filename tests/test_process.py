@@ -212,6 +212,27 @@ def test_a_node_faults_in_its_configured_heap_before_it_serves(tmp_path: Path) -
         node.terminate()
 
 
+def test_a_node_refuses_to_fault_in_more_than_half_the_machine(tmp_path: Path) -> None:
+    machine_mib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (1 << 20)
+    mib = machine_mib // 2 + 1
+    if mib > cfg.MAX_PREFAULT_MB:
+        pytest.skip("this machine has more memory than the setting's own bound refuses")
+    home = tmp_path / "node"
+    cfg.init_home(home, rpc=f"127.0.0.1:{free_port()}", p2p=f"127.0.0.1:{free_port()}")
+    with (home / cfg.CONFIG_FILE).open("a") as config:
+        config.write(f"\n[memory]\nprefault_mb = {mib}\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "ehrnode", "run", "--home", str(home)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert "memory.prefault_mb" in done.stderr and "Traceback" not in done.stderr
+    assert not (home / "data").exists()  # refused before the node opened anything
+
+
 # What an import does: parse bundles and hold them; prints how many collections ran.
 HOLDING = """
 import gc, json, sys
