@@ -27,7 +27,13 @@ from ehrnode.core.errors import ConfigError, EhrError
 from ehrnode.core.genesis import Genesis
 from ehrnode.keys import load_identity, save_identity
 from ehrnode.node import Node
-from ehrnode.process import STAGE_TIMES_ENV, prefault_heap, tune_gc, tune_malloc
+from ehrnode.process import (
+    STAGE_TIMES_ENV,
+    machine_memory_mib,
+    prefault_heap,
+    tune_gc,
+    tune_malloc,
+)
 from ehrnode.store.chain import Chain
 from ehrnode.store.check import check_chain
 from ehrnode.store.db import LevelKV
@@ -69,10 +75,7 @@ def _prefault(mib: int) -> None:
     node serves (``process.prefault_heap``)."""
     if not mib:
         return
-    try:
-        machine_mib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (1 << 20)
-    except (ValueError, OSError):
-        machine_mib = 0
+    machine_mib = machine_memory_mib()
     if machine_mib and mib > machine_mib // 2:
         raise ConfigError(
             f"memory.prefault_mb is {mib} MiB, more than half of this machine's "

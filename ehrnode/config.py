@@ -23,6 +23,7 @@ from ehrnode.core.crypto import Identity
 from ehrnode.core.errors import ConfigError
 from ehrnode.core.genesis import Genesis, ValidatorInfo
 from ehrnode.keys import save_identity
+from ehrnode.process import MAX_PREFAULT_MIB
 
 CONFIG_FILE = "config.toml"
 GENESIS_FILE = "genesis.json"
@@ -74,8 +75,7 @@ class MemoryConfig:
     prefault_mb: int = 0  # heap faulted in at start and kept (``process.prefault_heap``)
 
 
-# Sanity bound on what a node faults in at start: a typo should not take a machine's memory.
-MAX_PREFAULT_MB = 65_536
+MAX_PREFAULT_MB = MAX_PREFAULT_MIB  # what glibc's mallopt can keep (``ehrnode.process``)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,9 @@ TRIM_THRESHOLD = 64 * 1024 * 1024
 TOP_PAD = 64 * 1024 * 1024
 MMAP_THRESHOLD = 32 * 1024 * 1024
 ARENA_MAX = 1
+# The most ``prefault_heap`` keeps: mallopt takes a C int, and the trim threshold and top
+# pad it raises by this much must stay under 2 GiB. A loaded validator grows to 250 MB.
+MAX_PREFAULT_MIB = 1024
 
 
 def tune_malloc() -> bool:
@@ -64,6 +67,14 @@ def tune_malloc() -> bool:
     return all(bool(mallopt(option, value)) for option, value in settings)
 
 
+def machine_memory_mib() -> int | None:
+    """This machine's physical memory in MiB, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (1 << 20)
+    except (ValueError, OSError):
+        return None
+
+
 def prefault_heap(mib: int, chunk_mib: int = 8) -> int:
     """Fault in ``mib`` MiB of malloc's heap now and keep it for what the node allocates
     later; the MiB faulted in (0 where there is no glibc ``mallopt``). Call it after
@@ -79,6 +90,8 @@ def prefault_heap(mib: int, chunk_mib: int = 8) -> int:
     threshold and top pad grow by ``mib`` so that free heap is kept, not handed back."""
     if mib <= 0:
         return 0
+    if mib > MAX_PREFAULT_MIB:
+        raise ValueError(f"at most {MAX_PREFAULT_MIB} MiB of heap can be prefaulted, not {mib}")
     try:
         libc = ctypes.CDLL(None)
         mallopt, malloc, free = libc.mallopt, libc.malloc, libc.free

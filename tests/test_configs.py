@@ -40,7 +40,7 @@ def test_example_genesis_parses() -> None:
         ("[mempool]\nmax_txs = -1\n", "mempool.max_txs"),
         ("[rpc\n", "not valid TOML"),
         ("[memory]\nprefault_mb = -1\n", "memory.prefault_mb"),
-        ("[memory]\nprefault_mb = 1000000\n", "memory.prefault_mb must be at most"),
+        ("[memory]\nprefault_mb = 1025\n", "memory.prefault_mb must be at most 1024"),
         ("[memory]\nprefault_mb = '64'\n", "memory.prefault_mb"),
     ],
 )

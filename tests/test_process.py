@@ -14,16 +14,19 @@ from pathlib import Path
 
 import pytest
 
-from ehrnode import config as cfg
+from ehrnode import cli as node_cli, config as cfg
 from ehrnode.client import cli as ehr_cli
+from ehrnode.core.errors import ConfigError
 from ehrnode.process import (
     CA_ENV,
     HUGE_PAGES_ENV,
     HUGE_PAGES_TRIED_ENV,
+    MAX_PREFAULT_MIB,
     NO_CA,
     THP_MODE_FILE,
     huge_pages_environment,
     no_default_ca_certificates,
+    prefault_heap,
     reexec_with_huge_pages,
     tune_malloc,
 )
@@ -194,8 +197,6 @@ def test_without_prefault_the_load_faults_its_memory_in_as_it_goes() -> None:
 
 @pytest.mark.skipif(GLIBC, reason="on glibc the heap can be faulted in")
 def test_without_glibc_nothing_is_prefaulted() -> None:
-    from ehrnode.process import prefault_heap  # noqa: PLC0415
-
     assert prefault_heap(16) == 0
 
 
@@ -212,15 +213,11 @@ def test_a_node_faults_in_its_configured_heap_before_it_serves(tmp_path: Path) -
         node.terminate()
 
 
-def test_a_node_refuses_to_fault_in_more_than_half_the_machine(tmp_path: Path) -> None:
-    machine_mib = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (1 << 20)
-    mib = machine_mib // 2 + 1
-    if mib > cfg.MAX_PREFAULT_MB:
-        pytest.skip("this machine has more memory than the setting's own bound refuses")
+def test_a_node_refuses_a_prefault_over_what_malloc_can_keep(tmp_path: Path) -> None:
     home = tmp_path / "node"
     cfg.init_home(home, rpc=f"127.0.0.1:{free_port()}", p2p=f"127.0.0.1:{free_port()}")
     with (home / cfg.CONFIG_FILE).open("a") as config:
-        config.write(f"\n[memory]\nprefault_mb = {mib}\n")
+        config.write(f"\n[memory]\nprefault_mb = {cfg.MAX_PREFAULT_MB + 1}\n")
     done = subprocess.run(
         [sys.executable, "-m", "ehrnode", "run", "--home", str(home)],
         capture_output=True,
@@ -229,8 +226,21 @@ def test_a_node_refuses_to_fault_in_more_than_half_the_machine(tmp_path: Path) -
         check=False,
     )
     assert done.returncode != 0
-    assert "memory.prefault_mb" in done.stderr and "Traceback" not in done.stderr
+    assert "memory.prefault_mb must be at most" in done.stderr
+    assert "Traceback" not in done.stderr
     assert not (home / "data").exists()  # refused before the node opened anything
+
+
+def test_a_prefault_over_half_the_machine_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(node_cli, "machine_memory_mib", lambda: 1000)
+    monkeypatch.setattr(node_cli, "prefault_heap", lambda mib: pytest.fail("faulted in"))
+    with pytest.raises(ConfigError, match=r"memory\.prefault_mb is 501 MiB"):
+        node_cli._prefault(501)
+
+
+def test_prefault_heap_refuses_more_than_mallopt_can_keep() -> None:
+    with pytest.raises(ValueError, match="at most"):
+        prefault_heap(MAX_PREFAULT_MIB + 1)
 
 
 # What an import does: parse bundles and hold them; prints how many collections ran.
