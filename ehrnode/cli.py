@@ -72,21 +72,24 @@ async def run_node(home: Path) -> None:
 
 def _prefault(mib: int) -> None:
     """``memory.prefault_mb``: the heap a loaded validator grows to, faulted in before the
-    node serves (``process.prefault_heap``)."""
+    node opens anything (``process.prefault_heap``)."""
     if not mib:
         return
     machine_mib = machine_memory_mib()
     if machine_mib and mib > machine_mib // 2:
         raise ConfigError(
-            f"memory.prefault_mb is {mib} MiB, more than half of this machine's "
-            f"{machine_mib} MiB of memory"
+            f"{cfg.CONFIG_FILE}: memory.prefault_mb is {mib} MiB, more than half of the "
+            f"{machine_mib} MiB of memory this node may use"
         )
     started = time.perf_counter()
     done = prefault_heap(mib)
-    if done:
-        log.info("faulted in %d MiB of heap in %.2f s", done, time.perf_counter() - started)
-    else:
+    took = time.perf_counter() - started
+    if done is None:
         log.warning("memory.prefault_mb ignored: this system's malloc has no glibc mallopt")
+    elif done < mib:
+        log.warning("faulted in only %d of %d MiB of heap (memory.prefault_mb)", done, mib)
+    else:
+        log.info("faulted in %d MiB of heap in %.2f s", done, took)
 
 
 def _cmd_init(args: argparse.Namespace) -> int:

@@ -67,27 +67,44 @@ def tune_malloc() -> bool:
     return all(bool(mallopt(option, value)) for option, value in settings)
 
 
-def machine_memory_mib() -> int | None:
-    """This machine's physical memory in MiB, or None where the system does not say."""
+CGROUP_MEMORY_MAX = "/sys/fs/cgroup/memory.max"
+
+
+def machine_memory_mib(cgroup_file: str = CGROUP_MEMORY_MAX) -> int | None:
+    """The memory this process may use, in MiB: the machine's physical memory, or its
+    cgroup's limit (v2 ``memory.max``) where lower; None where the system does not say."""
     try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (1 << 20)
+        physical: int | None = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (1 << 20)
     except (ValueError, OSError):
-        return None
+        physical = None
+    try:
+        with open(cgroup_file) as handle:
+            limit = handle.read().strip()
+    except OSError:
+        return physical
+    if not limit.isdigit():  # "max": no limit
+        return physical
+    cgroup = int(limit) // (1 << 20)
+    return cgroup if physical is None else min(physical, cgroup)
 
 
-def prefault_heap(mib: int, chunk_mib: int = 8) -> int:
+def prefault_heap(mib: int, chunk_mib: int = 8) -> int | None:
     """Fault in ``mib`` MiB of malloc's heap now and keep it for what the node allocates
-    later; the MiB faulted in (0 where there is no glibc ``mallopt``). Call it after
-    ``tune_malloc`` (whose mmap threshold keeps each chunk in the heap).
+    later; the MiB faulted in (fewer when memory ran out first), or None where there is no
+    glibc ``mallopt``. Call it after ``tune_malloc``, never before: that would set the trim
+    threshold and top pad back, and the next large free would hand this memory back.
 
-    A validator's heap grows by about 100 MB in its first minute of load (LevelDB's
-    memtable, pending transactions, blocks, the state's caches), and each page is faulted in
-    as it is first touched. Where the hypervisor takes back the guest's free memory (this
-    machine's VM does), a first touch of a 2 MiB huge page cost 5 ms, against 0.26 ms for
-    one the process had touched before: a fresh validator spent a few percent of its CPU
-    under load there. Faulting the heap in at start moves that cost to the start, as a JVM's
-    ``AlwaysPreTouch`` does. The freed chunks join the top of the heap, and the trim
-    threshold and top pad grow by ``mib`` so that free heap is kept, not handed back."""
+    A validator's heap grows by about 100 MB in its first minute of load, and each page is
+    faulted in as it is first touched: LevelDB's memtable, blocks, batches, and byte strings
+    over 512 bytes (smaller objects live in Python's own arenas, outside malloc's heap).
+    Where the hypervisor takes back the guest's free memory (this machine's VM does), a
+    first touch of a 2 MiB huge page cost 5 ms, against 0.26 ms for one the process had
+    touched before: a fresh validator spent a few percent of its CPU under load there.
+    Faulting the heap in at start moves that cost to the start, as a JVM's
+    ``AlwaysPreTouch`` does. The chunks are faulted in under ``tune_malloc``'s settings
+    (its mmap threshold keeps them in the heap); then the trim threshold and top pad grow by
+    what was faulted in, and the chunks are freed into the top of the heap, which is kept
+    rather than handed back."""
     if mib <= 0:
         return 0
     if mib > MAX_PREFAULT_MIB:
@@ -96,34 +113,39 @@ def prefault_heap(mib: int, chunk_mib: int = 8) -> int:
         libc = ctypes.CDLL(None)
         mallopt, malloc, free = libc.mallopt, libc.malloc, libc.free
     except (OSError, AttributeError):
-        return 0
+        return None
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
     malloc.argtypes = [ctypes.c_size_t]
     malloc.restype = ctypes.c_void_p
     free.argtypes = [ctypes.c_void_p]
     free.restype = None
-    keep = mib * 1024 * 1024
-    settings = (
-        (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
-        (M_TRIM_THRESHOLD, TRIM_THRESHOLD + keep),
-        (M_TOP_PAD, TOP_PAD + keep),
-    )
-    if not all(bool(mallopt(option, value)) for option, value in settings):
-        return 0
-    size = chunk_mib * 1024 * 1024
+    if not mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD):
+        return None
     chunks: list[int] = []
+    done = 0
     try:
-        while len(chunks) * chunk_mib < mib:
+        while done < mib:
+            size = min(chunk_mib, mib - done) * 1024 * 1024
             chunk = malloc(size)
             if not chunk:
                 break  # no more memory to be had: keep what was faulted in
             ctypes.memset(chunk, 0, size)  # a write to every page faults it in
             chunks.append(chunk)
+            done += size // (1024 * 1024)
+        keep = done * 1024 * 1024
+        raised = (
+            (M_TRIM_THRESHOLD, TRIM_THRESHOLD + keep, TRIM_THRESHOLD),
+            (M_TOP_PAD, TOP_PAD + keep, TOP_PAD),
+        )
+        if not all(bool(mallopt(option, value)) for option, value, _ in raised):
+            for option, _, before in raised:  # as tune_malloc left them
+                mallopt(option, before)
+            done = 0
     finally:
-        for chunk in reversed(chunks):  # last first: each joins the top of the heap
+        for chunk in reversed(chunks):
             free(chunk)
-    return len(chunks) * chunk_mib
+    return done
 
 
 def tune_gc() -> None:
