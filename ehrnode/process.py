@@ -18,6 +18,10 @@ LevelDB's kept up to 64 MiB each of what they had freed, out of reach of the oth
 arena for every thread lets each reuse what another freed (validators under load peaked
 at 184-199 against 214-227 MB; benchmarks note 60).
 
+A node may also fault a share of its heap in at start (``prefault_heap``, the setting
+``[memory] prefault_mb``), so that a load right after the start does not pay for the
+heap's first touches (benchmarks note 65).
+
 ``ehrnode run`` also asks glibc for transparent huge pages (``reexec_with_huge_pages``),
 which glibc reads only at exec: the node runs itself again, as the same process. Then it
 imports aiohttp without the system's CA certificates (``no_default_ca_certificates``),
