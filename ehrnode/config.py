@@ -75,9 +75,6 @@ class MemoryConfig:
     prefault_mb: int = 0  # heap faulted in at start and kept (``process.prefault_heap``)
 
 
-MAX_PREFAULT_MB = MAX_PREFAULT_MIB  # what glibc's mallopt can keep (``ehrnode.process``)
-
-
 @dataclass(frozen=True)
 class NodeConfig:
     home: Path
@@ -174,8 +171,8 @@ def parse(text: str, home: Path, source: str = CONFIG_FILE) -> NodeConfig:
     config = NodeConfig(home=home, **top, **sections)
     if config.log_level not in _LOG_LEVELS:
         raise ConfigError(f"{source}: log_level must be one of {', '.join(_LOG_LEVELS)}")
-    if config.memory.prefault_mb > MAX_PREFAULT_MB:
-        raise ConfigError(f"{source}: memory.prefault_mb must be at most {MAX_PREFAULT_MB}")
+    if config.memory.prefault_mb > MAX_PREFAULT_MIB:  # what glibc's mallopt can keep
+        raise ConfigError(f"{source}: memory.prefault_mb must be at most {MAX_PREFAULT_MIB}")
     for where, address in (("rpc.listen", config.rpc.listen), ("p2p.listen", config.p2p.listen)):
         split_address(address, f"{source}: {where}")
     return config

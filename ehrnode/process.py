@@ -51,17 +51,32 @@ ARENA_MAX = 1
 MAX_PREFAULT_MIB = 1024
 
 
+def _libc() -> ctypes.CDLL | None:
+    """This process's C library with ``mallopt``, ``malloc`` and ``free`` typed, or None
+    where there is no glibc ``mallopt`` (another libc, another system)."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt, malloc, free = libc.mallopt, libc.malloc, libc.free
+    except (OSError, AttributeError):
+        return None
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    malloc.argtypes = [ctypes.c_size_t]
+    malloc.restype = ctypes.c_void_p
+    free.argtypes = [ctypes.c_void_p]
+    free.restype = None
+    return libc
+
+
 def tune_malloc() -> bool:
     """Fix glibc malloc's trim and mmap thresholds and its top pad, and give every thread
     the one arena; False where there is no glibc ``mallopt`` (another libc, another
     system) or it refuses. Call it before starting threads: a thread keeps the arena it
     first allocated from."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
+    libc = _libc()
+    if libc is None:
         return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
+    mallopt = libc.mallopt
     settings = (
         (M_MMAP_THRESHOLD, MMAP_THRESHOLD),
         (M_TRIM_THRESHOLD, TRIM_THRESHOLD),
@@ -113,17 +128,10 @@ def prefault_heap(mib: int, chunk_mib: int = 8) -> int | None:
         return 0
     if mib > MAX_PREFAULT_MIB:
         raise ValueError(f"at most {MAX_PREFAULT_MIB} MiB of heap can be prefaulted, not {mib}")
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt, malloc, free = libc.mallopt, libc.malloc, libc.free
-    except (OSError, AttributeError):
+    libc = _libc()
+    if libc is None:
         return None
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    malloc.argtypes = [ctypes.c_size_t]
-    malloc.restype = ctypes.c_void_p
-    free.argtypes = [ctypes.c_void_p]
-    free.restype = None
+    mallopt, malloc, free = libc.mallopt, libc.malloc, libc.free
     if not mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD):
         return None
     chunks: list[int] = []

@@ -221,7 +221,7 @@ def test_a_node_refuses_a_prefault_over_what_malloc_can_keep(tmp_path: Path) -> 
     home = tmp_path / "node"
     cfg.init_home(home, rpc=f"127.0.0.1:{free_port()}", p2p=f"127.0.0.1:{free_port()}")
     with (home / cfg.CONFIG_FILE).open("a") as config:
-        config.write(f"\n[memory]\nprefault_mb = {cfg.MAX_PREFAULT_MB + 1}\n")
+        config.write(f"\n[memory]\nprefault_mb = {MAX_PREFAULT_MIB + 1}\n")
     done = subprocess.run(
         [sys.executable, "-m", "ehrnode", "run", "--home", str(home)],
         capture_output=True,
